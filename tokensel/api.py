@@ -1,0 +1,105 @@
+"""The Python API the CLI wraps, callable from a notebook:
+
+    from tokensel import api
+    api.compress("items.parquet", "out.parquet", k=64, chunk=8)
+    api.train("items.parquet", "interactions.parquet", "my_bundle")
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from tokensel.compress import CompressOptions, CompressSummary, compress_file
+from tokensel.config import TextConfig
+from tokensel.device import pick_device, pick_dtype
+from tokensel.errors import TokenselError
+from tokensel.io.items import open_parquet
+from tokensel.models.item_llm import DEFAULT_MODEL, ItemLLM
+from tokensel.policy.bundle import DEFAULT_BUNDLE, Bundle
+from tokensel.strategies import STRATEGIES, FirstK, Policy, RandomChunks, Rarity, TopkLogits
+from tokensel.train.pipeline import train  # noqa: F401  (re-exported)
+
+
+def load_selector(
+    strategy: str = "policy",
+    policy: str | Path | None = None,
+    model: str | None = None,
+    *,
+    seed: int = 0,
+    device: str = "auto",
+    dtype: str = "auto",
+):
+    """(item LLM, strategy, provenance, bundle text config or None) for a strategy name."""
+    if strategy not in STRATEGIES:
+        raise TokenselError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    dev = pick_device(device)
+    dt = pick_dtype(dev, dtype)
+    if strategy == "policy":
+        bundle = Bundle.from_pretrained(policy, model=model, device=dev, dtype=dt)
+        prov = {"model": bundle.config.identity.get("name"), "policy": str(bundle.path), "policy_hash": bundle.hash}
+        return bundle.item_llm, Policy(bundle.policy, bundle.config.policy.prefix), prov, bundle.config.text
+    name = model or DEFAULT_MODEL
+    llm = ItemLLM.from_pretrained(name, lm_head=strategy == "topk-logits", device=dev, dtype=dt)
+    sel = {"first-k": lambda: FirstK(), "random": lambda: RandomChunks(seed), "rarity": lambda: Rarity({}, 0), "topk-logits": lambda: TopkLogits()}[strategy]()
+    return llm, sel, {"model": name, "policy": None, "policy_hash": None, "seed": seed if strategy == "random" else None}, None
+
+
+def compress(
+    items: str | Path,
+    out: str | Path | None = None,
+    *,
+    k: int = 64,
+    chunk: int = 8,
+    prefix: int = 16,
+    strategy: str = "policy",
+    policy: str | Path | None = None,
+    model: str | None = None,
+    id_col: str | None = None,
+    text_cols: list[str] | None = None,
+    max_len: int | None = None,
+    template: str | None = None,
+    passthrough: list[str] = (),
+    seed: int = 0,
+    batch_rows: int = 1024,
+    limit: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: bool = False,
+) -> CompressSummary:
+    """Compress an items file; text settings default to the bundle's (for `policy`) or TextConfig()."""
+    if k < 1 or chunk < 1 or prefix < 0:
+        raise TokenselError(f"need --k >= 1, --chunk >= 1, --prefix >= 0 (got k={k}, chunk={chunk}, prefix={prefix})")
+    items = Path(items)
+    open_parquet(items)  # fail on a missing or unreadable file before loading any model
+    llm, sel, prov, bundle_text = load_selector(strategy, policy, model, seed=seed, device=device, dtype=dtype)
+    text = bundle_text or TextConfig()
+    text = replace(
+        text,
+        id_col=id_col or text.id_col,
+        text_cols=text_cols or text.text_cols,
+        max_len=max_len or text.max_len,
+        template=text.template if template is None else template,
+    )
+    llm.set_template(text.template)
+    out = Path(out) if out else Path.cwd() / f"{items.stem}.k{k}-{strategy}.parquet"
+    opts = CompressOptions(k=k, chunk=chunk, prefix=prefix, batch_rows=batch_rows, passthrough=list(passthrough), limit=limit)
+    if not progress:
+        return compress_file(items, out, llm, sel, text, opts, prov)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    total = open_parquet(items).metadata.num_rows
+    total = min(total, limit) if limit else total
+    columns = [TextColumn("compress"), BarColumn(), MofNCompleteColumn(), TextColumn("[cyan]{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task("compress", total=total, rate="")
+
+        def tick(n: int) -> None:
+            bar.advance(task, n)
+            speed = bar.tasks[0].speed
+            bar.update(task, rate=f"{speed:.1f} items/s" if speed else "")
+
+        return compress_file(items, out, llm, sel, text, opts, prov, on_progress=tick)
+
+
+__all__ = ["compress", "train", "load_selector", "DEFAULT_BUNDLE"]

@@ -1,0 +1,1 @@
+"""Evaluation: leave-one-out full-ranking metrics and downstream recommenders."""

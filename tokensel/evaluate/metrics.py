@@ -1,0 +1,41 @@
+"""Full-ranking Recall@K and NDCG@K per user (leave-one-out, one target per user), in percent."""
+
+from __future__ import annotations
+
+import torch
+
+KS = (5, 10, 50)
+
+
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor, exclude: list[list[int]] | None = None) -> torch.Tensor:
+    """0-based rank of each target among all items; items in `exclude` (the history) are masked out."""
+    scores = scores.float().clone()
+    if exclude is not None:
+        for r, items in enumerate(exclude):
+            hist = [i for i in items if i != int(targets[r])]
+            if hist:
+                scores[r, hist] = -torch.inf
+    tgt = scores.gather(1, targets[:, None])
+    # ties count against the target (pessimistic), so a constant scorer gets no credit
+    return (scores >= tgt).sum(1) - 1
+
+
+def per_user_metrics(ranks: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[str, torch.Tensor]:
+    """{'R@K': [U], 'N@K': [U]} in percent, for one target per user."""
+    out = {}
+    r = ranks.float()
+    for k in ks:
+        hit = (r < k).float()
+        out[f"R@{k}"] = 100 * hit
+        out[f"N@{k}"] = 100 * hit / torch.log2(r + 2)
+    return out
+
+
+def rank_users(user_emb: torch.Tensor, item_emb: torch.Tensor, targets: list[int], histories: list[list[int]], batch: int = 1024) -> torch.Tensor:
+    """Ranks of the targets under dot-product scores, history masked, in user batches."""
+    ranks = []
+    for s in range(0, len(targets), batch):
+        sc = user_emb[s : s + batch] @ item_emb.T
+        t = torch.tensor(targets[s : s + batch], device=sc.device)
+        ranks.append(target_ranks(sc, t, histories[s : s + batch]).cpu())
+    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)

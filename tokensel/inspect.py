@@ -1,0 +1,131 @@
+"""What did the selection keep? Item-level colour view and corpus-level token statistics.
+
+Green: kept by the selection but not by first-k. Blue: kept by first-k but dropped by the
+selection (paper figure 3). Over the whole file: overlap with first-k, and the frequent tokens the
+selection drops most (paper figure 4). Needs no model: it re-tokenises the items and reads the
+kept positions from the compressed file.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from tokensel.config import TextConfig
+from tokensel.errors import TokenselError
+from tokensel.io.items import iter_item_batches
+from tokensel.io.parquet_out import read_metadata
+from tokensel.models.item_llm import ItemLLM
+
+
+@dataclass
+class ItemView:
+    item_id: str
+    tokens: list[str]
+    kept: set[int]
+    first_k: set[int]
+
+
+@dataclass
+class Report:
+    meta: dict
+    views: list[ItemView] = field(default_factory=list)
+    items: int = 0
+    compressed_items: int = 0
+    overlap: float = 0.0  # mean |kept & first-k| / k over items longer than k
+    dropped: list[tuple[str, int, int]] = field(default_factory=list)  # token, times in first-k, times kept
+    added: list[tuple[str, int]] = field(default_factory=list)  # token, times kept beyond first-k
+
+
+def inspect(items: str | Path, compressed: str | Path, ids: list[str] = (), n: int = 3, top: int = 15) -> Report:
+    meta = read_metadata(compressed)
+    if not meta:
+        raise TokenselError(f"{compressed}: no tokensel metadata; is it the output of tokensel compress?")
+    text = TextConfig(id_col=meta["id_col"], text_cols=meta["text_cols"], template=meta.get("template", ""), max_len=meta["max_len"])
+    model = meta.get("model") or "default"
+    llm = ItemLLM.from_pretrained(model) if model == "default" else ItemLLM.from_pretrained(model)
+    k = meta["k"]
+    comp = pq.read_table(compressed, columns=[text.id_col, "positions"]).to_pydict()
+    kept_by_id = dict(zip(map(str, comp[text.id_col]), comp["positions"]))
+    wanted = set(ids)
+    report = Report(meta)
+    in_first, kept_of_first, added = Counter(), Counter(), Counter()
+    overlap_sum = 0.0
+    for batch in iter_item_batches(items, text):
+        toks = llm.tokenize(batch.texts, text.max_len)
+        for item_id, t in zip(batch.ids, toks):
+            report.items += 1
+            kept = kept_by_id.get(str(item_id))
+            if kept is None:
+                raise TokenselError(f"{compressed}: item {item_id!r} of {items} is missing; were they compressed from the same file?")
+            kept = set(kept)
+            if len(t) <= k:
+                continue
+            report.compressed_items += 1
+            first = set(range(k))
+            overlap_sum += len(kept & first) / k
+            for p in first:
+                in_first[t[p]] += 1
+                if p in kept:
+                    kept_of_first[t[p]] += 1
+            for p in kept - first:
+                added[t[p]] += 1
+            show = str(item_id) in wanted if wanted else (len(report.views) < n and kept != first)
+            if show:
+                report.views.append(ItemView(str(item_id), llm.tokenizer.convert_ids_to_tokens(t), kept, first))
+    missing = wanted - {v.item_id for v in report.views}
+    if missing:
+        raise TokenselError(f"{items}: no item with more than k={k} tokens has id {sorted(missing)}")
+    report.overlap = overlap_sum / max(report.compressed_items, 1)
+    name = lambda tok: llm.tokenizer.convert_ids_to_tokens(tok)  # noqa: E731
+    frequent = in_first.most_common(top * 4)
+    frequent.sort(key=lambda kv: (kept_of_first[kv[0]] / kv[1], -kv[1]))
+    report.dropped = [(name(t), c, kept_of_first[t]) for t, c in frequent[:top]]
+    report.added = [(name(t), c) for t, c in added.most_common(top)]
+    return report
+
+
+def colour_item(view: ItemView) -> Text:
+    out = Text()
+    for p, tok in enumerate(view.tokens):
+        word = tok[2:] if tok.startswith("##") else (" " + tok if p else tok)
+        if p in view.kept and p in view.first_k:
+            out.append(word)
+        elif p in view.kept:
+            out.append(word, style="bold green")
+        elif p in view.first_k:
+            out.append(word, style="bold blue strike")
+        else:
+            out.append(word, style="dim")
+    return out
+
+
+def render(report: Report, console: Console) -> None:
+    m = report.meta
+    console.print(f"[bold]{m.get('strategy')}[/] k={m['k']} chunk={m['chunk']} prefix={m['prefix']} model={m.get('model')} policy={m.get('policy_hash')}")
+    console.print("[bold green]green[/]: kept only by the selection   [bold blue]blue[/]: kept only by first-k   plain: both   [dim]dim[/]: neither")
+    for v in report.views:
+        console.rule(f"item {v.item_id}: {len(v.kept & v.first_k)}/{len(v.first_k)} tokens shared with first-k")
+        console.print(colour_item(v))
+    console.rule("whole file")
+    console.print(f"items {report.items:,}; longer than k: {report.compressed_items:,}; mean overlap with first-k: {100 * report.overlap:.1f}%")
+    t = Table(title="frequent first-k tokens the selection drops most (figure 4)")
+    t.add_column("token")
+    t.add_column("in first-k", justify="right")
+    t.add_column("kept", justify="right")
+    t.add_column("kept %", justify="right")
+    for tok, c, kept in report.dropped:
+        t.add_row(tok, str(c), str(kept), f"{100 * kept / c:.0f}%")
+    console.print(t)
+    t2 = Table(title="tokens the selection adds beyond first-k")
+    t2.add_column("token")
+    t2.add_column("times", justify="right")
+    for tok, c in report.added:
+        t2.add_row(tok, str(c))
+    console.print(t2)

@@ -1,0 +1,1 @@
+"""Data in and out: item texts, interactions, and atomic Parquet writing."""

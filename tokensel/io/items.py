@@ -1,0 +1,122 @@
+"""Read item texts from Parquet: validate the columns up front, then stream record batches.
+
+The text of an item is built HLLM style from the chosen columns: `title: ... description: ...`,
+with HTML entities decoded and empty fields skipped.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tokensel.config import TextConfig
+from tokensel.errors import TokenselError
+
+
+def open_parquet(path: str | Path) -> pq.ParquetFile:
+    """Open a Parquet file or raise a TokenselError that names it and says what is wrong."""
+    path = Path(path)
+    if not path.exists():
+        raise TokenselError(f"{path}: no such file")
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise TokenselError(f"{path}: not a readable Parquet file ({exc})") from None
+
+
+def check_columns(path: Path, schema: pa.Schema, id_col: str, text_cols: list[str], extra: list[str] = ()) -> None:
+    names = schema.names
+    for col in [id_col, *text_cols, *extra]:
+        if col not in names:
+            raise TokenselError(f"{path}: no column {col!r}; the file has {names}. Choose columns with --id-col / --text-cols.")
+    for col in text_cols:
+        t = schema.field(col).type
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)):
+            raise TokenselError(f"{path}: text column {col!r} has type {t}, expected string")
+
+
+def build_text(fields: dict[str, str | None], text_cols: list[str]) -> str:
+    """`title: A description: B` with entities decoded; empty or null fields are left out."""
+    parts = []
+    for col in text_cols:
+        value = fields.get(col)
+        if value is None:
+            continue
+        value = " ".join(html.unescape(value).split())
+        if value:
+            parts.append(f"{col}: {value}")
+    return " ".join(parts)
+
+
+@dataclass
+class ItemBatch:
+    """One record batch of items: ids, built texts, pass-through columns, and the first row index."""
+
+    start_row: int
+    ids: list
+    texts: list[str]
+    passthrough: pa.Table | None
+
+
+def _id_problem(value, path: Path, row: int, id_col: str) -> None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise TokenselError(f"{path}: row {row}, column {id_col!r}: the item id is empty")
+
+
+def iter_item_batches(
+    path: str | Path,
+    text: TextConfig,
+    batch_rows: int = 1024,
+    passthrough: list[str] = (),
+    check_duplicates: bool = True,
+    limit: int | None = None,
+) -> Iterator[ItemBatch]:
+    """Stream items in record batches (never the whole file in memory), validating as it goes.
+
+    Duplicate ids raise an error naming both rows; ids are remembered as 64-bit hashes.
+    """
+    path = Path(path)
+    pf = open_parquet(path)
+    check_columns(path, pf.schema_arrow, text.id_col, text.text_cols, list(passthrough))
+    columns = list(dict.fromkeys([text.id_col, *text.text_cols, *passthrough]))
+    seen: dict[int, int] = {}
+    row = 0
+    try:
+        for rb in pf.iter_batches(batch_size=batch_rows, columns=columns):
+            if limit is not None and row >= limit:
+                return
+            if limit is not None and row + rb.num_rows > limit:
+                rb = rb.slice(0, limit - row)
+            data = rb.to_pydict()
+            ids = data[text.id_col]
+            texts = []
+            for i in range(rb.num_rows):
+                _id_problem(ids[i], path, row + i, text.id_col)
+                if check_duplicates:
+                    h = hash(ids[i])
+                    if h in seen:
+                        raise TokenselError(
+                            f"{path}: row {row + i}, column {text.id_col!r}: duplicate item id {ids[i]!r} (first seen at row {seen[h]})"
+                        )
+                    seen[h] = row + i
+                texts.append(build_text({c: data[c][i] for c in text.text_cols}, text.text_cols))
+            extra = pa.Table.from_batches([rb]).select(list(passthrough)) if passthrough else None
+            yield ItemBatch(row, ids, texts, extra)
+            row += rb.num_rows
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise TokenselError(f"{path}: the file is damaged or truncated near row {row} ({exc})") from None
+
+
+def read_items(path: str | Path, text: TextConfig) -> tuple[list, list[str]]:
+    """All item ids and texts (for training, where the catalogue must be in memory anyway)."""
+    ids: list = []
+    texts: list[str] = []
+    for b in iter_item_batches(path, text, batch_rows=8192):
+        ids.extend(b.ids)
+        texts.extend(b.texts)
+    return ids, texts

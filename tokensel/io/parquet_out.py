@@ -1,0 +1,54 @@
+"""Atomic Parquet output: write to a temporary file beside the target, rename only when complete."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+class AtomicParquetWriter:
+    """A ParquetWriter on `<out>.tmp-<pid>`; `close()` renames it, `abort()` removes it.
+
+    Use as a context manager: an exception removes the partial file, so no half-written output exists.
+    """
+
+    def __init__(self, path: str | Path, schema: pa.Schema, metadata: dict | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if metadata is not None:
+            schema = schema.with_metadata({b"tokensel": json.dumps(metadata, sort_keys=True).encode()})
+        self.schema = schema
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self._writer = pq.ParquetWriter(self.tmp, schema, compression="zstd")
+
+    def write(self, table: pa.Table) -> None:
+        self._writer.write_table(table.cast(self.schema))
+
+    def close(self) -> None:
+        self._writer.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> AtomicParquetWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The `tokensel` provenance JSON of a compressed file."""
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta.get(b"tokensel", b"{}"))

@@ -1,0 +1,1 @@
+"""Models: the item LLM f, the user model g (the policy head lives in tokensel.policy)."""

@@ -1,0 +1,1 @@
+"""The learned token-selection policy: the Q-K head, its bundle format, and the scoring strategies."""

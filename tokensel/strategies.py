@@ -1,0 +1,123 @@
+"""Selection strategies: each turns a batch of tokenised items into chunk scores for `select_mask`.
+
+    first-k      all chunks tie, so the earliest win: exactly the first k tokens
+    random       seeded per item id, so it is the same whatever the batch
+    rarity       mean inverse document frequency of a chunk's tokens (rare tokens carry more)
+    topk-logits  mean LM logit of a chunk's tokens (needs a model with an LM head)
+    policy       log P(c) = sum of log p_i under the learned Q-K policy head (TSPORec)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import Counter
+from collections.abc import Iterable
+
+import torch
+
+from tokensel.models.item_llm import Encoded
+from tokensel.policy.head import PolicyHead
+from tokensel.selection import chunk_means, chunk_sums, n_chunks
+
+STRATEGIES = ("policy", "first-k", "random", "rarity", "topk-logits")
+
+
+def pad_tokens(token_lists: list[list[int]], value: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max((len(t) for t in token_lists), default=0)
+    ids = torch.full((len(token_lists), width), -1, dtype=torch.long)
+    for r, t in enumerate(token_lists):
+        if t:
+            ids[r, : len(t)] = torch.tensor(t, dtype=torch.long)
+    return ids, torch.tensor([len(t) for t in token_lists], dtype=torch.long)
+
+
+class Strategy:
+    name = "?"
+    needs_forward = False  # whether chunk scores need a forward pass of the item LLM
+
+    def chunk_scores(self, token_lists: list[list[int]], keys: list, enc: Encoded | None, prefix: int, chunk: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class FirstK(Strategy):
+    name = "first-k"
+
+    def chunk_scores(self, token_lists, keys, enc, prefix, chunk):
+        width = max((len(t) for t in token_lists), default=0)
+        return torch.zeros(len(token_lists), n_chunks(width, prefix, chunk))
+
+
+class RandomChunks(Strategy):
+    name = "random"
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def chunk_scores(self, token_lists, keys, enc, prefix, chunk):
+        width = max((len(t) for t in token_lists), default=0)
+        C = n_chunks(width, prefix, chunk)
+        out = torch.empty(len(token_lists), C)
+        for r, key in enumerate(keys):
+            digest = hashlib.blake2b(f"{self.seed}:{key}".encode(), digest_size=8).digest()
+            g = torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+            out[r] = torch.rand(C, generator=g)
+        return out
+
+
+class Rarity(Strategy):
+    """Token weight log((N + 1) / (df + 1)) from document frequencies over the corpus being compressed."""
+
+    name = "rarity"
+
+    def __init__(self, doc_freq: Counter, n_docs: int):
+        self.n_docs = n_docs
+        self.doc_freq = doc_freq
+        self._cache: dict[int, float] = {}
+
+    @classmethod
+    def from_corpus(cls, token_lists: Iterable[list[int]]) -> Rarity:
+        df: Counter = Counter()
+        n = 0
+        for toks in token_lists:
+            df.update(set(toks))
+            n += 1
+        return cls(df, n)
+
+    def weight(self, tok: int) -> float:
+        w = self._cache.get(tok)
+        if w is None:
+            w = self._cache[tok] = math.log((self.n_docs + 1) / (self.doc_freq.get(tok, 0) + 1))
+        return w
+
+    def token_weights(self, ids: torch.Tensor) -> torch.Tensor:
+        uniq, inv = torch.unique(ids, return_inverse=True)
+        table = torch.tensor([self.weight(int(t)) if t >= 0 else 0.0 for t in uniq.tolist()])
+        return table[inv]
+
+    def chunk_scores(self, token_lists, keys, enc, prefix, chunk):
+        ids, n = pad_tokens(token_lists)
+        return chunk_means(self.token_weights(ids), n, prefix, chunk)
+
+
+class TopkLogits(Strategy):
+    name = "topk-logits"
+    needs_forward = True
+
+    def chunk_scores(self, token_lists, keys, enc, prefix, chunk):
+        assert enc is not None and enc.token_logits is not None
+        return chunk_means(enc.token_logits, enc.n_tokens, prefix, chunk)
+
+
+class Policy(Strategy):
+    name = "policy"
+    needs_forward = True
+
+    def __init__(self, head: PolicyHead, train_prefix: int):
+        self.head = head
+        self.train_prefix = train_prefix
+
+    def chunk_scores(self, token_lists, keys, enc, prefix, chunk):
+        assert enc is not None
+        logp = self.head.log_probs(enc.hidden, enc.item, enc.n_tokens, prefix)
+        return chunk_sums(logp, prefix, chunk)

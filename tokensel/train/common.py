@@ -1,0 +1,57 @@
+"""Pieces both stages share: embedding the catalogue with f, and the InfoNCE scores (paper eq. 1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from tokensel.compress import length_buckets
+from tokensel.models.item_llm import ItemLLM
+
+
+@dataclass
+class Catalogue:
+    """Full-text states of every item from frozen f: the [ITEM] embeddings and the token states."""
+
+    tokens: list[list[int]]
+    item: torch.Tensor  # [N, d] float32
+    hidden: list[torch.Tensor] | None  # per item [n_i, d] (fp16 on CPU), for the policy head
+
+
+@torch.inference_mode()
+def embed_tokens(llm: ItemLLM, token_lists: list[list[int]], keep_hidden: bool = False, batch_tokens: int = 16384, max_batch: int = 128, desc: str | None = None) -> tuple[torch.Tensor, list | None]:
+    """[ITEM] states (and optionally the text-token states) for many token lists, length-bucketed."""
+    item = torch.zeros(len(token_lists), llm.hidden_size)
+    hidden: list | None = [None] * len(token_lists) if keep_hidden else None
+    groups = length_buckets([len(t) for t in token_lists], max_batch, batch_tokens)
+    for group in tqdm(groups, desc=desc, disable=desc is None, leave=False):
+        enc = llm.encode([token_lists[i] for i in group], need_hidden=keep_hidden)
+        item[group] = enc.item.float().cpu()
+        if keep_hidden:
+            h = enc.hidden.to(torch.float16).cpu()
+            for j, i in enumerate(group):
+                hidden[i] = h[j, : len(token_lists[i])].clone()
+    return item, hidden
+
+
+def infonce_logits(user: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, temperature: float, pos_ids: torch.Tensor | None = None, neg_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[..., 1 + N] scaled cosine scores: the positive first, then N shared negatives.
+
+    A negative that is the positive itself is masked out, so it is never pushed away from itself.
+    """
+    u = F.normalize(user.float(), dim=-1)
+    p = F.normalize(pos.float(), dim=-1)
+    n = F.normalize(neg.float(), dim=-1)
+    pos_s = (u * p).sum(-1, keepdim=True)
+    neg_s = u @ n.T
+    if pos_ids is not None and neg_ids is not None:
+        neg_s = neg_s.masked_fill(pos_ids[..., None] == neg_ids, -torch.inf)
+    return torch.cat([pos_s, neg_s], -1) / temperature
+
+
+def infonce(logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with the positive at index 0 (paper eq. 2), per row."""
+    return -torch.log_softmax(logits, -1)[..., 0]

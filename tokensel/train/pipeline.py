@@ -1,0 +1,102 @@
+"""`tokensel train`: stage 1 then stage 2, each runnable alone, writing one bundle folder."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from tokensel.config import ItemModelConfig, PolicyConfig, Stage1Config, TextConfig, UserModelConfig
+from tokensel.device import pick_device
+from tokensel.errors import TokenselError
+from tokensel.io.interactions import read_histories
+from tokensel.io.items import read_items
+from tokensel.models.item_llm import ItemLLM
+from tokensel.models.user_model import UserModel
+from tokensel.policy.bundle import Bundle, BundleConfig
+from tokensel.policy.head import PolicyHead
+from tokensel.train.common import Catalogue, embed_tokens
+from tokensel.train.stage1 import train_stage1
+from tokensel.train.stage2 import train_stage2
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def train(
+    items: str | Path,
+    interactions: str | Path,
+    out: str | Path,
+    *,
+    stages: tuple[int, ...] = (1, 2),
+    text: TextConfig | None = None,
+    item_cfg: ItemModelConfig | None = None,
+    user_cfg: UserModelConfig | None = None,
+    stage1: Stage1Config | None = None,
+    policy: PolicyConfig | None = None,
+    columns: tuple[str, str, str] = ("user_id", "item_id", "timestamp"),
+    device: str = "auto",
+    log: Callable[[dict], None] = print,
+) -> Bundle:
+    """Train a bundle. Stage 2 alone starts from the stage-1 bundle already at `out`."""
+    out = Path(out)
+    dev = pick_device(device)
+    torch.set_float32_matmul_precision("high")
+    if 1 in stages:
+        text, item_cfg = text or TextConfig(), item_cfg or ItemModelConfig()
+        user_cfg, stage1 = user_cfg or UserModelConfig(), stage1 or Stage1Config()
+        llm = ItemLLM.from_pretrained(item_cfg.base_model, item_token=item_cfg.item_token, device=dev)
+        llm.set_template(text.template)
+        user = UserModel(llm.hidden_size, user_cfg)
+    else:
+        if not (out / "config.json").exists():
+            raise TokenselError(f"{out}: stage 2 alone needs a stage-1 bundle there (run tokensel train --stage 1 first)")
+        b = Bundle.from_pretrained(out, device=dev, need_policy=False)
+        llm, user = b.item_llm, b.user_model
+        text, item_cfg, user_cfg, stage1 = b.config.text, b.config.item, b.config.user, b.config.stage1
+    t0 = time.perf_counter()
+    ids, texts = read_items(items, text)
+    index = {i: n for n, i in enumerate(ids)}
+    hist = read_histories(interactions, index, *columns)
+    tokens = llm.tokenize(texts, text.max_len)
+    log({"items": len(ids), "users": len(hist.users), "skipped interactions with unknown items": hist.skipped_unknown, "skipped users with < 3 interactions": hist.skipped_short, "empty texts": sum(1 for t in tokens if not t)})
+    config = BundleConfig(
+        identity=llm.identity(),
+        text=text,
+        item=item_cfg,
+        user=user_cfg,
+        stage1=stage1,
+        data={
+            "items": str(items),
+            "items_sha": file_digest(Path(items)),
+            "interactions": str(interactions),
+            "interactions_sha": file_digest(Path(interactions)),
+            "n_items": len(ids),
+            "n_users": len(hist.users),
+        },
+    )
+    if 1 in stages:
+        config.logs["stage1"] = train_stage1(llm, user, tokens, hist, stage1, item_cfg, log)
+        config.logs["stage1"]["seconds"] = round(time.perf_counter() - t0, 1)
+        Bundle(config, llm, user, None).save_pretrained(out)
+    head = None
+    if 2 in stages:
+        policy = policy or PolicyConfig()
+        config.policy = policy
+        t1 = time.perf_counter()
+        item, hidden = embed_tokens(llm, tokens, keep_hidden=True, desc="stage 2: embedding full texts")
+        cat = Catalogue(tokens, item, hidden)
+        head = PolicyHead(llm.hidden_size)
+        config.logs["stage2"] = train_stage2(llm, user, head, cat, hist, policy, stage1.temperature, log)
+        config.logs["stage2"]["seconds_total"] = round(time.perf_counter() - t1, 1)
+    bundle = Bundle(config, llm, user, head)
+    bundle.save_pretrained(out)
+    return bundle
