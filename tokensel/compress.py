@@ -17,7 +17,7 @@ import torch
 from tokensel import __version__
 from tokensel.config import TextConfig
 from tokensel.errors import TokenselError
-from tokensel.io.items import iter_item_batches, open_parquet
+from tokensel.io.items import check_columns, iter_item_batches, open_parquet
 from tokensel.io.parquet_out import AtomicParquetWriter
 from tokensel.models.item_llm import ItemLLM
 from tokensel.selection import mask_to_positions, select_mask
@@ -121,6 +121,7 @@ def compress_file(
         raise TokenselError(f"{out}: the output would overwrite the input")
     t0 = time.perf_counter()
     schema_in = open_parquet(items).schema_arrow
+    check_columns(items, schema_in, text.id_col, text.text_cols, opts.passthrough)
     if isinstance(strategy, Rarity) and strategy.n_docs == 0:
         corpus = (t for b in iter_item_batches(items, text, opts.batch_rows, limit=opts.limit) for t in llm.tokenize(b.texts, text.max_len))
         fitted = Rarity.from_corpus(corpus)

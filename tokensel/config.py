@@ -80,6 +80,7 @@ class PolicyConfig:
     beta: float = 1.0
     seed: int = 0
     max_users: int | None = None
+    valid_users: int | None = None  # validation users checked after each epoch (None: all)
 
 
 def to_dict(obj: Any) -> Any:

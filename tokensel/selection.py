@@ -67,7 +67,8 @@ def select_mask(
     p = min(prefix, k)
     budget = k - p
     lens = chunk_lengths(n_tokens, C, p, chunk)  # [B, C]
-    scores = torch.nan_to_num(chunk_scores.float(), nan=-math.inf)
+    # NaN ranks as -inf (ties with a real -inf go to the earlier chunk); keep infinities infinite
+    scores = torch.nan_to_num(chunk_scores.float(), nan=-math.inf, posinf=math.inf, neginf=-math.inf)
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices
     ranked_lens = lens.gather(1, order)
     before = ranked_lens.cumsum(1) - ranked_lens

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,7 +121,15 @@ class Bundle:
             item_tensors.update({f"model.{k}": v.detach().cpu().contiguous() for k, v in llm.model.state_dict().items()})
         save_file(item_tensors, path / "item.safetensors")
         if self.config.item.tuning == "lora":
-            llm.model.save_pretrained(path / "item_adapter")
+            adapter = path / "item_adapter"
+            if hasattr(llm.model, "peft_config"):  # a live PEFT model (stage 1): save its adapter
+                llm.model.save_pretrained(adapter)
+            else:  # the adapter was merged on load: it is the one this bundle was loaded from
+                src = self.path / "item_adapter" if self.path is not None else None
+                if src is None or not (src / "adapter_config.json").exists():
+                    raise TokenselError(f"{path}: cannot save the LoRA item adapter: the model was merged and its source adapter is gone")
+                if src.resolve() != adapter.resolve():
+                    shutil.copytree(src, adapter, dirs_exist_ok=True)
         if self.user_model is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in self.user_model.state_dict().items()}, path / "user_model.safetensors")
         if self.policy is not None:

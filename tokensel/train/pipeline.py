@@ -31,6 +31,22 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def check_settings(item_cfg: ItemModelConfig | None, policy: PolicyConfig | None) -> None:
+    """Refuse bad training settings up front, as user errors, before any model is loaded or trained."""
+    if item_cfg is not None and item_cfg.tuning not in ("none", "lora", "full"):
+        raise TokenselError(f"unknown item tuning {item_cfg.tuning!r}; choose none, lora or full")
+    if policy is not None:
+        if policy.objective not in ("paper", "bounded"):
+            raise TokenselError(f"unknown stage-2 objective {policy.objective!r}; choose paper or bounded")
+        if policy.samples < 2:
+            raise TokenselError(f"stage 2 needs at least 2 samples per history (got {policy.samples})")
+        if policy.k < 1 or policy.train_chunk < 1 or policy.select_chunk < 1 or policy.prefix < 0:
+            raise TokenselError(
+                f"need k >= 1, chunks >= 1, prefix >= 0 (got k={policy.k}, train_chunk={policy.train_chunk}, "
+                f"select_chunk={policy.select_chunk}, prefix={policy.prefix})"
+            )
+
+
 def train(
     items: str | Path,
     interactions: str | Path,
@@ -48,6 +64,7 @@ def train(
 ) -> Bundle:
     """Train a bundle. Stage 2 alone starts from the stage-1 bundle already at `out`."""
     out = Path(out)
+    check_settings(item_cfg, policy)
     dev = pick_device(device)
     torch.set_float32_matmul_precision("high")
     if 1 in stages:
@@ -62,6 +79,7 @@ def train(
         b = Bundle.from_pretrained(out, device=dev, need_policy=False)
         llm, user = b.item_llm, b.user_model
         text, item_cfg, user_cfg, stage1 = b.config.text, b.config.item, b.config.user, b.config.stage1
+        prev_logs = {k: v for k, v in b.config.logs.items() if k != "stage2"}  # keep how stage 1 went
     t0 = time.perf_counter()
     ids, texts = read_items(items, text)
     index = {i: n for n, i in enumerate(ids)}
@@ -83,6 +101,8 @@ def train(
             "n_users": len(hist.users),
         },
     )
+    if 1 not in stages:
+        config.logs.update(prev_logs)
     if 1 in stages:
         config.logs["stage1"] = train_stage1(llm, user, tokens, hist, stage1, item_cfg, log)
         config.logs["stage1"]["seconds"] = round(time.perf_counter() - t0, 1)
@@ -97,6 +117,6 @@ def train(
         head = PolicyHead(llm.hidden_size)
         config.logs["stage2"] = train_stage2(llm, user, head, cat, hist, policy, stage1.temperature, log)
         config.logs["stage2"]["seconds_total"] = round(time.perf_counter() - t1, 1)
-    bundle = Bundle(config, llm, user, head)
+    bundle = Bundle(config, llm, user, head, out)  # path: where a merged LoRA adapter is found again
     bundle.save_pretrained(out)
     return bundle

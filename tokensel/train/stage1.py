@@ -51,6 +51,11 @@ def apply_item_tuning(llm: ItemLLM, cfg: ItemModelConfig) -> None:
         raise ValueError(f"unknown item tuning {cfg.tuning!r} (none, lora, full)")
 
 
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the weights being trained (the LoRA adapters, or everything for full tuning)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
 @torch.no_grad()
 def validate(user: UserModel, item_table: torch.Tensor, histories: list[list[int]], targets: list[int], max_history: int) -> dict[str, float]:
     user.eval()
@@ -59,7 +64,7 @@ def validate(user: UserModel, item_table: torch.Tensor, histories: list[list[int
         items, mask = pad_histories(histories[s : s + 512], item_table, max_history)
         embs.append(torch.nn.functional.normalize(user.user_embedding(items, mask), dim=-1))
     ranks = rank_users(torch.cat(embs), torch.nn.functional.normalize(item_table, dim=-1), targets, histories)
-    return {k: float(v.mean()) for k, v in per_user_metrics(ranks).items()}
+    return {k: round(float(v.mean()), 3) for k, v in per_user_metrics(ranks).items()}
 
 
 def train_stage1(
@@ -93,7 +98,9 @@ def train_stage1(
         {"epoch": 0, "seconds": round(time.perf_counter() - t0, 1), **validate(user, table, v_hist, v_tgt, cfg.history)}
     ]
     log(history[-1])
-    best = (history[-1]["N@10"], copy.deepcopy(user.state_dict()), None)
+    # the item LLM's trainable weights are part of the best state too (epoch 0 included), so a bad
+    # first epoch never leaves g from epoch 0 paired with f from the last epoch
+    best = (history[-1]["N@10"], copy.deepcopy(user.state_dict()), None if frozen else _trainable_state(llm.model))
     for epoch in range(1, cfg.epochs + 1):
         user.train()
         llm.model.train(not frozen)
@@ -130,11 +137,11 @@ def train_stage1(
         history.append(row)
         log(row)
         if row["N@10"] > best[0]:
-            item_state = None if frozen else copy.deepcopy({k: v for k, v in llm.model.state_dict().items()})
+            item_state = None if frozen else _trainable_state(llm.model)
             best = (row["N@10"], copy.deepcopy(user.state_dict()), item_state)
     user.load_state_dict(best[1])
     if best[2] is not None:
-        llm.model.load_state_dict(best[2])
+        llm.model.load_state_dict(best[2], strict=False)
     user.eval()
     llm.model.eval()
     return {"epochs": history, "best_valid_N@10": best[0]}

@@ -121,7 +121,7 @@ def train_stage2(
     v_h, v_t = hist.split("valid")
     v_idx = list(range(len(v_t)))
     rng.shuffle(v_idx)
-    v_idx = v_idx[:512]
+    v_idx = v_idx[: cfg.valid_users] if cfg.valid_users else v_idx
     v_h, v_t = [v_h[i][-cfg.history :] for i in v_idx], [v_t[i] for i in v_idx]
     n_items = cat.item.shape[0]
     item_table = cat.item.to(dev)

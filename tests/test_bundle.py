@@ -1,0 +1,283 @@
+"""Bundles: training writes a complete, self-describing folder that loads back to the same selection."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tokensel import __version__, api
+from tokensel.compress import CompressOptions, compress_file
+from tokensel.config import ItemModelConfig, PolicyConfig, Stage1Config, TextConfig
+from tokensel.errors import TokenselError
+from tokensel.io.parquet_out import read_metadata
+from tokensel.policy.bundle import Bundle, bundle_hash
+from tokensel.strategies import Policy
+from tokensel.train.pipeline import train
+
+from conftest import INTERACTIONS, ITEMS, check_contract
+
+K, CHUNK, PREFIX = 32, 4, 8
+QUIET = {"device": "cpu", "log": lambda row: None}
+
+
+@pytest.fixture(scope="module")
+def stage1_bundle(tmp_path_factory, tiny_bert):
+    out = tmp_path_factory.mktemp("stage1") / "bundle"
+    train(ITEMS, INTERACTIONS, out, stages=(1,), item_cfg=ItemModelConfig(base_model=tiny_bert),
+          stage1=Stage1Config(epochs=2, negatives=8), **QUIET)
+    return out
+
+
+def compress_policy(tmp_path, bundle, name, **kw):
+    out = tmp_path / name
+    api.compress(ITEMS, out, k=K, chunk=CHUNK, prefix=PREFIX, strategy="policy", policy=bundle, device="cpu", **kw)
+    return out
+
+
+def test_config_records_how_the_bundle_was_made(tiny_bundle, tiny_bert):
+    cfg = json.loads((tiny_bundle / "config.json").read_text())
+    for key in ("identity", "text", "item", "user", "stage1", "policy", "data", "version", "logs"):
+        assert key in cfg, key
+    ident = cfg["identity"]
+    assert ident["model_type"] == "bert" and ident["hidden_size"] == 32 and ident["num_hidden_layers"] == 2
+    assert ident["name"] == tiny_bert
+    assert {"class", "vocab_size", "vocab_sha"} <= set(ident["tokenizer"])
+    assert isinstance(ident["item_token_id"], int)
+    assert cfg["text"]["text_cols"] == ["title", "description"] and cfg["text"]["max_len"] == 256
+    assert cfg["item"]["base_model"] == tiny_bert and cfg["item"]["item_token"] == "[ITEM]"
+    assert cfg["stage1"]["epochs"] == 1 and cfg["stage1"]["negatives"] == 8
+    assert cfg["policy"]["epochs"] == 1 and cfg["policy"]["batch_size"] == 16 and cfg["policy"]["negatives"] == 8
+    assert cfg["data"]["n_items"] == 48 and cfg["data"]["n_users"] > 0
+    assert len(cfg["data"]["items_sha"]) == 16 and len(cfg["data"]["interactions_sha"]) == 16
+    assert cfg["version"] == __version__
+    assert "stage1" in cfg["logs"] and "stage2" in cfg["logs"]
+    for f in ("item.safetensors", "user_model.safetensors", "policy.safetensors"):
+        assert (tiny_bundle / f).exists(), f
+
+
+def test_round_trip_gives_identical_weights(tiny_bundle_trained):
+    path, trained = tiny_bundle_trained
+    loaded = Bundle.from_pretrained(path)
+    assert torch.equal(loaded.policy.w_q.weight, trained.policy.w_q.weight.float())
+    assert torch.equal(loaded.policy.w_k.weight, trained.policy.w_k.weight.float())
+    for (k1, v1), (k2, v2) in zip(sorted(loaded.user_model.state_dict().items()), sorted(trained.user_model.state_dict().items())):
+        assert k1 == k2 and torch.equal(v1, v2), k1
+    a = loaded.item_llm.model.get_input_embeddings().weight[loaded.item_llm.item_token_id]
+    b = trained.item_llm.model.get_input_embeddings().weight[trained.item_llm.item_token_id]
+    assert torch.equal(a, b)
+    assert loaded.config.to_json() == json.loads((path / "config.json").read_text())
+
+
+def test_resaving_a_loaded_bundle_reproduces_it(tiny_bundle, tmp_path):
+    again = Bundle.from_pretrained(tiny_bundle).save_pretrained(tmp_path / "again")
+    assert bundle_hash(again) == bundle_hash(tiny_bundle)
+
+
+def test_round_trip_gives_identical_compress_output(tiny_bundle_trained, tmp_path):
+    path, trained = tiny_bundle_trained
+    from_disk = compress_policy(tmp_path, path, "disk.parquet")
+    in_memory = tmp_path / "memory.parquet"
+    compress_file(ITEMS, in_memory, trained.item_llm, Policy(trained.policy, trained.config.policy.prefix), TextConfig(),
+                  CompressOptions(k=K, chunk=CHUNK, prefix=PREFIX), {"model": "x"})
+    a, b = pq.read_table(from_disk), pq.read_table(in_memory)
+    for col in ("item_id", "text", "token_ids", "positions", "n_tokens", "n_kept"):
+        assert a.column(col).equals(b.column(col)), col
+
+
+def test_policy_compress_is_deterministic_and_keeps_the_contract(tiny_bundle, tiny_bert, tmp_path):
+    a = compress_policy(tmp_path, tiny_bundle, "a.parquet")
+    b = compress_policy(tmp_path, tiny_bundle, "b.parquet", batch_rows=7)
+    ta, tb = pq.read_table(a), pq.read_table(b)
+    assert ta.equals(tb)
+    check_contract(a, ITEMS, tiny_bert, K)
+    meta = read_metadata(a)
+    assert meta["strategy"] == "policy"
+    assert meta["policy_hash"] == bundle_hash(tiny_bundle)
+    assert meta["policy"] == str(tiny_bundle)
+    api.compress(ITEMS, tmp_path / "first.parquet", k=K, chunk=CHUNK, prefix=PREFIX, strategy="first-k", model=tiny_bert, device="cpu")
+    first = pq.read_table(tmp_path / "first.parquet").column("positions").to_pylist()
+    assert any(p != f for p, f in zip(ta.column("positions").to_pylist(), first)), "policy selected exactly first-k everywhere"
+
+
+def test_bundle_for_another_model_is_refused(tiny_bundle, tiny_llama, tiny_qwen):
+    with pytest.raises(TokenselError) as err:
+        Bundle.from_pretrained(tiny_bundle, model=tiny_llama)
+    msg = str(err.value)
+    assert str(tiny_bundle) in msg and tiny_llama in msg
+    assert "model_type" in msg and "'bert'" in msg and "'llama'" in msg
+    assert "tokenizer vocab_size" in msg and "tokenizer vocab_sha" in msg
+    with pytest.raises(TokenselError) as err:
+        Bundle.from_pretrained(tiny_bundle, model=tiny_qwen)
+    assert "hidden_size: bundle 32, model 48" in str(err.value)
+
+
+def test_folder_without_config_is_not_a_bundle(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TokenselError, match="not a tokensel bundle"):
+        Bundle.from_pretrained(tmp_path / "empty")
+    with pytest.raises(TokenselError, match="not a tokensel bundle"):
+        Bundle.from_pretrained(tmp_path / "missing")
+
+
+def test_unreadable_config_is_a_clear_error(tiny_bundle, tmp_path):
+    broken = shutil.copytree(tiny_bundle, tmp_path / "b")
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(TokenselError, match="unreadable bundle config"):
+        Bundle.from_pretrained(broken)
+
+
+def test_bundle_without_policy(stage1_bundle, tiny_bundle, tmp_path):
+    assert not (stage1_bundle / "policy.safetensors").exists()
+    with pytest.raises(TokenselError, match="no policy yet"):
+        Bundle.from_pretrained(stage1_bundle)
+    partial = shutil.copytree(tiny_bundle, tmp_path / "partial")
+    (partial / "policy.safetensors").unlink()
+    with pytest.raises(TokenselError, match="stage 2"):
+        compress_policy(tmp_path, partial, "o.parquet")
+    assert not (tmp_path / "o.parquet").exists()
+    # without the policy requirement it loads (as stage 2 alone does)
+    b = Bundle.from_pretrained(stage1_bundle, need_policy=False)
+    assert b.policy is None and b.user_model is not None
+
+
+def test_stage2_alone_continues_a_stage1_bundle(stage1_bundle, tmp_path):
+    out = shutil.copytree(stage1_bundle, tmp_path / "b")
+    before = load_file(out / "user_model.safetensors")
+    item_before = load_file(out / "item.safetensors")
+    stage1_cfg = json.loads((out / "config.json").read_text())
+    b = train(ITEMS, INTERACTIONS, out, stages=(2,), policy=PolicyConfig(epochs=1, negatives=8, batch_size=16), **QUIET)
+    assert (out / "policy.safetensors").exists()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["policy"]["epochs"] == 1
+    assert cfg["stage1"] == stage1_cfg["stage1"] and cfg["identity"] == stage1_cfg["identity"]
+    assert cfg["logs"]["stage1"] == stage1_cfg["logs"]["stage1"], "stage 1 logs lost when stage 2 ran alone"
+    assert "stage2" in cfg["logs"]
+    # the stage-1 recommender is reused unchanged
+    after = load_file(out / "user_model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(item_before["item_embedding"], load_file(out / "item.safetensors")["item_embedding"])
+    loaded = Bundle.from_pretrained(out)
+    assert torch.equal(loaded.policy.w_q.weight, b.policy.w_q.weight)
+
+
+def test_stage2_alone_needs_a_stage1_bundle(tmp_path):
+    with pytest.raises(TokenselError, match="stage-1 bundle"):
+        train(ITEMS, INTERACTIONS, tmp_path / "nothing", stages=(2,), **QUIET)
+
+
+# ------------------------------------------------------------------ training behaviour
+
+
+def assert_policy_learned(cfg: dict, dim: int, path) -> None:
+    w = load_file(path / "policy.safetensors")
+    eye = torch.eye(dim)
+    assert w["w_q"].shape == (dim, dim)
+    assert (w["w_q"] - eye).abs().max() > 1e-5, "W_Q never moved from its identity init"
+    assert (w["w_k"] - eye).abs().max() > 1e-5, "W_K never moved from its identity init"
+    epochs = cfg["logs"]["stage2"]["epochs"]
+    assert [e["epoch"] for e in epochs] == list(range(len(epochs)))
+    for e in epochs[1:]:
+        assert isinstance(e["objective"], float) and isinstance(e["reward_rate"], float)
+        assert 0.0 <= e["reward_rate"] <= 1.0
+        assert "policy" in e and "first_k" in e
+
+
+def test_stage2_moves_the_policy_and_logs_each_epoch(tiny_bundle_trained):
+    path, bundle = tiny_bundle_trained
+    cfg = json.loads((path / "config.json").read_text())
+    assert_policy_learned(cfg, 32, path)
+    assert len(cfg["logs"]["stage2"]["epochs"]) == 2  # epoch 0 (start) + 1 trained epoch
+    assert cfg["policy"]["objective"] == "bounded"
+    # the bounded objective is a mean of log-sigmoids: never positive
+    assert cfg["logs"]["stage2"]["epochs"][1]["objective"] <= 0
+    assert any("reward_rate" in row for row in bundle.train_log)
+
+
+@pytest.mark.parametrize("policy", [
+    PolicyConfig(epochs=2, negatives=8, batch_size=16, objective="paper"),
+    PolicyConfig(epochs=1, negatives=8, batch_size=16, samples=3),
+], ids=["paper-objective", "three-samples"])
+def test_stage2_variants(stage1_bundle, tmp_path, policy):
+    out = shutil.copytree(stage1_bundle, tmp_path / "b")
+    train(ITEMS, INTERACTIONS, out, stages=(2,), policy=policy, **QUIET)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["policy"]["objective"] == policy.objective and cfg["policy"]["samples"] == policy.samples
+    assert len(cfg["logs"]["stage2"]["epochs"]) == policy.epochs + 1
+    assert_policy_learned(cfg, 32, out)
+    assert Bundle.from_pretrained(out).policy is not None
+
+
+def test_stage2_training_is_reproducible(stage1_bundle, tmp_path):
+    pol = PolicyConfig(epochs=1, negatives=8, batch_size=16, seed=3)
+    a = shutil.copytree(stage1_bundle, tmp_path / "a")
+    b = shutil.copytree(stage1_bundle, tmp_path / "b")
+    train(ITEMS, INTERACTIONS, a, stages=(2,), policy=pol, **QUIET)
+    train(ITEMS, INTERACTIONS, b, stages=(2,), policy=pol, **QUIET)
+    wa, wb = load_file(a / "policy.safetensors"), load_file(b / "policy.safetensors")
+    assert torch.equal(wa["w_q"], wb["w_q"]) and torch.equal(wa["w_k"], wb["w_k"])
+
+
+def test_stage1_with_lora_writes_an_adapter_that_loads_back(tiny_bert, tmp_path):
+    out = tmp_path / "lora"
+    trained = train(ITEMS, INTERACTIONS, out, stages=(1,), item_cfg=ItemModelConfig(base_model=tiny_bert, tuning="lora", lora_layers=1),
+                    stage1=Stage1Config(epochs=1, negatives=8, item_lr=1e-2), **QUIET)
+    assert (out / "item_adapter" / "adapter_config.json").exists()
+    assert any((out / "item_adapter").glob("adapter_model.*"))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["item"]["tuning"] == "lora"
+    loaded = Bundle.from_pretrained(out, need_policy=False)
+    from tokensel.io.items import read_items
+
+    _, texts = read_items(ITEMS, TextConfig())
+    toks = loaded.item_llm.tokenize(texts[:6], 256)
+    trained.item_llm.model.eval()
+    with torch.no_grad():
+        a = loaded.item_llm.encode(toks).item
+        b = trained.item_llm.encode(toks).item
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    # and stage 2 can continue it
+    train(ITEMS, INTERACTIONS, out, stages=(2,), policy=PolicyConfig(epochs=1, negatives=8, batch_size=16), **QUIET)
+    again = Bundle.from_pretrained(out)
+    with torch.no_grad():
+        c = again.item_llm.encode(toks).item
+    assert torch.allclose(a, c, atol=1e-5), "stage 2 changed the stage-1 item LLM"
+    # stage 2 alone keeps the adapter folder an adapter (no full model copied into it)
+    assert sorted(p.name for p in (out / "item_adapter").iterdir() if p.suffix != ".md") == ["adapter_config.json", "adapter_model.safetensors"]
+    # a loaded (merged) LoRA bundle saved elsewhere still carries its adapter and loads to the same model
+    copy = again.save_pretrained(tmp_path / "copy")
+    with torch.no_grad():
+        d = Bundle.from_pretrained(copy).item_llm.encode(toks).item
+    assert torch.allclose(a, d, atol=1e-5)
+
+
+def test_stage1_keeps_the_item_llm_of_the_best_epoch(tiny_bert, tmp_path, monkeypatch):
+    """When epoch 0 validates best, both g and the tuned f are rolled back to epoch 0."""
+    import tokensel.train.stage1 as stage1
+    from tokensel.io.items import read_items
+    from tokensel.models.item_llm import ItemLLM
+
+    scores = iter([0.9, 0.1, 0.2])  # epoch 0 best
+
+    def fake_validate(*args, **kwargs):
+        return {"N@10": next(scores), "R@10": 0.0}
+
+    monkeypatch.setattr(stage1, "validate", fake_validate)
+    out = tmp_path / "lora"
+    trained = train(ITEMS, INTERACTIONS, out, stages=(1,), item_cfg=ItemModelConfig(base_model=tiny_bert, tuning="lora", lora_layers=1),
+                    stage1=Stage1Config(epochs=2, negatives=8, item_lr=1e-2), **QUIET)
+    _, texts = read_items(ITEMS, TextConfig())
+    base = ItemLLM.from_pretrained(tiny_bert)
+    toks = base.tokenize(texts[:5], 256)
+    with torch.no_grad():
+        a = trained.item_llm.encode(toks).item
+        b = base.encode(toks).item
+        c = Bundle.from_pretrained(out, need_policy=False).item_llm.encode(toks).item
+    # LoRA B starts at zero, so the epoch-0 item LLM is the base model
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    assert torch.allclose(c, b, atol=1e-5)
+    assert json.loads((out / "config.json").read_text())["logs"]["stage1"]["best_valid_N@10"] == 0.9

@@ -1,0 +1,96 @@
+"""The happy paths of the `tokensel` command: compress, inspect, info, and the default bundle lookup."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+import tokensel.policy.bundle as bundle_mod
+from tokensel import inspect as ins
+from tokensel.cli import app
+from tokensel.io.parquet_out import read_metadata
+from tokensel.policy.bundle import bundle_hash
+
+from conftest import ITEMS, check_contract
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    r = runner.invoke(app, [str(a) for a in args])
+    assert "Traceback" not in r.output
+    return r
+
+
+@pytest.fixture(scope="module")
+def rarity_file(tmp_path_factory, tiny_bert):
+    out = tmp_path_factory.mktemp("cli") / "rarity.parquet"
+    r = invoke("compress", ITEMS, "-o", out, "--model", tiny_bert, "--strategy", "rarity", "--k", "24", "--chunk", "4", "--prefix", "4",
+               "--passthrough", "brand", "--batch-rows", "10")
+    assert r.exit_code == 0, r.output
+    assert "items" in r.output and "48" in r.output
+    return out
+
+
+def test_cli_compress_writes_the_contract(rarity_file, tiny_bert):
+    table = check_contract(rarity_file, ITEMS, tiny_bert, 24)
+    assert table.column_names[-1] == "brand"
+    meta = read_metadata(rarity_file)
+    assert (meta["strategy"], meta["k"], meta["chunk"], meta["prefix"]) == ("rarity", 24, 4, 4)
+
+
+def test_inspect_report(rarity_file):
+    report = ins.inspect(ITEMS, rarity_file, n=2, top=5)
+    assert report.items == 48
+    assert 40 <= report.compressed_items <= 48
+    assert 0.0 <= report.overlap < 1.0  # rarity does not keep exactly first-k
+    assert len(report.views) == 2 and all(v.kept != v.first_k for v in report.views)
+    assert len(report.dropped) == 5 and len(report.added) == 5
+    positions = dict(zip(*pq.read_table(rarity_file, columns=["item_id", "positions"]).to_pydict().values()))
+    for v in report.views:
+        assert v.kept == set(positions[v.item_id])
+        assert v.first_k == set(range(24))
+
+
+def test_inspect_chosen_ids_and_cli(rarity_file):
+    report = ins.inspect(ITEMS, rarity_file, ids=["i001", "i002"])
+    assert sorted(v.item_id for v in report.views) == ["i001", "i002"]
+    r = invoke("inspect", ITEMS, rarity_file, "--ids", "i001", "--top", "3")
+    assert r.exit_code == 0, r.output
+    assert "i001" in r.output and "overlap" in r.output
+
+
+def test_inspect_errors(rarity_file, tmp_path):
+    r = invoke("inspect", ITEMS, ITEMS)  # not a compressed file
+    assert r.exit_code == 2 and "no tokensel metadata" in r.output
+    r = invoke("inspect", ITEMS, rarity_file, "--ids", "nope")
+    assert r.exit_code == 2 and "nope" in r.output
+
+
+def test_info(tiny_bundle):
+    r = invoke("info", tiny_bundle)
+    assert r.exit_code == 0, r.output
+    assert bundle_hash(tiny_bundle) in r.output
+    assert '"model_type": "bert"' in r.output
+
+
+def test_info_on_a_folder_that_is_not_a_bundle(tmp_path):
+    r = invoke("info", tmp_path)
+    assert r.exit_code == 2 and "notatokenselbundle" in "".join(r.output.split())
+
+
+def test_policy_is_the_default_strategy_and_uses_the_default_bundle(tmp_path, tiny_bundle, tiny_bert, monkeypatch):
+    """`tokensel compress items` with no options: strategy policy, the shipped bundle, its base model."""
+    monkeypatch.setattr(bundle_mod, "DEFAULT_BUNDLE", tiny_bundle)
+    out = tmp_path / "o.parquet"
+    r = invoke("compress", ITEMS, "-o", out, "--k", "32", "--chunk", "4", "--prefix", "8")
+    assert r.exit_code == 0, r.output
+    meta = read_metadata(out)
+    assert meta["strategy"] == "policy" and meta["policy_hash"] == bundle_hash(tiny_bundle)
+    assert meta["model"] == tiny_bert
+    check_contract(out, ITEMS, tiny_bert, 32)
+    cfg = json.loads((tiny_bundle / "config.json").read_text())
+    assert meta["max_len"] == cfg["text"]["max_len"] and meta["text_cols"] == cfg["text"]["text_cols"]

@@ -1,0 +1,89 @@
+"""Stage-2 building blocks: the policy head, sampling chunks without replacement, greedy subsets."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tokensel.config import PolicyConfig
+from tokensel.policy.head import PolicyHead
+from tokensel.selection import chunk_sums, mask_to_positions
+from tokensel.train.common import Catalogue, infonce, infonce_logits
+from tokensel.train.stage2 import greedy_subsets, sample_masks
+
+
+def test_policy_head_probabilities_cover_only_candidates():
+    torch.manual_seed(0)
+    head = PolicyHead(8)
+    assert torch.equal(head.w_q.weight, torch.eye(8)) and torch.equal(head.w_k.weight, torch.eye(8))
+    hidden, item = torch.randn(2, 12, 8), torch.randn(2, 8)
+    n = torch.tensor([12, 7])
+    logp = head.log_probs(hidden, item, n, prefix=3)
+    for r, nr in enumerate(n.tolist()):
+        assert torch.all(logp[r, :3] == 0) and torch.all(logp[r, nr:] == 0)
+        assert math.isclose(logp[r, 3:nr].exp().sum().item(), 1.0, rel_tol=1e-5)
+    # info = <W_Q h_i, W_K h_item> / sqrt(d)
+    info = head.info(hidden, item)
+    assert torch.allclose(info[1, 4], hidden[1, 4] @ item[1] / math.sqrt(8), atol=1e-6)
+
+
+def test_sampled_masks_respect_the_budget_and_follow_the_scores():
+    cfg = PolicyConfig(k=12, prefix=4, train_chunk=2)
+    n = torch.tensor([30])
+    # 13 chunks of 2 after the prefix; chunk 1 much likelier, chunk 2 much less likely
+    scores = torch.zeros(1, 13)
+    scores[0, 1], scores[0, 2] = 3.0, -3.0
+    gen = torch.Generator().manual_seed(0)
+    masks = sample_masks(scores, n, 400, cfg, gen)
+    assert masks.shape == (400, 1, 30)
+    assert torch.all(masks.sum(-1) == 12)
+    assert torch.all(masks[..., :4])
+    pos = mask_to_positions(masks[:, 0])
+    assert len({tuple(p) for p in pos}) > 20, "samples should vary"
+    freq = masks[:, 0].float().mean(0)
+    chunk_freq = [freq[4 + 2 * c].item() for c in range(13)]
+    assert chunk_freq[1] > 0.95
+    assert chunk_freq[2] < min(chunk_freq[0], chunk_freq[3]) / 2
+    # each chunk is taken whole (sampling chunks, not tokens)
+    m = masks[:, 0, 4:].reshape(400, 13, 2)
+    assert torch.all(m[..., 0] == m[..., 1])
+
+
+def test_greedy_subsets_without_head_is_first_k_and_with_head_is_a_subsequence():
+    torch.manual_seed(0)
+    cfg = PolicyConfig(k=10, prefix=2, select_chunk=4)
+    tokens = [list(range(100, 130)), list(range(200, 208)), list(range(300, 321))]
+    hidden = [torch.randn(len(t), 8).half() for t in tokens]
+    cat = Catalogue(tokens, torch.randn(3, 8), hidden)
+    first = greedy_subsets(None, cat, [0, 1, 2], cfg)
+    assert first == [tokens[0][:10], tokens[1], tokens[2][:10]]
+    head = PolicyHead(8)
+    with torch.no_grad():
+        head.w_q.weight.copy_(torch.randn(8, 8))
+    chosen = greedy_subsets(head, cat, [0, 1, 2], cfg)
+    for sub, full in zip(chosen, tokens):
+        assert len(sub) == min(10, len(full))
+        assert sub[:2] == full[:2]
+        it = iter(full)
+        assert all(t in it for t in sub), "kept tokens stay in their original order"
+    assert chosen[1] == tokens[1]
+
+
+def test_chunk_log_prob_is_the_sum_of_token_log_probs():
+    logp = torch.log_softmax(torch.randn(1, 14), 1)
+    logp[0, :2] = 0
+    sums = chunk_sums(logp, 2, 4)
+    assert sums.shape == (1, 3)
+    assert torch.allclose(sums[0, 1], logp[0, 6:10].sum())
+
+
+def test_infonce_masks_a_negative_equal_to_the_positive():
+    user = torch.randn(3, 4)
+    table = torch.randn(5, 4)
+    tgt = torch.tensor([0, 1, 2])
+    negs = torch.tensor([0, 3, 4])
+    logits = infonce_logits(user, table[tgt], table[negs], 0.1, tgt, negs)
+    assert logits.shape == (3, 4)
+    assert logits[0, 1] == -math.inf and torch.isfinite(logits[1]).all()
+    assert torch.all(infonce(logits) >= 0)
