@@ -159,6 +159,8 @@ def train_stage2(
                 with torch.no_grad():
                     sub_emb, _ = embed_tokens(llm, subsets)
                 emb[:, sel] = sub_emb.to(dev).reshape(S, len(sel), -1)
+                # item-level proxy: how close each subset's embedding stays to its full-text embedding
+                sims = F.cosine_similarity(emb[:, sel], item_table[items][None], dim=-1)  # [S, O]
             # per sample: the user embedding from the sampled item embeddings, CE against the full target
             seqs, ptr = [], 0
             for h, _ in batch:
@@ -173,10 +175,16 @@ def train_stage2(
                     eu = user.user_embedding(hs, mask)
                     ces.append(infonce(infonce_logits(eu, item_table[tgt], item_table[negs], temperature, tgt, negs)))
             ce = torch.stack(ces)  # [S, B]
+            if cfg.reward == "item":  # lower is better: the negated similarity to the full-text embedding
+                if not sel:
+                    continue
+                loss_of, units = -sims, lp
+            else:  # the paper's reward: the InfoNCE cross-entropy of the whole history (eqs. 13-15)
+                loss_of, units = ce, logp_hist
             obj_terms, agree = [], []
             for a, b in pairs:
-                r = torch.where(ce[a] <= ce[b], 1.0, -1.0)
-                d = logp_hist[a] - logp_hist[b]
+                r = torch.where(loss_of[a] <= loss_of[b], 1.0, -1.0)
+                d = units[a] - units[b]
                 obj_terms.append(r * d if cfg.objective == "paper" else F.logsigmoid(cfg.beta * r * d))
                 # the reward of the subset the policy itself prefers: +1 if the likelier one won
                 agree.append(((torch.sign(d.detach()) * r) > 0).float())
@@ -188,7 +196,7 @@ def train_stage2(
                 opt.step()
             acc["objective"] += objective.item() * B
             acc["reward_rate"] += torch.stack(agree).mean().item() * B
-            acc["mean_r"] += torch.stack([torch.where(ce[a] <= ce[b], 1.0, -1.0) for a, b in pairs]).mean().item() * B
+            acc["mean_r"] += torch.stack([torch.where(loss_of[a] <= loss_of[b], 1.0, -1.0) for a, b in pairs]).mean().item() * B
             acc["ce"] += ce.mean().item() * B
             acc["n"] += B
             if len(steps) % 20 == 0:
