@@ -201,12 +201,14 @@ def test_stage2_moves_the_policy_and_logs_each_epoch(tiny_bundle_trained):
 @pytest.mark.parametrize("policy", [
     PolicyConfig(epochs=2, negatives=8, batch_size=16, objective="paper"),
     PolicyConfig(epochs=1, negatives=8, batch_size=16, samples=3),
-], ids=["paper-objective", "three-samples"])
+    PolicyConfig(epochs=1, negatives=8, batch_size=16, reward="item"),
+], ids=["paper-objective", "three-samples", "item-reward"])
 def test_stage2_variants(stage1_bundle, tmp_path, policy):
     out = shutil.copytree(stage1_bundle, tmp_path / "b")
     train(ITEMS, INTERACTIONS, out, stages=(2,), policy=policy, **QUIET)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["policy"]["objective"] == policy.objective and cfg["policy"]["samples"] == policy.samples
+    assert cfg["policy"]["reward"] == policy.reward
     assert len(cfg["logs"]["stage2"]["epochs"]) == policy.epochs + 1
     assert_policy_learned(cfg, 32, out)
     assert Bundle.from_pretrained(out).policy is not None

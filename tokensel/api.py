@@ -61,17 +61,37 @@ def compress(
     template: str | None = None,
     passthrough: list[str] = (),
     seed: int = 0,
-    batch_rows: int = 1024,
+    batch_rows: int | None = None,
+    batch_tokens: int | None = None,
     limit: int | None = None,
     device: str = "auto",
     dtype: str = "auto",
     progress: bool = False,
+    cache: str | Path | bool | None = True,
+    engine: str = "local",
+    workers: int = 2,
+    pipeline: bool | None = None,
+    on_progress=None,
 ) -> CompressSummary:
-    """Compress an items file; text settings default to the bundle's (for `policy`) or TextConfig()."""
+    """Compress an items file; text settings default to the bundle's (for `policy`) or TextConfig().
+
+    cache: the selection cache that makes runs resumable and incremental (tokensel.cache). True (the
+    default) uses `<out>.cache.sqlite`; a path uses that file; False/None disables it. Only strategies
+    with a forward pass (policy, topk-logits) use it.
+    engine: "local" (this process) or "ray" (Ray Data with `workers` model actors; pip install tokensel[ray]).
+    batch_rows / batch_tokens: rows per window and padded tokens per forward pass (defaults scale
+    with the device: larger on CUDA). The selection does not depend on them.
+    """
     if k < 1 or chunk < 1 or prefix < 0:
         raise TokenselError(f"need --k >= 1, --chunk >= 1, --prefix >= 0 (got k={k}, chunk={chunk}, prefix={prefix})")
+    if engine not in ("local", "ray"):
+        raise TokenselError(f"unknown engine {engine!r}; choose local or ray")
     items = Path(items)
     open_parquet(items)  # fail on a missing or unreadable file before loading any model
+    if engine == "ray":
+        from tokensel.engines.ray_engine import check_ray
+
+        check_ray()  # before loading the model: say how to install the extra
     llm, sel, prov, bundle_text = load_selector(strategy, policy, model, seed=seed, device=device, dtype=dtype)
     text = bundle_text or TextConfig()
     text = replace(
@@ -83,9 +103,22 @@ def compress(
     )
     llm.set_template(text.template)
     out = Path(out) if out else Path.cwd() / f"{items.stem}.k{k}-{strategy}.parquet"
-    opts = CompressOptions(k=k, chunk=chunk, prefix=prefix, batch_rows=batch_rows, passthrough=list(passthrough), limit=limit)
+    opts = CompressOptions.for_device(
+        llm.device, k=k, chunk=chunk, prefix=prefix, batch_rows=batch_rows, batch_tokens=batch_tokens,
+        passthrough=list(passthrough), limit=limit, pipeline=pipeline,
+    )
+    cache_path = (out.with_name(out.name + ".cache.sqlite") if cache is True else Path(cache)) if cache else None
+    if engine == "ray":
+        from tokensel.engines.ray_engine import compress_file_ray
+
+        run = lambda tick: compress_file_ray(  # noqa: E731
+            items, out, sel, text, opts, prov, strategy_name=strategy, policy=policy, model=model, seed=seed,
+            device=device, dtype=dtype, workers=workers, llm=llm, on_progress=tick,
+        )
+    else:
+        run = lambda tick: compress_file(items, out, llm, sel, text, opts, prov, on_progress=tick, cache=cache_path)  # noqa: E731
     if not progress:
-        return compress_file(items, out, llm, sel, text, opts, prov)
+        return run(on_progress)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     total = open_parquet(items).metadata.num_rows
@@ -98,8 +131,10 @@ def compress(
             bar.advance(task, n)
             speed = bar.tasks[0].speed
             bar.update(task, rate=f"{speed:.1f} items/s" if speed else "")
+            if on_progress:
+                on_progress(n)
 
-        return compress_file(items, out, llm, sel, text, opts, prov, on_progress=tick)
+        return run(tick)
 
 
 __all__ = ["compress", "train", "load_selector", "DEFAULT_BUNDLE"]

@@ -43,20 +43,31 @@ def compress(
     template: Annotated[Optional[str], typer.Option(help="Prompt before the text (never in the budget or output).")] = None,
     passthrough: Annotated[str, typer.Option(help="Comma-separated input columns copied to the output.")] = "",
     seed: Annotated[int, typer.Option(help="Seed of the random strategy.")] = 0,
-    batch_rows: Annotated[int, typer.Option(help="Rows read per record batch.")] = 1024,
+    batch_rows: Annotated[Optional[int], typer.Option(help="Rows read per window (default 4096; 16384 on CUDA). Results do not depend on it.")] = None,
+    batch_tokens: Annotated[Optional[int], typer.Option(help="Padded tokens per forward pass (default 8192; 65536 on CUDA). Results do not depend on it.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N rows.")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA) | fp32 | bf16 | fp16")] = "auto",
+    cache: Annotated[Optional[Path], typer.Option(help="Selection cache file (default: <out>.cache.sqlite). Makes runs resumable: an interrupted run continues where it stopped, and a re-run scores only new or changed items.")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the selection cache.")] = False,
+    engine: Annotated[str, typer.Option(help="local | ray (Ray Data with --workers model actors; pip install 'tokensel[ray]').")] = "local",
+    workers: Annotated[int, typer.Option(help="Model actors for --engine ray.")] = 2,
 ) -> None:
-    """Compress every item's text to K tokens and write Parquet."""
+    """Compress every item's text to K tokens and write Parquet.
+
+    With a forward-pass strategy (policy, topk-logits) finished items are kept in a selection cache
+    beside the output, so re-running the same command after an interruption resumes, and re-running
+    it on an updated catalogue recomputes only the items whose text changed.
+    """
     from tokensel import api
 
     try:
         summary = api.compress(
             items, out, k=k, chunk=chunk, prefix=prefix, strategy=strategy, policy=policy, model=model,
             id_col=id_col, text_cols=_cols(text_cols) if text_cols else None, max_len=max_len, template=template,
-            passthrough=_cols(passthrough), seed=seed, batch_rows=batch_rows, limit=limit, device=device, dtype=dtype,
-            progress=True,
+            passthrough=_cols(passthrough), seed=seed, batch_rows=batch_rows, batch_tokens=batch_tokens, limit=limit,
+            device=device, dtype=dtype, progress=True, cache=False if no_cache else (cache or True), engine=engine,
+            workers=workers,
         )
     except TokenselError as exc:
         _fail(exc)
@@ -64,9 +75,14 @@ def compress(
     t.add_row("items", f"{summary.items:,}")
     t.add_row("empty texts (written as empty rows)", f"{summary.empty:,}")
     t.add_row("texts with <= k tokens (kept whole)", f"{summary.shorter_than_k:,}")
+    t.add_row("texts with > k tokens (selected)", f"{summary.scored:,}")
+    if summary.cache:
+        t.add_row("  scored in this run", f"{summary.computed:,}")
+        t.add_row("  reused from the cache", f"{summary.reused:,} ({summary.cache})")
     t.add_row("tokens in", f"{summary.tokens_in:,}")
     t.add_row("tokens out", f"{summary.tokens_out:,}")
     t.add_row("ratio out/in", f"{summary.ratio:.3f}")
+    t.add_row("engine", summary.engine)
     t.add_row("time", f"{summary.seconds:.1f} s ({summary.items / max(summary.seconds, 1e-9):.1f} items/s)")
     out_console.print(t)
 
@@ -99,6 +115,7 @@ def train(
     select_chunk: Annotated[int, typer.Option()] = 8,
     samples: Annotated[int, typer.Option(help="Sampled subsets per history (2 = the paper's pair).")] = 2,
     objective: Annotated[str, typer.Option(help="paper | bounded")] = "bounded",
+    reward: Annotated[str, typer.Option(help="history (paper: CE of the next item) | item (subset close to the full-text embedding)")] = "history",
     negatives: Annotated[int, typer.Option()] = 128,
     history: Annotated[int, typer.Option()] = 10,
     max_users: Annotated[Optional[int], typer.Option(help="Stage 2 on at most this many users.")] = None,
@@ -119,7 +136,7 @@ def train(
             item_cfg=ItemModelConfig(base_model=model, tuning=tuning),
             user_cfg=UserModelConfig(kind="pretrained" if user_pretrained else "transformer", layers=user_layers, max_history=history, pretrained=user_pretrained),
             stage1=Stage1Config(epochs=epochs1, lr=lr1, item_lr=item_lr, negatives=negatives, history=history, seed=seed),
-            policy=PolicyConfig(prefix=prefix, k=k, train_chunk=train_chunk, select_chunk=select_chunk, epochs=epochs2, lr=lr2, negatives=negatives, history=history, samples=samples, objective=objective, seed=seed, max_users=max_users),
+            policy=PolicyConfig(prefix=prefix, k=k, train_chunk=train_chunk, select_chunk=select_chunk, epochs=epochs2, lr=lr2, negatives=negatives, history=history, samples=samples, objective=objective, reward=reward, seed=seed, max_users=max_users),
             columns=(user_col, item_col, order_col), device=device,
             log=lambda row: console.print(json.dumps(row)),
         )
@@ -157,6 +174,10 @@ def info(bundle: Annotated[Optional[Path], typer.Argument(help="Bundle folder (d
         _fail(TokenselError(f"{path}: not a tokensel bundle (no config.json)"))
     out_console.print_json(cfg.read_text())
     out_console.print(f"hash {bundle_hash(path)}")
+
+
+from tokensel.evaluate.command import evaluate_command
+app.command("evaluate")(evaluate_command)
 
 
 def main() -> None:  # pragma: no cover

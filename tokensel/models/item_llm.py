@@ -8,10 +8,12 @@ policy head. Text is tokenised without special tokens, so positions index the it
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -158,7 +160,28 @@ class ItemLLM(nn.Module):
         """The item's own tokens (no specials), cut at max_len: the space positions index into."""
         if not texts:
             return []
+        backend = self._plain_backend()
+        if backend is not None:  # the Rust tokenizer directly: same ids, no per-item wrapper work
+            encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+            return [e.ids[:max_len] for e in encode(list(texts), add_special_tokens=False)]
         return self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_len)["input_ids"]
+
+    def _plain_backend(self):
+        """The fast tokenizer's Rust backend when calling it directly gives what the wrapper gives, else None."""
+        tok = self.tokenizer
+        if not getattr(tok, "is_fast", False) or getattr(tok, "truncation_side", "right") != "right":
+            return None
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is None or backend.truncation is not None or backend.padding is not None:
+            return None
+        return backend
+
+    def decode_batch(self, sequences: list[list[int]]) -> list[str]:
+        """`decode` of many sequences at once (in Rust when the tokenizer is fast)."""
+        backend = self._plain_backend()
+        if backend is not None:
+            return backend.decode_batch(sequences, skip_special_tokens=False)
+        return [self.decode(s) for s in sequences]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -168,21 +191,30 @@ class ItemLLM(nn.Module):
         """Right-padded input ids and mask; returns the column where the item's own text starts."""
         lead = self.lead_ids + self.template_ids
         off = len(lead)
-        width = off + max((len(t) for t in token_lists), default=0) + 1
-        ids = torch.full((len(token_lists), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(token_lists), width), dtype=torch.long)
-        for row, toks in enumerate(token_lists):
-            seq = lead + list(toks) + [self.item_token_id]
-            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[row, : len(seq)] = 1
-        return ids, mask, off
+        rows = len(token_lists)
+        lens = np.fromiter(map(len, token_lists), dtype=np.int64, count=rows)
+        width = off + (int(lens.max()) if rows else 0) + 1
+        ids = np.full((rows, width), self.pad_id, dtype=np.int64)
+        if off:
+            ids[:, :off] = lead
+        total = int(lens.sum())
+        if total:  # scatter all tokens at once: row r, column off + position
+            flat = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int64, count=total)
+            row_of = np.repeat(np.arange(rows), lens)
+            col = np.arange(total) - np.repeat(np.cumsum(lens) - lens, lens) + off
+            ids[row_of, col] = flat
+        ids[np.arange(rows), off + lens] = self.item_token_id
+        mask = (np.arange(width)[None, :] < (off + lens + 1)[:, None]).astype(np.int64)
+        return torch.from_numpy(ids), torch.from_numpy(mask), off
 
     def encode(self, token_lists: list[list[int]], need_hidden: bool = True) -> Encoded:
         """Run f over the items' tokens + [ITEM]; gradients flow if the caller enables them."""
         ids, mask, off = self.build_inputs(token_lists)
         dev = self.device
-        ids, mask = ids.to(dev, non_blocking=True), mask.to(dev, non_blocking=True)
-        n = torch.tensor([len(t) for t in token_lists], device=dev)
+        n = mask.sum(1) - (off + 1)
+        if dev.type == "cuda":  # pinned host memory: the copies are truly asynchronous
+            ids, mask, n = ids.pin_memory(), mask.pin_memory(), n.pin_memory()
+        ids, mask, n = ids.to(dev, non_blocking=True), mask.to(dev, non_blocking=True), n.to(dev, non_blocking=True)
         if self.lm_kind is not None:
             out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
             last = out.hidden_states[-1]

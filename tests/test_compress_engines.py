@@ -1,0 +1,335 @@
+"""compress engines: selection independent of batching, resumable/incremental runs, Ray equals local.
+
+Fixtures are local to this file: a tiny random BERT with a WordPiece tokenizer trained on generated
+item texts of very different lengths (so many forward widths occur), and a policy bundle with a
+random (not identity) policy head, so chunk scores are varied and near-ties are possible.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tokensel import api
+from tokensel.compress import CompressOptions, IdSet, dummy_rows, forward_batches, score_batch
+from tokensel.errors import TokenselError
+from tokensel.io.parquet_out import read_metadata
+from tokensel.models.item_llm import ItemLLM
+from tokensel.strategies import Policy
+
+K, CHUNK, PREFIX = 24, 4, 6
+N_ITEMS = 120
+WORDS = (
+    "sensor probe digital analog meter gauge valve pump filter relay switch cable adapter battery motor "
+    "steel brass copper nylon rubber plastic glass ceramic silicone thermal pressure flow level voltage "
+    "current resistance frequency torque speed precision industrial laboratory scientific safety tool kit "
+    "pack set pair replacement compatible heavy duty waterproof portable compact wireless inch mm lb oz"
+).split()
+
+
+def make_texts(seed: int = 0) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(N_ITEMS):
+        title = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9)))
+        n_desc = rng.choice([0, rng.randint(1, 10), rng.randint(10, 60), rng.randint(60, 200)])
+        desc = " ".join(rng.choice(WORDS) for _ in range(n_desc)) if n_desc else None
+        rows.append((f"{title} {i}", desc))
+    return rows
+
+
+def write_items(path, rows, ids=None):
+    ids = ids or [f"it{i:04d}" for i in range(len(rows))]
+    table = pa.table({
+        "item_id": ids,
+        "title": [r[0] for r in rows],
+        "description": [r[1] for r in rows],
+        "price": [float(i) for i in range(len(rows))],
+    })
+    pq.write_table(table, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    texts = [f"title: {t} description: {d}" for t, d in make_texts()]
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
+    )
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+    )
+    path = tmp_path_factory.mktemp("engines") / "bert"
+    BertModel(cfg).eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory, model_dir):
+    from tokensel.config import PolicyConfig
+    from tokensel.policy.bundle import Bundle, BundleConfig
+    from tokensel.policy.head import PolicyHead
+
+    llm = ItemLLM.from_pretrained(model_dir)
+    head = PolicyHead(llm.hidden_size)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        head.w_q.weight.normal_()
+        head.w_k.weight.normal_()
+    cfg = BundleConfig(identity=llm.identity(), policy=PolicyConfig(prefix=PREFIX, k=K))
+    cfg.item.base_model = model_dir
+    return Bundle(cfg, llm, None, head).save_pretrained(tmp_path_factory.mktemp("engines") / "bundle")
+
+
+@pytest.fixture(scope="module")
+def items(tmp_path_factory):
+    return write_items(tmp_path_factory.mktemp("engines") / "items.parquet", make_texts())
+
+
+def compress(items, out, bundle, **kw):
+    kw = {"k": K, "chunk": CHUNK, "prefix": PREFIX, "strategy": "policy", "device": "cpu", "cache": False, **kw}
+    if kw["strategy"] == "policy":
+        kw["policy"] = bundle
+    else:
+        kw["model"] = str(bundle) if kw.get("model") is None else kw["model"]
+    return api.compress(items, out, **kw)
+
+
+def rows_by_id(path) -> dict:
+    d = pq.read_table(path).to_pydict()
+    cols = [c for c in d if c != "item_id"]
+    return {i: tuple(tuple(d[c][r]) if isinstance(d[c][r], list) else d[c][r] for c in cols) for r, i in enumerate(d["item_id"])}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, items, bundle_dir):
+    out = tmp_path_factory.mktemp("engines") / "reference.parquet"
+    s = compress(items, out, bundle_dir)
+    assert s.scored > 40 and s.shorter_than_k > 5, "the fixture should have items on both sides of k"
+    return out
+
+
+# ---------------------------------------------------------------------------------------- pieces
+def test_fast_tokenize_decode_and_inputs_match_the_reference_implementations(model_dir):
+    llm = ItemLLM.from_pretrained(model_dir)
+    texts = [f"title: {t} description: {d}" for t, d in make_texts()[:30]] + ["", "x"]
+    toks = llm.tokenize(texts, 50)
+    assert toks == llm.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=50)["input_ids"]
+    assert llm.decode_batch([t[:7] for t in toks]) == [llm.decode(t[:7]) for t in toks]
+    llm.set_template("item :")
+    ids, mask, off = llm.build_inputs(toks[:5] + [[]])
+    lead = llm.lead_ids + llm.template_ids
+    assert off == len(lead)
+    for r, t in enumerate(toks[:5] + [[]]):
+        seq = lead + t + [llm.item_token_id]
+        assert ids[r, : len(seq)].tolist() == seq and mask[r].sum() == len(seq)
+        assert (ids[r, len(seq):] == llm.pad_id).all()
+
+
+def test_id_set_finds_duplicates_within_and_across_batches_and_only_those():
+    s = IdSet()
+    assert s.add(["a", "b", "c"]).tolist() == []
+    assert s.add(["d", "a", "e", "d"]).tolist() == [1, 3]
+    for i in range(20):
+        assert s.add([f"x{i}-{j}" for j in range(50)]).tolist() == []
+    assert len(s.runs) <= 8, "runs are merged"
+    assert s.add(["x3-7", "new"]).tolist() == [0]
+    assert s.nbytes() <= 8 * 1010
+
+
+def test_an_items_scores_are_bit_identical_alone_or_in_any_batch(model_dir, bundle_dir):
+    """The reason selection does not depend on batching: the forward width and filler rows depend on the item alone."""
+    from tokensel.policy.bundle import Bundle
+
+    b = Bundle.from_pretrained(bundle_dir)
+    llm, strat = b.item_llm, Policy(b.policy, PREFIX)
+    toks = llm.tokenize([f"title: {t} description: {d}" for t, d in make_texts()], 256)
+    opts = CompressOptions(k=K, chunk=CHUNK, prefix=PREFIX)
+    lengths = np.array([len(t) for t in toks])
+    long_ = np.flatnonzero(lengths > K)
+    by_width: dict[int, list[int]] = {}
+    for width, idx in forward_batches(lengths[long_], llm, CompressOptions(k=K, max_batch=1)):
+        by_width.setdefault(width, []).append(int(long_[idx[0]]))
+    checked = 0
+    for width, members in by_width.items():
+        if len(members) < 2:
+            continue
+        i = members[0]
+        alone = score_batch(llm, strat, [toks[i]], [i], width, opts)[0]
+        together = score_batch(llm, strat, [toks[j] for j in members[::-1]], members[::-1], width, opts)[-1]
+        assert np.array_equal(alone, together)
+        checked += 1
+    assert checked >= 3
+    # the filler rows: one forces the width, more bring a small batch to min_batch_tokens
+    assert len(dummy_rows(llm, 40, 1, opts, 40)) == -(-opts.min_batch_tokens // (40 + 2)) - 1
+    assert len(dummy_rows(llm, 40, 1000, opts, 37)) == 1
+
+
+# ---------------------------------------------------------------------------------------- batching
+@pytest.mark.parametrize("kw", [
+    {"batch_rows": 7},
+    {"batch_rows": 33, "batch_tokens": 300, "pipeline": True},
+    {"batch_rows": 5000, "batch_tokens": 100_000},
+])
+def test_selection_is_identical_whatever_the_batch_size(tmp_path, items, bundle_dir, reference, kw):
+    out = tmp_path / "o.parquet"
+    compress(items, out, bundle_dir, **kw)
+    assert pq.read_table(out).equals(pq.read_table(reference))
+
+
+def test_selection_is_identical_whatever_the_row_order(tmp_path, items, bundle_dir, reference):
+    t = pq.read_table(items)
+    perm = np.random.default_rng(3).permutation(t.num_rows)
+    shuffled = tmp_path / "shuffled.parquet"
+    pq.write_table(t.take(pa.array(perm)), shuffled)
+    out = tmp_path / "o.parquet"
+    compress(shuffled, out, bundle_dir, batch_rows=16, passthrough=["price"])
+    assert pq.read_table(out).column("item_id").to_pylist() == t.take(pa.array(perm)).column("item_id").to_pylist()
+    got, want = rows_by_id(out), rows_by_id(reference)
+    assert {i: v[:5] for i, v in got.items()} == want
+
+
+def test_output_rows_follow_the_contract(reference, model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    t = pq.read_table(reference).to_pydict()
+    src = pq.read_table(reference.parent / "items.parquet") if (reference.parent / "items.parquet").exists() else None
+    for r in range(len(t["item_id"])):
+        pos, ids, n = t["positions"][r], t["token_ids"][r], t["n_tokens"][r]
+        assert t["n_kept"][r] == len(pos) == len(ids) == min(K, n)
+        assert pos == sorted(set(pos)) and (not pos or pos[-1] < n)
+        if n > K:
+            assert pos[:PREFIX] == list(range(PREFIX))
+        assert t["text"][r] == tok.decode(ids, clean_up_tokenization_spaces=False)
+    assert src is None or src.num_rows == len(t["item_id"])
+    meta = read_metadata(reference)
+    assert meta["k"] == K and meta["strategy"] == "policy" and meta["policy_hash"]
+
+
+@pytest.mark.parametrize("strategy", ["first-k", "random", "rarity"])
+def test_strategies_without_a_forward_pass_are_batch_independent_too(tmp_path, items, model_dir, strategy):
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    compress(items, a, None, strategy=strategy, model=model_dir, batch_rows=9)
+    compress(items, b, None, strategy=strategy, model=model_dir)
+    assert pq.read_table(a).equals(pq.read_table(b))
+
+
+def test_duplicate_ids_far_apart_are_still_reported_with_both_rows(tmp_path, model_dir):
+    rows = make_texts()[:40]
+    ids = [f"id{i}" for i in range(40)]
+    ids[37] = "id3"
+    path = write_items(tmp_path / "dup.parquet", rows, ids)
+    with pytest.raises(TokenselError, match=r"row 37, column 'item_id': duplicate item id 'id3' \(first seen at row 3\)"):
+        compress(path, tmp_path / "o.parquet", None, strategy="first-k", model=model_dir, batch_rows=8)
+    assert not (tmp_path / "o.parquet").exists()
+
+
+def test_ids_with_equal_hashes_are_not_duplicates(tmp_path, model_dir):
+    assert hash(-1) == hash(-2)  # CPython: the 64-bit hashes collide, the ids differ
+    table = pa.table({"item_id": [-1, -2, 5], "title": ["a b", "c d", "e f"], "description": [None, None, None]})
+    pq.write_table(table, tmp_path / "ints.parquet")
+    s = compress(tmp_path / "ints.parquet", tmp_path / "o.parquet", None, strategy="first-k", model=model_dir)
+    assert s.items == 3
+
+
+# ---------------------------------------------------------------------------------------- cache
+class Stop(Exception):
+    pass
+
+
+def test_an_interrupted_run_resumes_and_gives_the_same_output(tmp_path, items, bundle_dir, reference):
+    out, cache = tmp_path / "o.parquet", tmp_path / "sel.sqlite"
+    windows = []
+
+    def interrupt(n):
+        windows.append(n)
+        if len(windows) == 3:
+            raise Stop()
+
+    with pytest.raises(Stop):
+        compress(items, out, bundle_dir, cache=cache, batch_rows=20, on_progress=interrupt, pipeline=True)
+    assert not out.exists(), "no partial output"
+    s = compress(items, out, bundle_dir, cache=cache, batch_rows=20)
+    assert pq.read_table(out).equals(pq.read_table(reference))
+    assert s.reused > 0 and s.reused + s.computed == s.scored and s.computed < s.scored
+    # a third run reuses everything
+    s3 = compress(items, out, bundle_dir, cache=cache, batch_rows=64)
+    assert (s3.reused, s3.computed) == (s3.scored, 0)
+    assert pq.read_table(out).equals(pq.read_table(reference))
+
+
+def test_a_changed_catalogue_recomputes_only_the_changed_items(tmp_path, items, bundle_dir):
+    out, cache = tmp_path / "o.parquet", tmp_path / "sel.sqlite"
+    first = compress(items, out, bundle_dir, cache=cache)
+    assert (first.reused, first.computed) == (0, first.scored)
+    t = pq.read_table(items)
+    n_tok = pq.read_table(out).column("n_tokens").to_pylist()
+    changed = [i for i, n in enumerate(n_tok) if n > K][:3]
+    desc = t.column("description").to_pylist()
+    for i in changed:
+        desc[i] = desc[i] + " replacement sensor"
+    edited = tmp_path / "edited.parquet"
+    pq.write_table(t.set_column(2, "description", pa.array(desc)), edited)
+    s = compress(edited, out, bundle_dir, cache=cache)
+    assert (s.computed, s.reused) == (3, first.scored - 3)
+    fresh = tmp_path / "fresh.parquet"
+    compress(edited, fresh, bundle_dir)
+    assert pq.read_table(out).equals(pq.read_table(fresh))
+    from tokensel.cache import SelectionCache
+
+    import sqlite3
+
+    with sqlite3.connect(cache) as db:  # pruned: this configuration keeps only what the last run used
+        assert db.execute("SELECT COUNT(*) FROM selection").fetchone()[0] == first.scored
+    assert SelectionCache  # imported for the module's docs
+
+
+def test_the_cache_is_keyed_by_the_settings(tmp_path, items, bundle_dir):
+    out, cache = tmp_path / "o.parquet", tmp_path / "sel.sqlite"
+    compress(items, out, bundle_dir, cache=cache)
+    s = compress(items, out, bundle_dir, cache=cache, k=K + 4)
+    assert s.reused == 0 and s.computed == s.scored
+    s = compress(items, out, bundle_dir, cache=cache, chunk=CHUNK * 2)
+    assert s.reused == 0
+
+
+# ---------------------------------------------------------------------------------------- ray
+def test_ray_engine_output_equals_the_local_engine_row_for_row(tmp_path, items, bundle_dir, model_dir, reference):
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'tokensel[ray]'); the ray engine is not tested")
+    pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'ray[data]')")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        out = tmp_path / "ray.parquet"
+        s = compress(items, out, bundle_dir, engine="ray", workers=2, batch_rows=16)
+        assert s.engine == "ray" and s.items == N_ITEMS
+        got, want = pq.read_table(out), pq.read_table(reference)
+        assert got.equals(want)
+        meta = read_metadata(out)
+        assert meta.pop("engine") == "ray" and meta == read_metadata(reference)
+        # a strategy whose scores depend on the item id, with a pass-through column and a limit
+        a, b = tmp_path / "ray_random.parquet", tmp_path / "local_random.parquet"
+        compress(items, a, None, strategy="random", model=model_dir, engine="ray", passthrough=["price"], limit=77, batch_rows=10)
+        compress(items, b, None, strategy="random", model=model_dir, passthrough=["price"], limit=77)
+        assert pq.read_table(a).equals(pq.read_table(b))
+    finally:
+        ray.shutdown()

@@ -1,0 +1,212 @@
+"""Stage 3 evaluation: the evaluate contract, the recommenders, the metrics and the paired test.
+
+Runs on the fixtures with a tiny randomly initialised BERT built here (no network), so it is fast.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tokensel.errors import TokenselError  # noqa: E402
+from tokensel.evaluate.metrics import per_user_metrics, rank_users, target_ranks  # noqa: E402
+from tokensel.evaluate.runner import METRICS, evaluate, evaluate_detailed, write_results  # noqa: E402
+from tokensel.evaluate.stats import paired_pvalue  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ITEMS = ROOT / "fixtures" / "items.parquet"
+INTERACTIONS = ROOT / "fixtures" / "interactions.parquet"
+KEYS = {"texts", "recommender", "seeds", "metrics", "std", "p_vs_first"}
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+def _tiny_bert(folder: Path) -> str:
+    """A random BertModel (hidden 32, 2 layers) and a WordPiece tokenizer trained on the fixture texts."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    from tokensel.config import TextConfig
+    from tokensel.io.items import read_items
+
+    _, texts = read_items(ITEMS, TextConfig())
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=500, special_tokens=specials, min_frequency=2))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(hf_tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=512)
+    folder.mkdir(parents=True, exist_ok=True)
+    BertModel(cfg).save_pretrained(folder)
+    hf_tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    return _tiny_bert(tmp_path_factory.mktemp("eval_model") / "tiny-bert")
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory, tiny) -> dict[str, Path]:
+    from tokensel import api
+
+    d = tmp_path_factory.mktemp("eval_texts")
+    out = {}
+    for name, strategy in (("first", "first-k"), ("random", "random"), ("first_again", "first-k")):
+        out[name] = d / f"{name}.parquet"
+        api.compress(ITEMS, out[name], k=16, chunk=4, prefix=4, strategy=strategy, model=tiny, device="cpu")
+    return out
+
+
+def _check_contract(rows: list[dict], files: list[Path], recommender: str, seeds: list[int]) -> None:
+    assert isinstance(rows, list) and len(rows) == len(files)
+    json.dumps(rows)  # plain JSON types only
+    for i, (row, f) in enumerate(zip(rows, files)):
+        assert set(row) == KEYS
+        assert row["texts"] == str(f)
+        assert row["recommender"] == recommender
+        assert row["seeds"] == seeds
+        assert set(row["metrics"]) == set(METRICS) and set(row["std"]) == set(METRICS)
+        for m in METRICS:
+            assert 0.0 <= row["metrics"][m] <= 100.0
+            assert row["std"][m] >= 0.0
+        met = row["metrics"]
+        assert met["R@50"] >= met["R@10"] >= met["R@5"]
+        assert met["N@50"] >= met["N@10"] >= met["N@5"]
+        if i == 0:
+            assert row["p_vs_first"] is None
+        else:
+            assert set(row["p_vs_first"]) == set(METRICS)
+            assert all(0.0 <= p <= 1.0 for p in row["p_vs_first"].values())
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+def test_text_sim_contract_and_identical_file(texts, tiny):
+    files = [texts["first"], texts["random"], texts["first_again"]]
+    rows = evaluate(ITEMS, INTERACTIONS, files, "text-sim", seeds=2, model=tiny, device="cpu")
+    _check_contract(rows, files, "text-sim", [0, 1])
+    assert rows[2]["metrics"] == rows[0]["metrics"]
+    assert rows[2]["p_vs_first"] == {m: 1.0 for m in METRICS}
+    assert all(v == 0.0 for v in rows[0]["std"].values())  # deterministic: seeds do not matter
+
+
+@pytest.mark.parametrize("recommender", ["hllm", "sasrec-init"])
+def test_trained_recommenders(texts, tiny, recommender):
+    files = [texts["first"], texts["random"], texts["first_again"]]
+    ev = evaluate_detailed(ITEMS, INTERACTIONS, files, recommender, seeds=[3, 4], model=tiny, device="cpu", epochs=2)
+    rows = ev.to_list()
+    _check_contract(rows, files, recommender, [3, 4])
+    # the same file trained with the same seeds and budget gives the same numbers
+    assert rows[2]["metrics"] == pytest.approx(rows[0]["metrics"])
+    assert all(1 <= s["best_epoch"] <= 2 for f in ev.files for s in f.per_seed)
+    assert ev.n_users == len(ev.files[0].per_user["R@10"])
+
+
+def test_missing_item_is_a_clear_error(texts, tiny, tmp_path):
+    table = pq.read_table(texts["first"])
+    missing = table.column("item_id")[5].as_py()
+    partial = pa.concat_tables([table.slice(0, 5), table.slice(6)])
+    bad = tmp_path / "partial.parquet"
+    pq.write_table(partial.replace_schema_metadata(table.schema.metadata), bad)
+    with pytest.raises(TokenselError) as exc:
+        evaluate(ITEMS, INTERACTIONS, [texts["first"], bad], "text-sim", seeds=1, model=tiny, device="cpu")
+    msg = str(exc.value)
+    assert str(bad) in msg and repr(missing) in msg
+
+
+def test_other_model_tokens_are_refused(texts, tiny, tmp_path):
+    table = pq.read_table(texts["first"])
+    meta = json.loads(table.schema.metadata[b"tokensel"])
+    meta["model"] = str(tmp_path / "some-other-model")
+    other = tmp_path / "other.parquet"
+    pq.write_table(table.replace_schema_metadata({b"tokensel": json.dumps(meta).encode()}), other)
+    with pytest.raises(TokenselError, match="token ids"):
+        evaluate(ITEMS, INTERACTIONS, [texts["first"], other], "text-sim", seeds=1, model=tiny, device="cpu")
+
+
+def test_cli_json_and_parquet(texts, tiny, tmp_path):
+    from typer.testing import CliRunner
+
+    from tokensel.cli import app
+
+    runner = CliRunner()
+    for out in (tmp_path / "r.json", tmp_path / "r.parquet"):
+        res = runner.invoke(app, ["evaluate", str(ITEMS), str(INTERACTIONS), "--texts", str(texts["first"]), "--texts", str(texts["random"]),
+                                  "--recommender", "text-sim", "--seeds", "1", "--model", tiny, "--device", "cpu", "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        assert out.exists()
+    rows = json.loads((tmp_path / "r.json").read_text())
+    _check_contract(rows, [texts["first"], texts["random"]], "text-sim", [0])
+    t = pq.read_table(tmp_path / "r.parquet").to_pydict()
+    assert t["texts"] == [str(texts["first"]), str(texts["random"])]
+    assert t["N@10"] == pytest.approx([r["metrics"]["N@10"] for r in rows])
+    assert t["N@10 p_vs_first"][0] is None
+    res = runner.invoke(app, ["evaluate", str(ITEMS), str(INTERACTIONS), "--texts", str(texts["first"]), "--recommender", "nope"])
+    assert res.exit_code == 2 and "recommender" in res.output
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def test_perfect_scorer_gets_100():
+    n_users, n_items = 7, 20
+    targets = torch.arange(n_users) + 3
+    scores = torch.zeros(n_users, n_items)
+    scores[torch.arange(n_users), targets] = 1.0
+    m = per_user_metrics(target_ranks(scores, targets))
+    for k, v in m.items():
+        assert torch.all(v == 100.0), k
+
+
+def test_history_is_masked_but_a_repeated_target_is_not():
+    scores = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0]])
+    target = torch.tensor([2])
+    assert int(target_ranks(scores, target)[0]) == 2  # items 0 and 1 score higher
+    assert int(target_ranks(scores, target, [[0, 1]])[0]) == 0  # ...but they are in the history
+    assert int(target_ranks(scores, target, [[0, 2]])[0]) == 1  # the target itself is never masked
+    # a constant scorer gets no credit (ties count against the target)
+    assert int(target_ranks(torch.zeros(1, 5), target)[0]) == 4
+    # rank_users: dot products, in batches, same answer
+    users = torch.eye(3)
+    items = torch.eye(3)
+    assert rank_users(users, items, [0, 1, 2], [[], [], []], batch=2).tolist() == [0, 0, 0]
+
+
+def test_ndcg_values():
+    ranks = torch.tensor([0, 1, 4, 9, 49, 50])
+    m = per_user_metrics(ranks)
+    assert m["R@5"].tolist() == [100, 100, 100, 0, 0, 0]
+    assert m["R@50"].tolist() == [100, 100, 100, 100, 100, 0]
+    assert m["N@10"][1].item() == pytest.approx(100 / math.log2(3))
+
+
+def test_paired_test():
+    rng = np.random.default_rng(0)
+    a = rng.random(500)
+    assert paired_pvalue(a, a.copy()) == 1.0
+    assert paired_pvalue(a, a.copy(), "wilcoxon") == 1.0
+    assert paired_pvalue(a + 0.2 + 0.01 * rng.random(500), a) < 1e-6
+    assert paired_pvalue(a + 0.2 + 0.01 * rng.random(500), a, "wilcoxon") < 1e-6
+    noise = rng.normal(0, 1, 500)
+    assert paired_pvalue(a + noise, a - noise[::-1]) > 1e-3
+
+
+def test_write_results_parquet_metadata(texts, tiny, tmp_path):
+    ev = evaluate_detailed(ITEMS, INTERACTIONS, [texts["first"]], "text-sim", seeds=1, model=tiny, device="cpu")
+    out = write_results(ev, tmp_path / "x.parquet")
+    meta = json.loads(pq.read_schema(out).metadata[b"tokensel_evaluate"])
+    assert "history masked" in meta["protocol"]

@@ -1,0 +1,81 @@
+"""`tokensel evaluate`: train the same recommender on several compressed text files and compare them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from tokensel.errors import TokenselError
+
+
+def evaluate_command(
+    items: Annotated[Path, typer.Argument(help="Items Parquet: the catalogue every texts file must cover.")],
+    interactions: Annotated[Path, typer.Argument(help="Interactions Parquet: user id, item id, order column.")],
+    texts: Annotated[list[Path], typer.Option("--texts", help="A compressed texts file (tokensel compress output); repeat it. The first is the baseline of the paired test.")],
+    recommender: Annotated[str, typer.Option(help="hllm | sasrec-init | text-sim")] = "hllm",
+    seeds: Annotated[int, typer.Option(help="Training runs per file (seeds 0..N-1); text-sim is deterministic.")] = 3,
+    out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Write the results: .json (the evaluate contract) or .parquet.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Item LLM for every file (default: the model named in the first file's metadata, else all-MiniLM-L6-v2).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Training epochs per run, the best on validation NDCG@10 is kept (default: hllm 8, sasrec-init 30).")] = None,
+    patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better validation NDCG@10 (0 = never).")] = 3,
+    batch_size: Annotated[int, typer.Option(help="Training histories per step.")] = 128,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: hllm 5e-4, sasrec-init 1e-3).")] = None,
+    negatives: Annotated[int, typer.Option(help="Sampled negatives per step (InfoNCE).")] = 128,
+    history: Annotated[int, typer.Option(help="History length fed to the user model / averaged by text-sim.")] = 10,
+    pooling: Annotated[str, typer.Option(help="text-sim / sasrec-init item vector: mean-specials ([CLS] kept tokens [SEP], sentence-transformers style) | mean (kept tokens alone).")] = "mean-specials",
+    center: Annotated[bool, typer.Option("--center/--no-center", help="hllm: subtract the catalogue mean from the frozen [ITEM] states.")] = True,
+    test: Annotated[str, typer.Option(help="Paired test on per-user metrics: ttest | wilcoxon.")] = "ttest",
+    id_col: Annotated[Optional[str], typer.Option(help="Item id column (default: the one in the texts metadata).")] = None,
+    user_col: Annotated[str, typer.Option()] = "user_id",
+    item_col: Annotated[str, typer.Option()] = "item_id",
+    order_col: Annotated[str, typer.Option()] = "timestamp",
+    max_users: Annotated[Optional[int], typer.Option(help="Only the first N users (a quick check).")] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="Folder to cache item vectors in (re-runs skip the item LLM).")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (on a machine that is already busy, 1 can be several times faster than more).")] = None,
+    dtype: Annotated[str, typer.Option(help="Item LLM dtype: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16")] = "auto",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print every epoch.")] = False,
+) -> None:
+    """Train the same downstream recommender on each texts file and compare: Recall/NDCG@5/10/50 on the test split."""
+    from tokensel.evaluate.recommenders import POOLINGS, RECOMMENDERS, TrainConfig
+    from tokensel.evaluate.runner import VectorCache, evaluate_detailed, results_table, write_results
+    from tokensel.evaluate.stats import TESTS
+
+    err = Console(stderr=True)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        if recommender not in RECOMMENDERS:
+            raise TokenselError(f"--recommender must be one of {', '.join(RECOMMENDERS)} (got {recommender!r})")
+        if pooling not in POOLINGS:
+            raise TokenselError(f"--pooling must be one of {', '.join(POOLINGS)} (got {pooling!r})")
+        if test not in TESTS:
+            raise TokenselError(f"--test must be one of {', '.join(TESTS)} (got {test!r})")
+        if seeds < 1 or (epochs is not None and epochs < 1):
+            raise TokenselError("--seeds and --epochs must be at least 1")
+        if out is not None and out.suffix not in (".json", ".parquet"):
+            raise TokenselError(f"{out}: --out must end in .json or .parquet")
+        cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives, history=history, patience=patience or None, pooling=pooling, center=center)
+
+        def log(row: dict) -> None:
+            if verbose or "stage" in row:
+                err.print(json.dumps(row), highlight=False, soft_wrap=True)
+
+        ev = evaluate_detailed(
+            items, interactions, list(texts), recommender, seeds, model=model, train=cfg, device=device, dtype=dtype,
+            id_col=id_col, user_col=user_col, item_col=item_col, order_col=order_col, test=test, max_users=max_users,
+            cache=VectorCache(cache), log=log,
+        )
+    except TokenselError as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    Console().print(results_table(ev))
+    if out is not None:
+        write_results(ev, out)
+        err.print(f"results written to {out}")

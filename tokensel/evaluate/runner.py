@@ -1,0 +1,350 @@
+"""Stage 3: train the same downstream recommender on each compressed text file and compare them.
+
+    from tokensel.evaluate.runner import evaluate
+    rows = evaluate("items.parquet", "interactions.parquet", ["k64-first.parquet", "k64-policy.parquet"],
+                    recommender="hllm", seeds=3)
+
+For every file: the kept `token_ids` are read as they are (never re-tokenised), the frozen item LLM
+(one model for all files) turns them into item vectors once, and the recommender is trained from
+scratch for every seed with the same budget. Test metrics are Recall/NDCG@5/10/50 in percent,
+leave-one-out, full ranking over all items with the user's history masked. Per-user metrics are
+averaged over seeds and compared with the first file by a paired test (tokensel.evaluate.stats).
+The result is the SPEC's evaluate contract: one dict per file, in order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from tokensel.device import pick_device, pick_dtype
+from tokensel.errors import TokenselError
+from tokensel.evaluate.metrics import KS, per_user_metrics
+from tokensel.evaluate.recommenders import Recommender, TrainConfig, make_recommender
+from tokensel.evaluate.stats import paired_pvalues
+from tokensel.io.interactions import Histories, read_histories
+from tokensel.io.items import open_parquet
+from tokensel.io.parquet_out import read_metadata
+from tokensel.models.item_llm import DEFAULT_MODEL, ItemLLM, resolve_model_path
+
+METRICS = tuple(f"{m}@{k}" for m in ("R", "N") for k in KS)  # R@5 R@10 R@50 N@5 N@10 N@50
+
+
+def protocol_note(test: str = "ttest", n_users: int | None = None, n_items: int | None = None) -> str:
+    users = f"{n_users:,} users" if n_users is not None else "all users"
+    items = f"all {n_items:,} items" if n_items is not None else "all items"
+    return (
+        f"leave-one-out test over {users} (last interaction = test, the one before = validation); "
+        f"full ranking over {items} with the user's history masked (a repeat of the target is not masked); "
+        f"percent; best epoch on validation NDCG@10; p = paired {'t-test' if test == 'ttest' else 'Wilcoxon signed-rank test'} "
+        "on per-user metrics (averaged over seeds) against the first file"
+    )
+
+
+@dataclass
+class FileResult:
+    texts: str
+    recommender: str
+    seeds: list[int]
+    metrics: dict[str, float]
+    std: dict[str, float]
+    p_vs_first: dict[str, float] | None
+    per_user: dict[str, np.ndarray] = field(repr=False)  # [U] per metric, averaged over seeds
+    per_seed: list[dict] = field(default_factory=list)  # per seed: test metrics, best epoch, validation, seconds
+    embed_seconds: float = 0.0
+    train_seconds: float = 0.0
+    meta: dict = field(default_factory=dict)  # the file's tokensel metadata
+
+    def as_dict(self) -> dict:
+        """Exactly the SPEC's evaluate contract."""
+        return {
+            "texts": self.texts,
+            "recommender": self.recommender,
+            "seeds": list(self.seeds),
+            "metrics": dict(self.metrics),
+            "std": dict(self.std),
+            "p_vs_first": None if self.p_vs_first is None else dict(self.p_vs_first),
+        }
+
+
+@dataclass
+class Evaluation:
+    files: list[FileResult]
+    recommender: str
+    model: str
+    n_users: int
+    n_items: int
+    test: str
+    config: dict
+
+    @property
+    def protocol(self) -> str:
+        return protocol_note(self.test, self.n_users, self.n_items)
+
+    def to_list(self) -> list[dict]:
+        return [f.as_dict() for f in self.files]
+
+
+# ---------------------------------------------------------------------------------------- inputs
+def read_item_ids(path: str | Path, id_col: str) -> list:
+    """The catalogue: every item id of the items file, in file order (nulls and duplicates are errors)."""
+    path = Path(path)
+    pf = open_parquet(path)
+    if id_col not in pf.schema_arrow.names:
+        raise TokenselError(f"{path}: no column {id_col!r}; the file has {pf.schema_arrow.names}. Choose it with --id-col.")
+    ids = pf.read(columns=[id_col]).column(id_col).to_pylist()
+    seen: dict[str, int] = {}
+    for row, i in enumerate(ids):
+        if i is None or (isinstance(i, str) and not i.strip()):
+            raise TokenselError(f"{path}: row {row}, column {id_col!r}: the item id is empty")
+        key = str(i)
+        if key in seen:
+            raise TokenselError(f"{path}: row {row}, column {id_col!r}: duplicate item id {i!r} (first seen at row {seen[key]})")
+        seen[key] = row
+    return ids
+
+
+def load_texts(path: str | Path, item_ids: list, items_path: str | Path = "the items file", id_col: str | None = None) -> tuple[list[list[int]], dict]:
+    """The kept token ids of every catalogue item, in catalogue order, and the file's tokensel metadata."""
+    path = Path(path)
+    pf = open_parquet(path)
+    meta = read_metadata(path)
+    col = id_col or meta.get("id_col") or "item_id"
+    names = pf.schema_arrow.names
+    for c in (col, "token_ids"):
+        if c not in names:
+            raise TokenselError(f"{path}: no column {c!r} (the file has {names}); is it the output of tokensel compress?")
+    table = pf.read(columns=[col, "token_ids"]).to_pydict()
+    by_id: dict[str, list[int]] = {}
+    for row, (i, toks) in enumerate(zip(table[col], table["token_ids"])):
+        by_id[str(i)] = [] if toks is None else toks
+    out, missing = [], []
+    for i in item_ids:
+        toks = by_id.get(str(i))
+        if toks is None:
+            missing.append(i)
+            continue
+        out.append(toks)
+    if missing:
+        raise TokenselError(
+            f"{path}: item {missing[0]!r} of {items_path} is missing ({len(missing):,} of {len(item_ids):,} items missing); "
+            "compress the same items file the evaluation uses"
+        )
+    return out, meta
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _check_model(path: Path, meta: dict, model: str) -> None:
+    name = meta.get("model")
+    if name and resolve_model_path(name) != resolve_model_path(model):
+        raise TokenselError(
+            f"{path}: its token ids come from model {name!r}, but the evaluation uses {model!r}; "
+            f"token ids of one tokenizer mean nothing to another. Pass --model {name} or compress with --model {model}"
+        )
+
+
+def _check_vocab(path: Path, model: str, vocab: int, tokens: list[list[int]]) -> None:
+    top = max((max(t) for t in tokens if t), default=-1)
+    if top >= vocab:
+        raise TokenselError(f"{path}: token id {top} is outside the vocabulary of model {model!r} ({vocab} tokens)")
+
+
+class VectorCache:
+    """Item vectors already computed, so identical token lists (shared by several files) run once.
+
+    In memory per (vector kind, template, token list); with a folder, also whole files on disk, keyed by
+    the file's content, the model, the kind and the dtype (so re-runs skip the item LLM entirely).
+    """
+
+    def __init__(self, folder: str | Path | None = None):
+        self.items: dict[tuple, torch.Tensor] = {}
+        self.folder = Path(folder) if folder else None
+
+    def file_path(self, key: str) -> Path | None:
+        return self.folder / f"vectors-{key}.pt" if self.folder else None
+
+    def vectors(self, rec: Recommender, llm: ItemLLM, tokens: list[list[int]], template: str, file_key: str | None) -> torch.Tensor:
+        disk = self.file_path(file_key) if file_key else None
+        if disk is not None and disk.exists():
+            return torch.load(disk)
+        kind = (rec.vector_kind, template)
+        keys = [(kind, tuple(t)) for t in tokens]
+        todo = sorted({k for k in keys if k not in self.items}, key=lambda k: len(k[1]))
+        if todo:
+            vec = rec.prepare(llm, [list(k[1]) for k in todo])
+            for k, v in zip(todo, vec):
+                self.items[k] = v.clone()
+        out = torch.stack([self.items[k] for k in keys]) if keys else torch.zeros(0, llm.hidden_size)
+        if disk is not None:
+            disk.parent.mkdir(parents=True, exist_ok=True)
+            tmp = disk.with_suffix(".tmp")
+            torch.save(out, tmp)
+            tmp.replace(disk)
+        return out
+
+
+def _subset(hist: Histories, max_users: int | None) -> Histories:
+    if max_users is None or max_users >= len(hist.users):
+        return hist
+    return replace(hist, users=hist.users[:max_users], sequences=hist.sequences[:max_users])
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+def evaluate_detailed(
+    items: str | Path,
+    interactions: str | Path,
+    texts: list[str | Path],
+    recommender: str = "hllm",
+    seeds: int | list[int] = 3,
+    *,
+    model: str | None = None,
+    train: TrainConfig | None = None,
+    epochs: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    id_col: str | None = None,
+    user_col: str = "user_id",
+    item_col: str = "item_id",
+    order_col: str = "timestamp",
+    test: str = "ttest",
+    max_users: int | None = None,
+    cache: VectorCache | None = None,
+    log: Callable[[dict], None] | None = None,
+) -> Evaluation:
+    """Everything `evaluate` computes, plus per-user metrics, per-seed results and timings."""
+    if not texts:
+        raise TokenselError("give at least one --texts file (the output of tokensel compress)")
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    if not seed_list:
+        raise TokenselError("--seeds must be at least 1")
+    texts = [Path(t) for t in texts]
+    log = log or (lambda row: None)
+    cfg = train or TrainConfig()
+    if epochs is not None:
+        cfg = replace(cfg, epochs=epochs)
+    dev = pick_device(device)
+    metas = []
+    for p in texts:
+        open_parquet(p)
+        metas.append(read_metadata(p))
+    model = model or metas[0].get("model") or DEFAULT_MODEL
+    for p, meta in zip(texts, metas):
+        _check_model(p, meta, model)
+    col = id_col or metas[0].get("id_col") or "item_id"
+    item_ids = read_item_ids(items, col)
+    hist = _subset(read_histories(interactions, {str(i): n for n, i in enumerate(item_ids)}, user_col, item_col, order_col), max_users)
+    rec = make_recommender(recommender, cfg, dev, log)
+    llm = ItemLLM.from_pretrained(model, device=dev, dtype=pick_dtype(dev, dtype))
+    vocab = len(llm.tokenizer)
+    cache = cache or VectorCache()
+    results: list[FileResult] = []
+    for path, meta in zip(texts, metas):
+        tokens, _ = load_texts(path, item_ids, items, col)
+        _check_vocab(path, model, vocab, tokens)
+        template = meta.get("template") or ""
+        llm.set_template(template)
+        t0 = time.perf_counter()
+        key = hashlib.sha256(
+            json.dumps([_file_digest(path), resolve_model_path(model), rec.vector_kind, template, str(pick_dtype(dev, dtype)), len(item_ids)]).encode()
+        ).hexdigest()[:20]
+        vectors = cache.vectors(rec, llm, tokens, template, key)
+        embed_s = time.perf_counter() - t0
+        log({"texts": str(path), "stage": "embed", "seconds": round(embed_s, 1)})
+        t1 = time.perf_counter()
+        runs = []
+        for seed in seed_list:
+            if rec.deterministic and runs:
+                runs.append(replace(runs[0], seed=seed))
+                continue
+            runs.append(rec.run(vectors, hist, seed))
+        train_s = time.perf_counter() - t1
+        per_seed_users = [per_user_metrics(r.test_ranks) for r in runs]
+        per_user = {m: torch.stack([u[m] for u in per_seed_users]).mean(0).double().numpy() for m in METRICS}
+        seed_means = {m: np.array([float(u[m].double().mean()) for u in per_seed_users]) for m in METRICS}
+        metrics = {m: float(seed_means[m].mean()) for m in METRICS}
+        std = {m: float(seed_means[m].std(ddof=1)) if len(set(seed_means[m].tolist())) > 1 else 0.0 for m in METRICS}
+        p = None if not results else paired_pvalues(per_user, results[0].per_user, test)
+        per_seed = [
+            {"seed": r.seed, "best_epoch": r.best_epoch, "seconds": round(r.seconds, 1), "valid": r.valid, "test": {m: float(seed_means[m][j]) for m in METRICS}}
+            for j, r in enumerate(runs)
+        ]
+        results.append(FileResult(str(path), recommender, seed_list, metrics, std, p, per_user, per_seed, embed_s, train_s, meta))
+        log({"texts": str(path), "stage": "train+test", "seconds": round(train_s, 1), "N@10": round(metrics["N@10"], 3), "R@10": round(metrics["R@10"], 3)})
+    return Evaluation(results, recommender, model, len(hist.users), len(item_ids), test, {"train": cfg.__dict__, "device": str(dev), "dtype": dtype})
+
+
+def evaluate(
+    items: str | Path,
+    interactions: str | Path,
+    texts: list[str | Path],
+    recommender: str = "hllm",
+    seeds: int | list[int] = 3,
+    **kwargs,
+) -> list[dict]:
+    """The SPEC's evaluate contract: one dict per texts file, in order (see evaluate_detailed for options)."""
+    return evaluate_detailed(items, interactions, texts, recommender, seeds, **kwargs).to_list()
+
+
+# ---------------------------------------------------------------------------------------- output
+def write_results(ev: Evaluation, out: str | Path) -> Path:
+    """JSON (the evaluate contract) or, for a `.parquet` path, one row per file with the same numbers."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = ev.to_list()
+    tmp = out.with_name(f".{out.name}.tmp")
+    if out.suffix == ".parquet":
+        cols: dict[str, list] = {"texts": [r["texts"] for r in rows], "recommender": [r["recommender"] for r in rows], "seeds": [r["seeds"] for r in rows]}
+        for m in METRICS:
+            cols[m] = [r["metrics"][m] for r in rows]
+            cols[f"{m} std"] = [r["std"][m] for r in rows]
+            cols[f"{m} p_vs_first"] = [None if r["p_vs_first"] is None else r["p_vs_first"][m] for r in rows]
+        table = pa.table(cols)
+        table = table.replace_schema_metadata({b"tokensel_evaluate": json.dumps({"protocol": ev.protocol, "model": ev.model, **ev.config}).encode()})
+        pq.write_table(table, tmp)
+    else:
+        tmp.write_text(json.dumps(rows, indent=2) + "\n")
+    tmp.replace(out)
+    return out
+
+
+def fmt_p(p: float | None) -> str:
+    if p is None:
+        return "-"
+    return f"{p:.1e}" if p < 1e-3 else f"{p:.3f}"
+
+
+def results_table(ev: Evaluation, title: str | None = None):
+    """A rich table: one row per file, metrics as mean ± std over seeds, p-values vs the first file."""
+    from rich.table import Table
+
+    multi = len(ev.files[0].seeds) > 1 and not make_recommender(ev.recommender).deterministic
+    t = Table(title=title or f"tokensel evaluate: {ev.recommender}, seeds {ev.files[0].seeds}", caption=ev.protocol, caption_justify="left")
+    t.add_column("texts", overflow="fold")
+    for m in METRICS:
+        t.add_column(m, justify="right")
+    t.add_column("p R@10", justify="right")
+    t.add_column("p N@10", justify="right")
+    names = [Path(f.texts).name for f in ev.files]
+    if len(set(names)) < len(names):  # the file names alone would be ambiguous
+        names = [f.texts for f in ev.files]
+    for f, name in zip(ev.files, names):
+        cells = [f"{f.metrics[m]:.2f}" + (f" ±{f.std[m]:.2f}" if multi else "") for m in METRICS]
+        p = f.p_vs_first
+        t.add_row(name, *cells, fmt_p(p and p["R@10"]), fmt_p(p and p["N@10"]))
+    return t
