@@ -35,6 +35,7 @@ from tokensel.io.interactions import Histories, read_histories
 from tokensel.io.items import open_parquet
 from tokensel.io.parquet_out import read_metadata
 from tokensel.models.item_llm import DEFAULT_MODEL, ItemLLM, resolve_model_path
+from tokensel.train.pipeline import file_digest
 
 METRICS = tuple(f"{m}@{k}" for m in ("R", "N") for k in KS)  # R@5 R@10 R@50 N@5 N@10 N@50
 
@@ -140,14 +141,6 @@ def load_texts(path: str | Path, item_ids: list, items_path: str | Path = "the i
             "compress the same items file the evaluation uses"
         )
     return out, meta
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def _check_model(path: Path, meta: dict, model: str) -> None:
@@ -261,7 +254,7 @@ def evaluate_detailed(
         llm.set_template(template)
         t0 = time.perf_counter()
         key = hashlib.sha256(
-            json.dumps([_file_digest(path), resolve_model_path(model), rec.vector_kind, template, str(pick_dtype(dev, dtype)), len(item_ids)]).encode()
+            json.dumps([file_digest(path), resolve_model_path(model), rec.vector_kind, template, str(pick_dtype(dev, dtype)), len(item_ids)]).encode()
         ).hexdigest()[:20]
         vectors = cache.vectors(rec, llm, tokens, template, key)
         embed_s = time.perf_counter() - t0
