@@ -137,6 +137,9 @@ def test_fast_tokenize_decode_and_inputs_match_the_reference_implementations(mod
     assert llm.decode_batch([t[:7] for t in toks]) == [llm.decode(t[:7]) for t in toks]
     llm.set_template("item :")
     ids, mask, off = llm.build_inputs(toks[:5] + [[]])
+    wide, wide_mask, _ = llm.build_inputs(toks[:5] + [[]], width=60)
+    assert wide.shape[1] == off + 61 and torch.equal(wide[:, : ids.shape[1]], ids) and torch.equal(wide_mask[:, : ids.shape[1]], mask)
+    assert (wide[:, ids.shape[1]:] == llm.pad_id).all() and not wide_mask[:, ids.shape[1]:].any()
     lead = llm.lead_ids + llm.template_ids
     assert off == len(lead)
     for r, t in enumerate(toks[:5] + [[]]):
@@ -179,9 +182,9 @@ def test_an_items_scores_are_bit_identical_alone_or_in_any_batch(model_dir, bund
         assert np.array_equal(alone, together)
         checked += 1
     assert checked >= 3
-    # the filler rows: one forces the width, more bring a small batch to min_batch_tokens
-    assert len(dummy_rows(llm, 40, 1, opts, 40)) == -(-opts.min_batch_tokens // (40 + 2)) - 1
-    assert len(dummy_rows(llm, 40, 1000, opts, 37)) == 1
+    # filler rows bring a small batch up to min_batch_tokens, and only a small one
+    assert len(dummy_rows(llm, 40, 1, opts)) == -(-opts.min_batch_tokens // (40 + 2)) - 1
+    assert dummy_rows(llm, 40, 1000, opts) == []
 
 
 # ---------------------------------------------------------------------------------------- batching

@@ -163,11 +163,10 @@ def plain_batches(lengths: np.ndarray, rows: int = 4096) -> list[tuple[int, np.n
     return out
 
 
-def dummy_rows(llm: ItemLLM, width: int, rows: int, opts: CompressOptions, longest: int) -> list[list[int]]:
-    """Filler rows for a forward batch: one forces the padded width, more bring it to min_batch_tokens."""
+def dummy_rows(llm: ItemLLM, width: int, rows: int, opts: CompressOptions) -> list[list[int]]:
+    """Filler rows that bring a small forward batch up to min_batch_tokens padded tokens."""
     full = width + input_offset(llm) + 1
-    n = max(math.ceil(opts.min_batch_tokens / full) - rows, 0 if longest == width else 1)
-    return [[llm.pad_id] * width] * n
+    return [[llm.pad_id] * width] * max(math.ceil(opts.min_batch_tokens / full) - rows, 0)
 
 
 # ---------------------------------------------------------------------------------------- selection
@@ -177,9 +176,9 @@ def score_batch(llm: ItemLLM, strategy: Strategy, toks: list[list[int]], keys: l
     prefix = min(opts.prefix, opts.k)
     lengths = [len(t) for t in toks]
     if strategy.needs_forward:
-        filler = dummy_rows(llm, width, len(toks), opts, max(lengths))
+        filler = dummy_rows(llm, width, len(toks), opts)
         batch = toks + filler
-        enc = llm.encode(batch)
+        enc = llm.encode(batch, width=width)
         scores = strategy.chunk_scores(batch, list(keys) + [None] * len(filler), enc, prefix, opts.chunk)[: len(toks)]
     else:
         scores = strategy.chunk_scores(toks, list(keys), None, prefix, opts.chunk)

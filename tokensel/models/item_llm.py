@@ -187,13 +187,19 @@ class ItemLLM(nn.Module):
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     # ---------------------------------------------------------------- forward
-    def build_inputs(self, token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Right-padded input ids and mask; returns the column where the item's own text starts."""
+    def build_inputs(self, token_lists: list[list[int]], width: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Right-padded input ids and mask; returns the column where the item's own text starts.
+
+        `width`: pad the text part to this many tokens (default: the longest item's).
+        """
         lead = self.lead_ids + self.template_ids
         off = len(lead)
         rows = len(token_lists)
         lens = np.fromiter(map(len, token_lists), dtype=np.int64, count=rows)
-        width = off + (int(lens.max()) if rows else 0) + 1
+        longest = int(lens.max()) if rows else 0
+        if width is not None and width < longest:
+            raise ValueError(f"width {width} is shorter than the longest item ({longest} tokens)")
+        width = off + (longest if width is None else width) + 1
         ids = np.full((rows, width), self.pad_id, dtype=np.int64)
         if off:
             ids[:, :off] = lead
@@ -207,9 +213,12 @@ class ItemLLM(nn.Module):
         mask = (np.arange(width)[None, :] < (off + lens + 1)[:, None]).astype(np.int64)
         return torch.from_numpy(ids), torch.from_numpy(mask), off
 
-    def encode(self, token_lists: list[list[int]], need_hidden: bool = True) -> Encoded:
-        """Run f over the items' tokens + [ITEM]; gradients flow if the caller enables them."""
-        ids, mask, off = self.build_inputs(token_lists)
+    def encode(self, token_lists: list[list[int]], need_hidden: bool = True, width: int | None = None) -> Encoded:
+        """Run f over the items' tokens + [ITEM]; gradients flow if the caller enables them.
+
+        `width`: pad every item's text to this many tokens (default: the longest item's).
+        """
+        ids, mask, off = self.build_inputs(token_lists, width)
         dev = self.device
         n = mask.sum(1) - (off + 1)
         if dev.type == "cuda":  # pinned host memory: the copies are truly asynchronous
