@@ -24,7 +24,7 @@ def open_parquet(path: str | Path) -> pq.ParquetFile:
     if not path.exists():
         raise TokenselError(f"{path}: no such file")
     try:
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(path, pre_buffer=False)  # pre-buffering keeps every read row group alive: memory grows with rows
     except (pa.ArrowInvalid, OSError) as exc:
         raise TokenselError(f"{path}: not a readable Parquet file ({exc})") from None
 
