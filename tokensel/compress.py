@@ -518,6 +518,15 @@ def cache_config(llm: ItemLLM, strategy: Strategy, text: TextConfig, opts: Compr
     }
 
 
+def preflight(items: Path, out: Path, text: TextConfig, opts: CompressOptions) -> pa.Schema:
+    """Checks every engine makes before any work: output is not the input, the file opens, the columns exist."""
+    if out.resolve() == items.resolve():
+        raise TokenselError(f"{out}: the output would overwrite the input")
+    schema_in = open_parquet(items).schema_arrow
+    check_columns(items, schema_in, text.id_col, text.text_cols, opts.passthrough)
+    return schema_in
+
+
 def compress_file(
     items: str | Path,
     out: str | Path,
@@ -535,11 +544,8 @@ def compress_file(
     strategies with a forward pass (the others cost less than the lookups).
     """
     items, out = Path(items), Path(out)
-    if out.resolve() == items.resolve():
-        raise TokenselError(f"{out}: the output would overwrite the input")
     t0 = time.perf_counter()
-    schema_in = open_parquet(items).schema_arrow
-    check_columns(items, schema_in, text.id_col, text.text_cols, opts.passthrough)
+    schema_in = preflight(items, out, text, opts)
     if isinstance(strategy, Rarity) and strategy.n_docs == 0:
         fitted = fit_rarity(items, llm, text, opts)
         strategy.doc_freq, strategy.n_docs, strategy._cache = fitted.doc_freq, fitted.n_docs, {}

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tokensel.compress import (
+    preflight,
     CompressOptions,
     CompressSummary,
     IdSet,
@@ -42,7 +43,7 @@ from tokensel.compress import (
 )
 from tokensel.config import TextConfig
 from tokensel.errors import TokenselError
-from tokensel.io.items import build_text, check_columns, open_parquet
+from tokensel.io.items import build_text, open_parquet
 from tokensel.io.parquet_out import AtomicParquetWriter
 from tokensel.strategies import Rarity, Strategy
 
@@ -133,11 +134,8 @@ def compress_file_ray(
 
     strategy_name = strategy_name or strategy.name
     items, out = Path(items), Path(out)
-    if out.resolve() == items.resolve():
-        raise TokenselError(f"{out}: the output would overwrite the input")
     t0 = time.perf_counter()
-    schema_in = open_parquet(items).schema_arrow
-    check_columns(items, schema_in, text.id_col, text.text_cols, opts.passthrough)
+    schema_in = preflight(items, out, text, opts)
     def local(p):  # workers may run elsewhere: hand them absolute paths for local files
         return str(Path(p).resolve()) if p is not None and Path(p).exists() else (str(p) if p is not None else None)
 
