@@ -202,7 +202,8 @@ def test_stage2_moves_the_policy_and_logs_each_epoch(tiny_bundle_trained):
     PolicyConfig(epochs=2, negatives=8, batch_size=16, objective="paper"),
     PolicyConfig(epochs=1, negatives=8, batch_size=16, samples=3),
     PolicyConfig(epochs=1, negatives=8, batch_size=16, reward="item"),
-], ids=["paper-objective", "three-samples", "item-reward"])
+    PolicyConfig(epochs=1, negatives=8, batch_size=16, reward="target", k=24),
+], ids=["paper-objective", "three-samples", "item-reward", "target-reward"])
 def test_stage2_variants(stage1_bundle, tmp_path, policy):
     out = shutil.copytree(stage1_bundle, tmp_path / "b")
     train(ITEMS, INTERACTIONS, out, stages=(2,), policy=policy, **QUIET)

@@ -31,39 +31,14 @@ KEYS = {"texts", "recommender", "seeds", "metrics", "std", "p_vs_first"}
 
 
 # ------------------------------------------------------------------------------------------ fixtures
-def _tiny_bert(folder: Path) -> str:
-    """A random BertModel (hidden 32, 2 layers) and a WordPiece tokenizer trained on the fixture texts."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
-
-    from tokensel.config import TextConfig
-    from tokensel.io.items import read_items
-
-    _, texts = read_items(ITEMS, TextConfig())
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=500, special_tokens=specials, min_frequency=2))
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(hf_tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=512)
-    folder.mkdir(parents=True, exist_ok=True)
-    BertModel(cfg).save_pretrained(folder)
-    hf_tok.save_pretrained(folder)
-    return str(folder)
+@pytest.fixture(scope="module")
+def tiny(tiny_bert) -> str:
+    """conftest's random BertModel (hidden 32, 2 layers) with a WordPiece tokenizer of the fixture texts."""
+    return tiny_bert
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> str:
-    return _tiny_bert(tmp_path_factory.mktemp("eval_model") / "tiny-bert")
-
-
-@pytest.fixture(scope="module")
-def texts(tmp_path_factory, tiny) -> dict[str, Path]:
+def files(tmp_path_factory, tiny) -> dict[str, Path]:
     from tokensel import api
 
     d = tmp_path_factory.mktemp("eval_texts")
@@ -97,67 +72,67 @@ def _check_contract(rows: list[dict], files: list[Path], recommender: str, seeds
 
 
 # ------------------------------------------------------------------------------------------ evaluate
-def test_text_sim_contract_and_identical_file(texts, tiny):
-    files = [texts["first"], texts["random"], texts["first_again"]]
-    rows = evaluate(ITEMS, INTERACTIONS, files, "text-sim", seeds=2, model=tiny, device="cpu")
-    _check_contract(rows, files, "text-sim", [0, 1])
+def test_text_sim_contract_and_identical_file(files, tiny):
+    paths = [files["first"], files["random"], files["first_again"]]
+    rows = evaluate(ITEMS, INTERACTIONS, paths, "text-sim", seeds=2, model=tiny, device="cpu")
+    _check_contract(rows, paths, "text-sim", [0, 1])
     assert rows[2]["metrics"] == rows[0]["metrics"]
     assert rows[2]["p_vs_first"] == {m: 1.0 for m in METRICS}
     assert all(v == 0.0 for v in rows[0]["std"].values())  # deterministic: seeds do not matter
 
 
 @pytest.mark.parametrize("recommender", ["hllm", "sasrec-init"])
-def test_trained_recommenders(texts, tiny, recommender):
-    files = [texts["first"], texts["random"], texts["first_again"]]
-    ev = evaluate_detailed(ITEMS, INTERACTIONS, files, recommender, seeds=[3, 4], model=tiny, device="cpu", epochs=2)
+def test_trained_recommenders(files, tiny, recommender):
+    paths = [files["first"], files["random"], files["first_again"]]
+    ev = evaluate_detailed(ITEMS, INTERACTIONS, paths, recommender, seeds=[3, 4], model=tiny, device="cpu", epochs=2)
     rows = ev.to_list()
-    _check_contract(rows, files, recommender, [3, 4])
+    _check_contract(rows, paths, recommender, [3, 4])
     # the same file trained with the same seeds and budget gives the same numbers
     assert rows[2]["metrics"] == pytest.approx(rows[0]["metrics"])
     assert all(1 <= s["best_epoch"] <= 2 for f in ev.files for s in f.per_seed)
     assert ev.n_users == len(ev.files[0].per_user["R@10"])
 
 
-def test_missing_item_is_a_clear_error(texts, tiny, tmp_path):
-    table = pq.read_table(texts["first"])
+def test_missing_item_is_a_clear_error(files, tiny, tmp_path):
+    table = pq.read_table(files["first"])
     missing = table.column("item_id")[5].as_py()
     partial = pa.concat_tables([table.slice(0, 5), table.slice(6)])
     bad = tmp_path / "partial.parquet"
     pq.write_table(partial.replace_schema_metadata(table.schema.metadata), bad)
     with pytest.raises(TokenselError) as exc:
-        evaluate(ITEMS, INTERACTIONS, [texts["first"], bad], "text-sim", seeds=1, model=tiny, device="cpu")
+        evaluate(ITEMS, INTERACTIONS, [files["first"], bad], "text-sim", seeds=1, model=tiny, device="cpu")
     msg = str(exc.value)
     assert str(bad) in msg and repr(missing) in msg
 
 
-def test_other_model_tokens_are_refused(texts, tiny, tmp_path):
-    table = pq.read_table(texts["first"])
+def test_other_model_tokens_are_refused(files, tiny, tmp_path):
+    table = pq.read_table(files["first"])
     meta = json.loads(table.schema.metadata[b"tokensel"])
     meta["model"] = str(tmp_path / "some-other-model")
     other = tmp_path / "other.parquet"
     pq.write_table(table.replace_schema_metadata({b"tokensel": json.dumps(meta).encode()}), other)
     with pytest.raises(TokenselError, match="token ids"):
-        evaluate(ITEMS, INTERACTIONS, [texts["first"], other], "text-sim", seeds=1, model=tiny, device="cpu")
+        evaluate(ITEMS, INTERACTIONS, [files["first"], other], "text-sim", seeds=1, model=tiny, device="cpu")
 
 
-def test_cli_json_and_parquet(texts, tiny, tmp_path):
+def test_cli_json_and_parquet(files, tiny, tmp_path):
     from typer.testing import CliRunner
 
     from tokensel.cli import app
 
     runner = CliRunner()
     for out in (tmp_path / "r.json", tmp_path / "r.parquet"):
-        res = runner.invoke(app, ["evaluate", str(ITEMS), str(INTERACTIONS), "--texts", str(texts["first"]), "--texts", str(texts["random"]),
+        res = runner.invoke(app, ["evaluate", str(ITEMS), str(INTERACTIONS), "--texts", str(files["first"]), "--texts", str(files["random"]),
                                   "--recommender", "text-sim", "--seeds", "1", "--model", tiny, "--device", "cpu", "--out", str(out)])
         assert res.exit_code == 0, res.output
         assert out.exists()
     rows = json.loads((tmp_path / "r.json").read_text())
-    _check_contract(rows, [texts["first"], texts["random"]], "text-sim", [0])
+    _check_contract(rows, [files["first"], files["random"]], "text-sim", [0])
     t = pq.read_table(tmp_path / "r.parquet").to_pydict()
-    assert t["texts"] == [str(texts["first"]), str(texts["random"])]
+    assert t["texts"] == [str(files["first"]), str(files["random"])]
     assert t["N@10"] == pytest.approx([r["metrics"]["N@10"] for r in rows])
     assert t["N@10 p_vs_first"][0] is None
-    res = runner.invoke(app, ["evaluate", str(ITEMS), str(INTERACTIONS), "--texts", str(texts["first"]), "--recommender", "nope"])
+    res = runner.invoke(app, ["evaluate", str(ITEMS), str(INTERACTIONS), "--texts", str(files["first"]), "--recommender", "nope"])
     assert res.exit_code == 2 and "recommender" in res.output
 
 
@@ -205,8 +180,8 @@ def test_paired_test():
     assert paired_pvalue(a + noise, a - noise[::-1]) > 1e-3
 
 
-def test_write_results_parquet_metadata(texts, tiny, tmp_path):
-    ev = evaluate_detailed(ITEMS, INTERACTIONS, [texts["first"]], "text-sim", seeds=1, model=tiny, device="cpu")
+def test_write_results_parquet_metadata(files, tiny, tmp_path):
+    ev = evaluate_detailed(ITEMS, INTERACTIONS, [files["first"]], "text-sim", seeds=1, model=tiny, device="cpu")
     out = write_results(ev, tmp_path / "x.parquet")
     meta = json.loads(pq.read_schema(out).metadata[b"tokensel_evaluate"])
     assert "history masked" in meta["protocol"]

@@ -44,7 +44,7 @@ def compress(
     passthrough: Annotated[str, typer.Option(help="Comma-separated input columns copied to the output.")] = "",
     seed: Annotated[int, typer.Option(help="Seed of the random strategy.")] = 0,
     batch_rows: Annotated[Optional[int], typer.Option(help="Rows read per window (default 4096; 16384 on CUDA). Results do not depend on it.")] = None,
-    batch_tokens: Annotated[Optional[int], typer.Option(help="Padded tokens per forward pass (default 8192; 65536 on CUDA). Results do not depend on it.")] = None,
+    batch_tokens: Annotated[Optional[int], typer.Option(help="Padded tokens per forward pass (default 8192; 65536 on CUDA). Results do not depend on it on the CPU; on a GPU pin it for byte-equal reruns.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N rows.")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA) | fp32 | bf16 | fp16")] = "auto",

@@ -38,8 +38,8 @@ def check_settings(item_cfg: ItemModelConfig | None, policy: PolicyConfig | None
     if policy is not None:
         if policy.objective not in ("paper", "bounded"):
             raise TokenselError(f"unknown stage-2 objective {policy.objective!r}; choose paper or bounded")
-        if policy.reward not in ("history", "item"):
-            raise TokenselError(f"unknown stage-2 reward {policy.reward!r}; choose history or item")
+        if policy.reward not in ("history", "item", "target"):
+            raise TokenselError(f"unknown stage-2 reward {policy.reward!r}; choose history, item or target")
         if policy.samples < 2:
             raise TokenselError(f"stage 2 needs at least 2 samples per history (got {policy.samples})")
         if policy.k < 1 or policy.train_chunk < 1 or policy.select_chunk < 1 or policy.prefix < 0:

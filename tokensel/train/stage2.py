@@ -79,6 +79,23 @@ def evaluate_selection(llm: ItemLLM, user: UserModel, head: PolicyHead | None, c
     return {"R@10": round(float(m["R@10"].mean()), 3), "N@10": round(float(m["N@10"].mean()), 3)}
 
 
+@torch.no_grad()
+def compressed_table(llm: ItemLLM, head: PolicyHead | None, cat: Catalogue, cfg: PolicyConfig) -> torch.Tensor:
+    """[N, d] item embeddings of the whole catalogue from its kept tokens (first-k when head is None)."""
+    table, _ = embed_tokens(llm, greedy_subsets(head, cat, list(range(len(cat.tokens))), cfg))
+    return table
+
+
+@torch.no_grad()
+def evaluate_compressed(llm: ItemLLM, user: UserModel, head: PolicyHead | None, cat: Catalogue, hist: list[list[int]], tgt: list[int], cfg: PolicyConfig) -> dict[str, float]:
+    """Validation as downstream sees it: histories AND the ranked catalogue embedded from the kept tokens."""
+    table = compressed_table(llm, head, cat, cfg).to(llm.device)
+    hs, mask = pad_histories(hist, table, cfg.history)
+    eu = F.normalize(user.user_embedding(hs, mask), dim=-1)
+    m = per_user_metrics(rank_users(eu, F.normalize(table, dim=-1), tgt, hist))
+    return {"R@10": round(float(m["R@10"].mean()), 3), "N@10": round(float(m["N@10"].mean()), 3)}
+
+
 def sample_masks(scores: torch.Tensor, n: torch.Tensor, samples: int, cfg: PolicyConfig, gen: torch.Generator) -> torch.Tensor:
     """[S, O, L] keep masks: Gumbel-perturbed chunk scores through the selection rule = sampling without replacement."""
     O, C = scores.shape
@@ -99,6 +116,8 @@ def train_stage2(
     temperature: float,
     log: Callable[[dict], None] = print,
 ) -> dict:
+    if cfg.reward not in ("history", "item", "target"):
+        raise ValueError(f"unknown reward {cfg.reward!r} (history, item, target)")
     if cfg.objective not in ("paper", "bounded"):
         raise ValueError(f"unknown objective {cfg.objective!r} (paper, bounded)")
     if cfg.samples < 2:
@@ -126,8 +145,12 @@ def train_stage2(
     n_items = cat.item.shape[0]
     item_table = cat.item.to(dev)
     t0 = time.perf_counter()
-    first_k = evaluate_selection(llm, user, None, cat, v_h, v_t, cfg)
-    start = evaluate_selection(llm, user, head, cat, v_h, v_t, cfg)
+    # the target reward ranks a sampled subset of the target against first-k embeddings of the catalogue,
+    # from histories embedded the same way: everything compressed, as the downstream recommender sees it
+    ref_table = compressed_table(llm, None, cat, cfg).to(dev) if cfg.reward == "target" else None
+    validate = evaluate_compressed if cfg.reward == "target" else evaluate_selection
+    first_k = validate(llm, user, None, cat, v_h, v_t, cfg)
+    start = validate(llm, user, head, cat, v_h, v_t, cfg)
     log({"valid first-k": first_k, "valid policy (start)": start})
     steps = []
     epochs = [{"epoch": 0, "policy": start, "first_k": first_k}]
@@ -139,48 +162,15 @@ def train_stage2(
         for s in range(0, len(data), cfg.batch_size):
             batch = data[s : s + cfg.batch_size]
             B = len(batch)
-            occ = [(b, i) for b, (h, _) in enumerate(batch) for i in h]  # every history item occurrence
-            sel = [o for o, (_, i) in enumerate(occ) if len(cat.tokens[i]) > cfg.k]
-            logp_hist = torch.zeros(S, B, device=dev)
-            emb = item_table[[i for _, i in occ]][None].repeat(S, 1, 1)  # short items: full text = kept text
-            if sel:
-                items = [occ[o][1] for o in sel]
-                logp, n = policy_logp(head, cat, items, cfg.prefix)
-                scores = chunk_sums(logp, cfg.prefix, cfg.train_chunk)
-                masks = sample_masks(scores, n, S, cfg, gen).to(dev)  # [S, O, L]
-                lp = (logp[None] * masks[..., : logp.shape[1]]).sum(-1)  # [S, O] log P of each subset
-                owner = torch.tensor([occ[o][0] for o in sel], device=dev)
-                logp_hist = logp_hist.index_add(1, owner, lp)
-                subsets = []
-                for si in range(S):
-                    for r, i in enumerate(items):
-                        t = torch.tensor(cat.tokens[i])
-                        subsets.append(t[masks[si, r, : len(t)].cpu()].tolist())
-                with torch.no_grad():
-                    sub_emb, _ = embed_tokens(llm, subsets)
-                emb[:, sel] = sub_emb.to(dev).reshape(S, len(sel), -1)
-                # item-level proxy: how close each subset's embedding stays to its full-text embedding
-                sims = F.cosine_similarity(emb[:, sel], item_table[items][None], dim=-1)  # [S, O]
-            # per sample: the user embedding from the sampled item embeddings, CE against the full target
-            seqs, ptr = [], 0
-            for h, _ in batch:
-                seqs.append(list(range(ptr, ptr + len(h))))
-                ptr += len(h)
             tgt = torch.tensor([t for _, t in batch], device=dev)
             negs = torch.randint(0, n_items, (cfg.negatives,), generator=gen).to(dev)
-            ces = []
-            with torch.no_grad():
-                for si in range(S):
-                    hs, mask = pad_histories(seqs, emb[si], cfg.history)
-                    eu = user.user_embedding(hs, mask)
-                    ces.append(infonce(infonce_logits(eu, item_table[tgt], item_table[negs], temperature, tgt, negs)))
-            ce = torch.stack(ces)  # [S, B]
-            if cfg.reward == "item":  # lower is better: the negated similarity to the full-text embedding
-                if not sel:
-                    continue
-                loss_of, units = -sims, lp
-            else:  # the paper's reward: the InfoNCE cross-entropy of the whole history (eqs. 13-15)
-                loss_of, units = ce, logp_hist
+            if cfg.reward == "target":
+                got = _target_rewards(llm, user, head, cat, batch, tgt, negs, ref_table, cfg, temperature, gen)
+            else:
+                got = _history_rewards(llm, user, head, cat, batch, tgt, negs, item_table, cfg, temperature, gen)
+            if got is None:
+                continue
+            loss_of, units, ce = got
             obj_terms, agree = [], []
             for a, b in pairs:
                 r = torch.where(loss_of[a] <= loss_of[b], 1.0, -1.0)
@@ -204,9 +194,80 @@ def train_stage2(
             steps.append({"epoch": epoch, "objective": objective.item(), "reward_rate": torch.stack(agree).mean().item()})
         row = {k: round(v / max(acc["n"], 1), 4) for k, v in acc.items() if k != "n"}
         row.update({"epoch": epoch, "seconds": round(time.perf_counter() - t0, 1)})
-        row["policy"] = evaluate_selection(llm, user, head, cat, v_h, v_t, cfg)
+        row["policy"] = validate(llm, user, head, cat, v_h, v_t, cfg)
         row["first_k"] = first_k
         epochs.append(row)
         log(row)
     head.eval()
     return {"epochs": epochs, "steps_logged": len(steps), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _embed_subsets(llm: ItemLLM, cat: Catalogue, items: list[int], masks: torch.Tensor) -> torch.Tensor:
+    """[S, O, d] frozen-f embeddings of every sampled subset ([S, O, L] keep masks over items' tokens)."""
+    subsets = []
+    for si in range(masks.shape[0]):
+        for r, i in enumerate(items):
+            t = torch.tensor(cat.tokens[i])
+            subsets.append(t[masks[si, r, : len(t)].cpu()].tolist())
+    emb, _ = embed_tokens(llm, subsets)
+    return emb.to(masks.device).reshape(masks.shape[0], len(items), -1)
+
+
+def _sample(head: PolicyHead, cat: Catalogue, items: list[int], S: int, cfg: PolicyConfig, gen: torch.Generator):
+    """Log-probabilities of the items' tokens, S sampled keep masks, and each subset's log P ([S, O])."""
+    logp, n = policy_logp(head, cat, items, cfg.prefix)
+    scores = chunk_sums(logp, cfg.prefix, cfg.train_chunk)
+    masks = sample_masks(scores, n, S, cfg, gen).to(logp.device)  # [S, O, L]
+    return masks, (logp[None] * masks[..., : logp.shape[1]]).sum(-1)
+
+
+def _history_rewards(llm, user, head, cat, batch, tgt, negs, item_table, cfg, temperature, gen):
+    """The paper's reward (eqs. 13-15): subsets of every history item, CE of the user's next item (full
+    text) against shared negatives. Returns (loss per sample and user, log P per sample and user, CE)."""
+    dev, S, B = item_table.device, cfg.samples, len(batch)
+    occ = [(b, i) for b, (h, _) in enumerate(batch) for i in h]  # every history item occurrence
+    sel = [o for o, (_, i) in enumerate(occ) if len(cat.tokens[i]) > cfg.k]
+    logp_hist = torch.zeros(S, B, device=dev)
+    emb = item_table[[i for _, i in occ]][None].repeat(S, 1, 1)  # short items: full text = kept text
+    sims = None
+    if sel:
+        items = [occ[o][1] for o in sel]
+        masks, lp = _sample(head, cat, items, S, cfg, gen)
+        owner = torch.tensor([occ[o][0] for o in sel], device=dev)
+        logp_hist = logp_hist.index_add(1, owner, lp)
+        with torch.no_grad():
+            emb[:, sel] = _embed_subsets(llm, cat, items, masks)
+        # item-level proxy: how close each subset's embedding stays to its full-text embedding
+        sims = F.cosine_similarity(emb[:, sel], item_table[items][None], dim=-1)  # [S, O]
+    seqs, ptr = [], 0
+    for h, _ in batch:
+        seqs.append(list(range(ptr, ptr + len(h))))
+        ptr += len(h)
+    ces = []
+    with torch.no_grad():
+        for si in range(S):
+            hs, mask = pad_histories(seqs, emb[si], cfg.history)
+            eu = user.user_embedding(hs, mask)
+            ces.append(infonce(infonce_logits(eu, item_table[tgt], item_table[negs], temperature, tgt, negs)))
+    ce = torch.stack(ces)  # [S, B]
+    if cfg.reward == "item":  # lower is better: the negated similarity to the full-text embedding
+        return None if sims is None else (-sims, lp, ce)
+    return ce, logp_hist, ce
+
+
+def _target_rewards(llm, user, head, cat, batch, tgt, negs, ref_table, cfg, temperature, gen):
+    """Target reward: subsets of the user's NEXT item, scored by the CE of that subset's embedding against
+    the user embedding and shared negatives, history and negatives embedded from their first-k tokens.
+    Credit goes to one item's choice, and both sides are compressed, as in the downstream recommender."""
+    pick = [b for b, (_, t) in enumerate(batch) if len(cat.tokens[t]) > cfg.k]
+    if not pick:
+        return None
+    items = [batch[b][1] for b in pick]
+    masks, lp = _sample(head, cat, items, cfg.samples, cfg, gen)
+    with torch.no_grad():
+        emb = _embed_subsets(llm, cat, items, masks)  # [S, P, d]
+        hs, mask = pad_histories([batch[b][0] for b in pick], ref_table, cfg.history)
+        eu = user.user_embedding(hs, mask)
+        t = tgt[pick]
+        ce = torch.stack([infonce(infonce_logits(eu, emb[si], ref_table[negs], temperature, t, negs)) for si in range(cfg.samples)])
+    return ce, lp, ce
