@@ -27,7 +27,7 @@ from tokensel.models.item_llm import ItemLLM
 @dataclass
 class ItemView:
     item_id: str
-    tokens: list[str]
+    tokens: list[str]  # each token's surface text with its leading whitespace (token_pieces)
     kept: set[int]
     first_k: set[int]
 
@@ -59,6 +59,7 @@ def inspect(items: str | Path, compressed: str | Path, ids: list[str] = (), n: i
     overlap_sum = 0.0
     for batch in iter_item_batches(items, text):
         toks = llm.tokenize(batch.texts, text.max_len)
+        text_of = dict(zip(map(str, batch.ids), batch.texts))
         for item_id, t in zip(batch.ids, toks):
             report.items += 1
             kept = kept_by_id.get(str(item_id))
@@ -78,7 +79,7 @@ def inspect(items: str | Path, compressed: str | Path, ids: list[str] = (), n: i
                 added[t[p]] += 1
             show = str(item_id) in wanted if wanted else (len(report.views) < n and kept != first)
             if show:
-                report.views.append(ItemView(str(item_id), llm.tokenizer.convert_ids_to_tokens(t), kept, first))
+                report.views.append(ItemView(str(item_id), token_pieces(llm.tokenizer, text_of[str(item_id)], t), kept, first))
     missing = wanted - {v.item_id for v in report.views}
     if missing:
         raise TokenselError(f"{items}: no item with more than k={k} tokens has id {sorted(missing)}")
@@ -91,10 +92,27 @@ def inspect(items: str | Path, compressed: str | Path, ids: list[str] = (), n: i
     return report
 
 
+def token_pieces(tokenizer, text: str, ids: list[int]) -> list[str]:
+    """The span of `text` each token covers, with the whitespace before it, so that the pieces joined
+    give back the text. Read from the fast tokenizer's offsets, which is right for any vocabulary
+    (WordPiece `##`, byte-level BPE `Ġ`, SentencePiece `▁`); without offsets, the decoded tokens."""
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        if enc["input_ids"][: len(ids)] == list(ids):
+            spans = enc["offset_mapping"][: len(ids)]
+            out, prev = [], 0
+            for _, end in spans:  # tokens sharing a character (byte-level BPE) show it once
+                out.append(text[prev:end] if end > prev else "")
+                prev = max(prev, end)
+            if out:
+                out[0] = out[0].lstrip()
+            return out
+    return [(" " if p else "") + tokenizer.decode([i]) for p, i in enumerate(ids)]
+
+
 def colour_item(view: ItemView) -> Text:
     out = Text()
-    for p, tok in enumerate(view.tokens):
-        word = tok[2:] if tok.startswith("##") else (" " + tok if p else tok)
+    for p, word in enumerate(view.tokens):
         if p in view.kept and p in view.first_k:
             out.append(word)
         elif p in view.kept:
