@@ -93,6 +93,46 @@ def test_trained_recommenders(files, tiny, recommender):
     assert ev.n_users == len(ev.files[0].per_user["R@10"])
 
 
+@pytest.mark.parametrize("tuning", ["lora", "full"])
+def test_hllm_with_the_item_llm_trained(files, tiny, tuning, monkeypatch):
+    """HLLM proper: f trains with g in every run, from the same pretrained weights each time."""
+    from tokensel.evaluate import recommenders as recs
+    from tokensel.evaluate.recommenders import TrainConfig
+
+    moved = []
+    load = recs.TunedItems.load
+
+    def spy(self, state):  # the best epoch's f: its trained weights must differ from the pretrained ones
+        moved.append(any((state[n] - p0).abs().max() > 0 for n, p0 in self.initial.items()))
+        load(self, state)
+
+    init = recs.TunedItems.__init__
+
+    def remember(self, *a, **kw):
+        init(self, *a, **kw)
+        self.initial = {n: t.clone() for n, t in self.state().items()}
+
+    monkeypatch.setattr(recs.TunedItems, "__init__", remember)
+    monkeypatch.setattr(recs.TunedItems, "load", spy)
+    paths = [files["first"], files["random"], files["first_again"]]
+    cfg = TrainConfig(epochs=2, item_tuning=tuning, patience=None)
+    ev = evaluate_detailed(ITEMS, INTERACTIONS, paths, "hllm", seeds=[1], model=tiny, device="cpu", train=cfg)
+    rows = ev.to_list()
+    _check_contract(rows, paths, "hllm", [1])
+    assert rows[2]["metrics"] == pytest.approx(rows[0]["metrics"])  # fresh f per run: same file, same numbers
+    assert moved and all(moved), "the item LLM's trained weights never moved"
+    frozen = evaluate_detailed(ITEMS, INTERACTIONS, paths[:1], "hllm", seeds=[1], model=tiny, device="cpu", train=TrainConfig(epochs=2, patience=None))
+    assert frozen.to_list()[0]["metrics"] != rows[0]["metrics"]
+
+
+def test_item_tuning_only_with_hllm(files, tiny):
+    from tokensel.evaluate.recommenders import TrainConfig
+
+    for rec, tuning in (("sasrec-init", "lora"), ("hllm", "adapter")):
+        with pytest.raises(TokenselError, match="item tuning"):
+            evaluate(ITEMS, INTERACTIONS, [files["first"]], rec, seeds=1, model=tiny, device="cpu", train=TrainConfig(epochs=1, item_tuning=tuning))
+
+
 def test_missing_item_is_a_clear_error(files, tiny, tmp_path):
     table = pq.read_table(files["first"])
     missing = table.column("item_id")[5].as_py()

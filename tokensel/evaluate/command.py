@@ -28,6 +28,8 @@ def evaluate_command(
     history: Annotated[int, typer.Option(help="History length fed to the user model / averaged by text-sim.")] = 10,
     pooling: Annotated[str, typer.Option(help="text-sim / sasrec-init item vector: mean-specials ([CLS] kept tokens [SEP], sentence-transformers style) | mean (kept tokens alone).")] = "mean-specials",
     center: Annotated[bool, typer.Option("--center/--no-center", help="hllm: subtract the catalogue mean from the frozen [ITEM] states.")] = True,
+    item_tuning: Annotated[str, typer.Option(help="hllm: none (item LLM frozen) | lora | full (the item LLM trains with the user model in every run: HLLM proper, the paper's stage 3; a GPU setting).")] = "none",
+    item_lr: Annotated[float, typer.Option(help="hllm with --item-tuning: learning rate of the item LLM.")] = 1e-4,
     test: Annotated[str, typer.Option(help="Paired test on per-user metrics: ttest | wilcoxon.")] = "ttest",
     id_col: Annotated[Optional[str], typer.Option(help="Item id column (default: the one in the texts metadata).")] = None,
     user_col: Annotated[str, typer.Option()] = "user_id",
@@ -61,7 +63,7 @@ def evaluate_command(
             raise TokenselError("--seeds and --epochs must be at least 1")
         if out is not None and out.suffix not in (".json", ".parquet"):
             raise TokenselError(f"{out}: --out must end in .json or .parquet")
-        cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives, history=history, patience=patience or None, pooling=pooling, center=center)
+        cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives, history=history, patience=patience or None, pooling=pooling, center=center, item_tuning=item_tuning, item_lr=item_lr)
 
         def log(row: dict) -> None:
             if verbose or "stage" in row:

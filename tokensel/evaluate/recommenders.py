@@ -11,7 +11,10 @@ Every recommender works in two steps so that the item LLM runs once per file, no
                  check; the SPEC's first-64 4.48 / 7.60 is reproduced, to 0.01, by 62 text tokens plus
                  [CLS]/[SEP], i.e. sentence-transformers with max_seq_length 64)
     hllm         item = frozen final state at [ITEM] (HLLM / stage 1 with the item LLM frozen),
-                 user = tokensel's causal UserModel trained with InfoNCE on sampled negatives
+                 user = tokensel's causal UserModel trained with InfoNCE on sampled negatives;
+                 with `item_tuning` lora | full the item LLM is trained too (HLLM proper, the paper's
+                 stage 3: a fresh copy of f per run, each step re-encodes the items it touches: a GPU
+                 setting), so `run_tuned` takes the token lists instead of precomputed vectors
     sasrec-init  LLMinit (Harte et al. 2023): a SASRec-style ID model (trainable item-ID table plus the
                  same causal transformer) whose ID table starts from a PCA projection of the frozen
                  item LLM's mean-pooled embeddings of the kept text
@@ -35,13 +38,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokensel.compress import length_buckets
-from tokensel.config import UserModelConfig
+from tokensel.config import ItemModelConfig, UserModelConfig
 from tokensel.evaluate.metrics import per_user_metrics, rank_users
 from tokensel.io.interactions import Histories
 from tokensel.models.item_llm import ItemLLM
 from tokensel.models.user_model import UserModel, pad_histories
 from tokensel.train.common import embed_tokens, infonce, infonce_logits
-from tokensel.train.stage1 import _windows
+from tokensel.train.stage1 import _trainable_state, _windows, apply_item_tuning
 
 RECOMMENDERS = ("hllm", "sasrec-init", "text-sim")
 # Measured on amazon-scientific (one busy CPU core): an hllm epoch takes ~20 s and lr 5e-4 beat 1e-3,
@@ -68,6 +71,8 @@ class TrainConfig:
     id_dim: int = 64  # sasrec-init: width of the ID table (PCA of the text embeddings)
     pooling: str = "mean-specials"  # text-sim and sasrec-init item vectors: mean-specials | mean
     center: bool = True  # hllm: subtract the catalogue mean from the frozen [ITEM] states (see HLLM)
+    item_tuning: str = "none"  # hllm: none (f frozen) | lora | full (f trained with g: HLLM proper, a GPU setting)
+    item_lr: float = 1e-4  # hllm with item_tuning: learning rate of the item LLM
     amp: str = "auto"  # bf16 autocast of the user model: auto (on CUDA) | bf16 | off
 
 
@@ -185,6 +190,37 @@ def length_batches(windows: list[list[int]], batch_size: int, rng: random.Random
 
 
 # ---------------------------------------------------------------------------------------- recommenders
+class TunedItems:
+    """The item table of an hllm run whose item LLM trains too: a step re-encodes, with gradients, only
+    the items it touches (as stage 1 does); the whole catalogue is re-encoded without them after each
+    epoch, for validation and the final ranking."""
+
+    def __init__(self, llm: ItemLLM, tokens: list[list[int]], tuning: str, center: bool):
+        self.llm, self.tokens, self.center = llm, tokens, center
+        apply_item_tuning(llm, ItemModelConfig(tuning=tuning))
+        self.params = [p for p in llm.model.parameters() if p.requires_grad]
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.llm.model.eval()
+        table = embed_tokens(self.llm, self.tokens)[0].to(self.llm.device)
+        self.mean = table.mean(0, keepdim=True) if self.center else torch.zeros_like(table[:1])
+        self.full = table - self.mean
+
+    def step(self, need: list[int]) -> torch.Tensor:
+        """[N, d] table whose rows `need` come from f with gradients (the other rows are unused)."""
+        self.llm.model.train()
+        enc = self.llm.encode([self.tokens[i] for i in need], need_hidden=False).item.float() - self.mean
+        return self.full.index_copy(0, torch.tensor(need, device=self.full.device), enc)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return _trainable_state(self.llm.model)
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        self.llm.model.load_state_dict(state, strict=False)
+        self.refresh()
+
+
 class Recommender:
     name = "?"
     deterministic = False  # True: seeds do not change the result, so it runs once
@@ -207,6 +243,11 @@ class Recommender:
 
     def run(self, vectors: torch.Tensor, hist: Histories, seed: int) -> SeedRun:
         raise NotImplementedError
+
+    @property
+    def needs_item_llm(self) -> bool:
+        """True when runs train the item LLM, so they take token lists (run_tuned), not vectors."""
+        return False
 
 
 class TextSim(Recommender):
@@ -247,13 +288,15 @@ class _Trained(Recommender):
         t0 = time.perf_counter()
         rng = random.Random(seed)
         trainable = isinstance(items, nn.Embedding)
+        tuned = isinstance(items, TunedItems)
 
         def table() -> torch.Tensor:
-            return items.weight if trainable else items
+            return items.weight if trainable else items.full if tuned else items
 
         n_items = table().shape[0]
         params = list(user.parameters()) + (list(items.parameters()) if trainable else [])
-        opt = torch.optim.AdamW(params, lr=c.lr or DEFAULT_LR[self.name], weight_decay=0.01)
+        groups = [{"params": params}] + ([{"params": items.params, "lr": c.item_lr}] if tuned else [])
+        opt = torch.optim.AdamW(groups, lr=c.lr or DEFAULT_LR[self.name], weight_decay=0.01)
         amp = c.amp == "bf16" or (c.amp == "auto" and dev.type == "cuda")
         train_seqs = hist.train_sequences()
         v_hist, v_tgt = hist.split("valid")
@@ -265,8 +308,8 @@ class _Trained(Recommender):
             losses = []
             for batch in length_batches(_windows(train_seqs, c.history + 1, rng), c.batch_size, rng):
                 width = max(len(w) for w in batch) - 1
-                emb = table()
                 negs = torch.randint(0, n_items, (c.negatives,), device=dev)
+                emb = items.step(sorted({i for w in batch for i in w} | set(negs.tolist()))) if tuned else table()
                 inp, mask = pad_histories([w[:-1] for w in batch], emb, width)
                 tgt = torch.zeros(len(batch), width, dtype=torch.long)
                 for r, w in enumerate(batch):
@@ -280,12 +323,15 @@ class _Trained(Recommender):
                 loss.backward()
                 opt.step()
                 losses.append(loss.item())
+            if tuned:
+                items.refresh()
             v = mean_metrics(user_ranks(user, table().detach(), v_hist, v_tgt, c.history))
             row = {"seed": seed, "epoch": epoch, "loss": round(sum(losses) / max(len(losses), 1), 4), "seconds": round(time.perf_counter() - t0, 1), "valid_N@10": round(v["N@10"], 3)}
             log.append(row)
             self.log(row)
             if v["N@10"] > best[0]:
-                best = (v["N@10"], copy.deepcopy(user.state_dict()), copy.deepcopy(items.state_dict()) if trainable else None, epoch, v)
+                item_state = copy.deepcopy(items.state_dict()) if trainable else items.state() if tuned else None
+                best = (v["N@10"], copy.deepcopy(user.state_dict()), item_state, epoch, v)
                 stale = 0
             else:
                 stale += 1
@@ -294,7 +340,7 @@ class _Trained(Recommender):
         if best[1] is not None:
             user.load_state_dict(best[1])
         if best[2] is not None:
-            items.load_state_dict(best[2])
+            items.load(best[2]) if tuned else items.load_state_dict(best[2])
         t_hist, t_tgt = hist.split("test")
         ranks = user_ranks(user, table().detach(), t_hist, t_tgt, c.history)
         return SeedRun(seed, ranks.cpu(), best[3], best[4], time.perf_counter() - t0, log)
@@ -318,6 +364,17 @@ class HLLM(_Trained):
 
     def prepare(self, llm, token_lists):
         return embed_tokens(llm, token_lists)[0]
+
+    @property
+    def needs_item_llm(self) -> bool:
+        return self.cfg.item_tuning != "none"
+
+    def run_tuned(self, make_llm: Callable[[], ItemLLM], tokens: list[list[int]], hist: Histories, seed: int) -> SeedRun:
+        """HLLM proper: a fresh item LLM from `make_llm`, trained with the user model from this seed."""
+        torch.manual_seed(seed)
+        items = TunedItems(make_llm(), tokens, self.cfg.item_tuning, self.cfg.center)
+        user = self._user_model(items.full.shape[1])
+        return self._fit(user, items, hist, seed)
 
     def run(self, vectors, hist, seed):
         torch.manual_seed(seed)
@@ -349,4 +406,9 @@ def make_recommender(name: str, cfg: TrainConfig | None = None, device: torch.de
         from tokensel.errors import TokenselError
 
         raise TokenselError(f"unknown recommender {name!r}; choose one of {', '.join(RECOMMENDERS)}")
+    tuning = (cfg or TrainConfig()).item_tuning
+    if tuning not in ("none", "lora", "full") or (tuning != "none" and name != "hllm"):
+        from tokensel.errors import TokenselError
+
+        raise TokenselError(f"item tuning {tuning!r}: choose none, lora or full, and lora/full only with --recommender hllm")
     return classes[name](cfg, device, log)

@@ -256,7 +256,15 @@ def evaluate_detailed(
         key = hashlib.sha256(
             json.dumps([file_digest(path), resolve_model_path(model), rec.vector_kind, template, str(pick_dtype(dev, dtype)), len(item_ids)]).encode()
         ).hexdigest()[:20]
-        vectors = cache.vectors(rec, llm, tokens, template, key)
+        if rec.needs_item_llm:  # the item LLM trains in every run: nothing to embed once
+
+            def make_llm(template: str = template) -> ItemLLM:
+                fresh = ItemLLM.from_pretrained(model, device=dev, dtype=pick_dtype(dev, dtype))
+                fresh.set_template(template)
+                return fresh
+
+        else:
+            vectors = cache.vectors(rec, llm, tokens, template, key)
         embed_s = time.perf_counter() - t0
         log({"texts": str(path), "stage": "embed", "seconds": round(embed_s, 1)})
         t1 = time.perf_counter()
@@ -265,7 +273,7 @@ def evaluate_detailed(
             if rec.deterministic and runs:
                 runs.append(replace(runs[0], seed=seed))
                 continue
-            runs.append(rec.run(vectors, hist, seed))
+            runs.append(rec.run_tuned(make_llm, tokens, hist, seed) if rec.needs_item_llm else rec.run(vectors, hist, seed))
         train_s = time.perf_counter() - t1
         per_seed_users = [per_user_metrics(r.test_ranks) for r in runs]
         per_user = {m: torch.stack([u[m] for u in per_seed_users]).mean(0).double().numpy() for m in METRICS}
