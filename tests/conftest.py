@@ -177,7 +177,7 @@ def tiny_bundle(tiny_bundle_trained) -> Path:
     return tiny_bundle_trained[0]
 
 
-def check_contract(out: Path, items: Path, tokenizer_path: str, k: int, *, max_len: int = 256, text_cols=("title", "description"), id_col: str = "item_id", limit: int | None = None) -> pa.Table:
+def check_contract(out: Path, items: Path, tokenizer_path: str, k: int, *, max_len: int = 256, text_cols=("title", "description"), id_col: str = "item_id", limit: int | None = None, labels: bool = True) -> pa.Table:
     """Assert the output contract of SPEC.md for a compressed file; returns the output table."""
     from transformers import AutoTokenizer
 
@@ -192,7 +192,7 @@ def check_contract(out: Path, items: Path, tokenizer_path: str, k: int, *, max_l
     assert schema.field("positions").type == pa.list_(pa.int32())
     assert schema.field("n_tokens").type == pa.int32()
     assert schema.field("n_kept").type == pa.int32()
-    ids, texts = read_items(items, TextConfig(id_col=id_col, text_cols=list(text_cols)))
+    ids, texts = read_items(items, TextConfig(id_col=id_col, text_cols=list(text_cols), labels=labels))
     if limit is not None:
         ids, texts = ids[:limit], texts[:limit]
     rows = table.to_pydict()

@@ -42,6 +42,17 @@ def test_cli_compress_writes_the_contract(rarity_file, tiny_bert):
     assert (meta["strategy"], meta["k"], meta["chunk"], meta["prefix"]) == ("rarity", 24, 4, 4)
 
 
+def test_compress_without_labels(tmp_path, tiny_bert):
+    out = tmp_path / "plain.parquet"
+    r = invoke("compress", ITEMS, "-o", out, "--model", tiny_bert, "--strategy", "first-k", "--k", "24", "--no-labels")
+    assert r.exit_code == 0, r.output
+    table = check_contract(out, ITEMS, tiny_bert, 24, labels=False)
+    assert read_metadata(out)["labels"] is False
+    assert not any(t.startswith("title") for t in table.column("text").to_pylist())
+    report = ins.inspect(ITEMS, out, n=1)  # inspect rebuilds the texts the way they were compressed
+    assert report.compressed_items > 0 and report.overlap == 1.0
+
+
 def test_inspect_report(rarity_file):
     report = ins.inspect(ITEMS, rarity_file, n=2, top=5)
     assert report.items == 48

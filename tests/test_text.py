@@ -17,6 +17,7 @@ def test_format_title_then_description():
 def test_column_order_follows_text_cols():
     assert build_text({"title": "A", "description": "B"}, ["description", "title"]) == "description: B title: A"
     assert build_text({"title": "A", "brand": "X"}, ["title", "brand"]) == "title: A brand: X"
+    assert build_text({"title": "A", "brand": None, "description": " B  c "}, ["title", "brand", "description"], labels=False) == "A B c"
 
 
 def test_html_entities_decoded():

@@ -59,6 +59,7 @@ def compress(
     text_cols: list[str] | None = None,
     max_len: int | None = None,
     template: str | None = None,
+    labels: bool | None = None,
     passthrough: list[str] = (),
     seed: int = 0,
     batch_rows: int | None = None,
@@ -100,6 +101,7 @@ def compress(
         text_cols=text_cols or text.text_cols,
         max_len=max_len or text.max_len,
         template=text.template if template is None else template,
+        labels=text.labels if labels is None else labels,
     )
     llm.set_template(text.template)
     out = Path(out) if out else Path.cwd() / f"{items.stem}.k{k}-{strategy}.parquet"

@@ -41,6 +41,7 @@ def compress(
     text_cols: Annotated[Optional[str], typer.Option(help="Comma-separated text columns, e.g. title,description.")] = None,
     max_len: Annotated[Optional[int], typer.Option(help="Tokens of the item text considered at all.")] = None,
     template: Annotated[Optional[str], typer.Option(help="Prompt before the text (never in the budget or output).")] = None,
+    labels: Annotated[Optional[bool], typer.Option("--labels/--no-labels", help="Build the text as `title: A description: B` (labels) or `A B` (default: the bundle's setting, else labels).")] = None,
     passthrough: Annotated[str, typer.Option(help="Comma-separated input columns copied to the output.")] = "",
     seed: Annotated[int, typer.Option(help="Seed of the random strategy.")] = 0,
     batch_rows: Annotated[Optional[int], typer.Option(help="Rows read per window (default 4096; 16384 on CUDA). Results do not depend on it.")] = None,
@@ -64,7 +65,7 @@ def compress(
     try:
         summary = api.compress(
             items, out, k=k, chunk=chunk, prefix=prefix, strategy=strategy, policy=policy, model=model,
-            id_col=id_col, text_cols=_cols(text_cols) if text_cols else None, max_len=max_len, template=template,
+            id_col=id_col, text_cols=_cols(text_cols) if text_cols else None, max_len=max_len, template=template, labels=labels,
             passthrough=_cols(passthrough), seed=seed, batch_rows=batch_rows, batch_tokens=batch_tokens, limit=limit,
             device=device, dtype=dtype, progress=True, cache=False if no_cache else (cache or True), engine=engine,
             workers=workers,
@@ -98,6 +99,7 @@ def train(
     text_cols: Annotated[str, typer.Option()] = "title,description",
     max_len: Annotated[int, typer.Option()] = 256,
     template: Annotated[str, typer.Option()] = "",
+    labels: Annotated[bool, typer.Option("--labels/--no-labels", help="Build the text as `title: A description: B` (labels) or `A B`.")] = True,
     user_col: Annotated[str, typer.Option()] = "user_id",
     item_col: Annotated[str, typer.Option()] = "item_id",
     order_col: Annotated[str, typer.Option()] = "timestamp",
@@ -132,7 +134,7 @@ def train(
     try:
         bundle = api.train(
             items, interactions, out, stages=stages,
-            text=TextConfig(id_col=id_col, text_cols=_cols(text_cols), template=template, max_len=max_len),
+            text=TextConfig(id_col=id_col, text_cols=_cols(text_cols), template=template, max_len=max_len, labels=labels),
             item_cfg=ItemModelConfig(base_model=model, tuning=tuning),
             user_cfg=UserModelConfig(kind="pretrained" if user_pretrained else "transformer", layers=user_layers, max_history=history, pretrained=user_pretrained),
             stage1=Stage1Config(epochs=epochs1, lr=lr1, item_lr=item_lr, negatives=negatives, history=history, seed=seed),

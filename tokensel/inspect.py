@@ -47,7 +47,7 @@ def inspect(items: str | Path, compressed: str | Path, ids: list[str] = (), n: i
     meta = read_metadata(compressed)
     if not meta:
         raise TokenselError(f"{compressed}: no tokensel metadata; is it the output of tokensel compress?")
-    text = TextConfig(id_col=meta["id_col"], text_cols=meta["text_cols"], template=meta.get("template", ""), max_len=meta["max_len"])
+    text = TextConfig(id_col=meta["id_col"], text_cols=meta["text_cols"], template=meta.get("template", ""), max_len=meta["max_len"], labels=meta.get("labels", True))
     model = meta.get("model") or "default"
     llm = ItemLLM.from_pretrained(model) if model == "default" else ItemLLM.from_pretrained(model)
     k = meta["k"]

@@ -76,7 +76,7 @@ class Selector:
     def __call__(self, batch: pa.Table) -> pa.Table:
         text = self.text
         data = batch.select(text.text_cols).to_pydict()
-        texts = [build_text({c: data[c][i] for c in text.text_cols}, text.text_cols) for i in range(batch.num_rows)]
+        texts = [build_text({c: data[c][i] for c in text.text_cols}, text.text_cols, text.labels) for i in range(batch.num_rows)]
         ids = batch.column(text.id_col).to_pylist()
         toks = self.llm.tokenize(texts, text.max_len)
         keep = select_keep(self.llm, self.sel, toks, ids, self.opts)

@@ -40,8 +40,8 @@ def check_columns(path: Path, schema: pa.Schema, id_col: str, text_cols: list[st
             raise TokenselError(f"{path}: text column {col!r} has type {t}, expected string")
 
 
-def build_text(fields: dict[str, str | None], text_cols: list[str]) -> str:
-    """`title: A description: B` with entities decoded; empty or null fields are left out."""
+def build_text(fields: dict[str, str | None], text_cols: list[str], labels: bool = True) -> str:
+    """`title: A description: B` (or `A B` without labels), entities decoded; empty or null fields left out."""
     parts = []
     for col in text_cols:
         value = fields.get(col)
@@ -49,7 +49,7 @@ def build_text(fields: dict[str, str | None], text_cols: list[str]) -> str:
             continue
         value = " ".join(html.unescape(value).split())
         if value:
-            parts.append(f"{col}: {value}")
+            parts.append(f"{col}: {value}" if labels else value)
     return " ".join(parts)
 
 
@@ -104,7 +104,7 @@ def iter_item_batches(
                             f"{path}: row {row + i}, column {text.id_col!r}: duplicate item id {ids[i]!r} (first seen at row {seen[h]})"
                         )
                     seen[h] = row + i
-                texts.append(build_text({c: data[c][i] for c in text.text_cols}, text.text_cols))
+                texts.append(build_text({c: data[c][i] for c in text.text_cols}, text.text_cols, text.labels))
             extra = pa.Table.from_batches([rb]).select(list(passthrough)) if passthrough else None
             yield ItemBatch(row, ids, texts, extra)
             row += rb.num_rows
