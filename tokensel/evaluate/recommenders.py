@@ -339,8 +339,10 @@ class _Trained(Recommender):
                     break
         if best[1] is not None:
             user.load_state_dict(best[1])
-        if best[2] is not None:
-            items.load(best[2]) if tuned else items.load_state_dict(best[2])
+        if best[2] is not None and tuned:
+            items.load(best[2])
+        elif best[2] is not None:
+            items.load_state_dict(best[2])
         t_hist, t_tgt = hist.split("test")
         ranks = user_ranks(user, table().detach(), t_hist, t_tgt, c.history)
         return SeedRun(seed, ranks.cpu(), best[3], best[4], time.perf_counter() - t0, log)

@@ -27,6 +27,7 @@ from tokensel.models.user_model import UserModel, pad_histories
 from tokensel.policy.head import PolicyHead
 from tokensel.selection import chunk_sums, select_mask
 from tokensel.train.common import Catalogue, embed_tokens, infonce, infonce_logits
+from tokensel.train.stage1 import validate
 
 
 def pad_hidden(hidden: list[torch.Tensor], items: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,14 +87,10 @@ def compressed_table(llm: ItemLLM, head: PolicyHead | None, cat: Catalogue, cfg:
     return table
 
 
-@torch.no_grad()
 def evaluate_compressed(llm: ItemLLM, user: UserModel, head: PolicyHead | None, cat: Catalogue, hist: list[list[int]], tgt: list[int], cfg: PolicyConfig) -> dict[str, float]:
     """Validation as downstream sees it: histories AND the ranked catalogue embedded from the kept tokens."""
-    table = compressed_table(llm, head, cat, cfg).to(llm.device)
-    hs, mask = pad_histories(hist, table, cfg.history)
-    eu = F.normalize(user.user_embedding(hs, mask), dim=-1)
-    m = per_user_metrics(rank_users(eu, F.normalize(table, dim=-1), tgt, hist))
-    return {"R@10": round(float(m["R@10"].mean()), 3), "N@10": round(float(m["N@10"].mean()), 3)}
+    m = validate(user, compressed_table(llm, head, cat, cfg).to(llm.device), hist, tgt, cfg.history)
+    return {"R@10": m["R@10"], "N@10": m["N@10"]}
 
 
 def sample_masks(scores: torch.Tensor, n: torch.Tensor, samples: int, cfg: PolicyConfig, gen: torch.Generator) -> torch.Tensor:
@@ -214,7 +211,7 @@ def _embed_subsets(llm: ItemLLM, cat: Catalogue, items: list[int], masks: torch.
 
 
 def _sample(head: PolicyHead, cat: Catalogue, items: list[int], S: int, cfg: PolicyConfig, gen: torch.Generator):
-    """Log-probabilities of the items' tokens, S sampled keep masks, and each subset's log P ([S, O])."""
+    """S sampled keep masks over the items' tokens ([S, O, L]) and each subset's log P ([S, O])."""
     logp, n = policy_logp(head, cat, items, cfg.prefix)
     scores = chunk_sums(logp, cfg.prefix, cfg.train_chunk)
     masks = sample_masks(scores, n, S, cfg, gen).to(logp.device)  # [S, O, L]
@@ -237,8 +234,8 @@ def _history_rewards(llm, user, head, cat, batch, tgt, negs, item_table, cfg, te
         logp_hist = logp_hist.index_add(1, owner, lp)
         with torch.no_grad():
             emb[:, sel] = _embed_subsets(llm, cat, items, masks)
-        # item-level proxy: how close each subset's embedding stays to its full-text embedding
-        sims = F.cosine_similarity(emb[:, sel], item_table[items][None], dim=-1)  # [S, O]
+        if cfg.reward == "item":  # item-level proxy: how close each subset's embedding stays to its full-text one
+            sims = F.cosine_similarity(emb[:, sel], item_table[items][None], dim=-1)  # [S, O]
     seqs, ptr = [], 0
     for h, _ in batch:
         seqs.append(list(range(ptr, ptr + len(h))))
