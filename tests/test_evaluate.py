@@ -125,6 +125,41 @@ def test_hllm_with_the_item_llm_trained(files, tiny, tuning, monkeypatch):
     assert frozen.to_list()[0]["metrics"] != rows[0]["metrics"]
 
 
+def test_hllm_with_the_last_block_trained(files, tiny, monkeypatch):
+    """item_tuning top: f's last block trains with g over cached lower layers, fresh from f in every run."""
+    from tokensel.evaluate import recommenders as recs
+    from tokensel.evaluate.recommenders import TrainConfig
+
+    moved, caches = [], []
+    init, load, cache = recs.ReadoutItems.__init__, recs.ReadoutItems.load, recs.cache_block_inputs
+
+    def remember(self, *a, **kw):
+        init(self, *a, **kw)
+        self.initial = {n: t.clone() for n, t in self.state().items()}
+
+    def spy(self, state):
+        moved.append(any((state[n] - p0).abs().max() > 0 for n, p0 in self.initial.items()))
+        load(self, state)
+
+    def counted(*a, **kw):
+        caches.append(1)
+        return cache(*a, **kw)
+
+    monkeypatch.setattr(recs.ReadoutItems, "__init__", remember)
+    monkeypatch.setattr(recs.ReadoutItems, "load", spy)
+    monkeypatch.setattr(recs, "cache_block_inputs", counted)
+    paths = [files["first"], files["random"], files["first_again"]]
+    cfg = TrainConfig(epochs=2, item_tuning="top", patience=None)
+    ev = evaluate_detailed(ITEMS, INTERACTIONS, paths, "hllm", seeds=[1, 2], model=tiny, device="cpu", train=cfg)
+    rows = ev.to_list()
+    _check_contract(rows, paths, "hllm", [1, 2])
+    assert rows[2]["metrics"] == pytest.approx(rows[0]["metrics"])  # fresh block per run: same file, same numbers
+    assert len(moved) == 6 and all(moved), "the last block's trained weights never moved"
+    assert len(caches) == 3  # the lower layers run once per file, not once per seed
+    frozen = evaluate_detailed(ITEMS, INTERACTIONS, paths[:1], "hllm", seeds=[1, 2], model=tiny, device="cpu", train=TrainConfig(epochs=2, patience=None))
+    assert frozen.to_list()[0]["metrics"] != rows[0]["metrics"]
+
+
 def test_item_tuning_only_with_hllm(files, tiny):
     from tokensel.evaluate.recommenders import TrainConfig
 

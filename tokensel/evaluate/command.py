@@ -28,7 +28,7 @@ def evaluate_command(
     history: Annotated[int, typer.Option(help="History length fed to the user model / averaged by text-sim.")] = 10,
     pooling: Annotated[str, typer.Option(help="text-sim / sasrec-init item vector: mean-specials ([CLS] kept tokens [SEP], sentence-transformers style) | mean (kept tokens alone).")] = "mean-specials",
     center: Annotated[bool, typer.Option("--center/--no-center", help="hllm: subtract the catalogue mean from the frozen [ITEM] states.")] = True,
-    item_tuning: Annotated[str, typer.Option(help="hllm: none (item LLM frozen) | lora | full (the item LLM trains with the user model in every run: HLLM proper, the paper's stage 3; a GPU setting).")] = "none",
+    item_tuning: Annotated[str, typer.Option(help="hllm: none (item LLM frozen) | top (its last block trains with the user model, lower layers cached: cheap, runs on a CPU) | lora | full (all of f trains in every run: HLLM proper, the paper's stage 3; a GPU setting).")] = "none",
     item_lr: Annotated[float, typer.Option(help="hllm with --item-tuning: learning rate of the item LLM.")] = 1e-4,
     test: Annotated[str, typer.Option(help="Paired test on per-user metrics: ttest | wilcoxon.")] = "ttest",
     id_col: Annotated[Optional[str], typer.Option(help="Item id column (default: the one in the texts metadata).")] = None,

@@ -12,9 +12,10 @@ Every recommender works in two steps so that the item LLM runs once per file, no
                  [CLS]/[SEP], i.e. sentence-transformers with max_seq_length 64)
     hllm         item = frozen final state at [ITEM] (HLLM / stage 1 with the item LLM frozen),
                  user = tokensel's causal UserModel trained with InfoNCE on sampled negatives;
-                 with `item_tuning` lora | full the item LLM is trained too (HLLM proper, the paper's
-                 stage 3: a fresh copy of f per run, each step re-encodes the items it touches: a GPU
-                 setting), so `run_tuned` takes the token lists instead of precomputed vectors
+                 with `item_tuning` the item LLM is trained too (HLLM proper, the paper's stage 3, from
+                 a fresh copy of f per run): `top` trains only f's last block over lower layers cached
+                 once per file (cheap enough for a CPU), lora | full re-encode every item a step
+                 touches (a GPU setting); `run_tuned` takes the token lists instead of vectors
     sasrec-init  LLMinit (Harte et al. 2023): a SASRec-style ID model (trainable item-ID table plus the
                  same causal transformer) whose ID table starts from a PCA projection of the frozen
                  item LLM's mean-pooled embeddings of the kept text
@@ -42,6 +43,7 @@ from tokensel.config import ItemModelConfig, UserModelConfig
 from tokensel.evaluate.metrics import per_user_metrics, rank_users
 from tokensel.io.interactions import Histories
 from tokensel.models.item_llm import ItemLLM
+from tokensel.models.item_readout import BlockInputs, ItemReadout, cache_block_inputs
 from tokensel.models.user_model import UserModel, pad_histories
 from tokensel.train.common import embed_tokens, infonce, infonce_logits
 from tokensel.train.stage1 import _trainable_state, _windows, apply_item_tuning
@@ -52,6 +54,7 @@ RECOMMENDERS = ("hllm", "sasrec-init", "text-sim")
 DEFAULT_EPOCHS = {"hllm": 8, "sasrec-init": 30, "text-sim": 0}
 DEFAULT_LR = {"hllm": 5e-4, "sasrec-init": 1e-3, "text-sim": 0.0}
 POOLINGS = ("mean", "mean-specials")
+ITEM_TUNINGS = ("none", "top", "lora", "full")  # hllm: how much of the item LLM trains with the user model
 
 
 @dataclass
@@ -71,7 +74,7 @@ class TrainConfig:
     id_dim: int = 64  # sasrec-init: width of the ID table (PCA of the text embeddings)
     pooling: str = "mean-specials"  # text-sim and sasrec-init item vectors: mean-specials | mean
     center: bool = True  # hllm: subtract the catalogue mean from the frozen [ITEM] states (see HLLM)
-    item_tuning: str = "none"  # hllm: none (f frozen) | lora | full (f trained with g: HLLM proper, a GPU setting)
+    item_tuning: str = "none"  # hllm: none (f frozen) | top (f's last block trains; CPU-affordable) | lora | full (a GPU setting)
     item_lr: float = 1e-4  # hllm with item_tuning: learning rate of the item LLM
     amp: str = "auto"  # bf16 autocast of the user model: auto (on CUDA) | bf16 | off
 
@@ -190,10 +193,43 @@ def length_batches(windows: list[list[int]], batch_size: int, rng: random.Random
 
 
 # ---------------------------------------------------------------------------------------- recommenders
-class TunedItems:
-    """The item table of an hllm run whose item LLM trains too: a step re-encodes, with gradients, only
-    the items it touches (as stage 1 does); the whole catalogue is re-encoded without them after each
-    epoch, for validation and the final ranking."""
+class TrainableItems:
+    """The item table of an hllm run whose item LLM (or part of it) trains with the user model.
+
+    `full` is the whole catalogue without gradients (refreshed after each epoch, for validation and
+    the final ranking); `step(need)` re-encodes, with gradients, only the rows a training step touches.
+    """
+
+    params: list[torch.nn.Parameter]
+    full: torch.Tensor
+    mean: torch.Tensor
+    center: bool
+
+    def table(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, need: list[int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def refresh(self) -> None:
+        table = self.table()
+        self.mean = table.mean(0, keepdim=True) if self.center else torch.zeros_like(table[:1])
+        self.full = table - self.mean
+
+    def step(self, need: list[int]) -> torch.Tensor:
+        """[N, d] table whose rows `need` come from f with gradients (the other rows are unused)."""
+        enc = self.encode(need).float() - self.mean
+        return self.full.index_copy(0, torch.tensor(need, device=self.full.device), enc)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+
+class TunedItems(TrainableItems):
+    """item_tuning lora | full: f itself trains; a step runs f over the items it touches (as stage 1)."""
 
     def __init__(self, llm: ItemLLM, tokens: list[list[int]], tuning: str, center: bool):
         self.llm, self.tokens, self.center = llm, tokens, center
@@ -201,23 +237,47 @@ class TunedItems:
         self.params = [p for p in llm.model.parameters() if p.requires_grad]
         self.refresh()
 
-    def refresh(self) -> None:
+    def table(self) -> torch.Tensor:
         self.llm.model.eval()
-        table = embed_tokens(self.llm, self.tokens)[0].to(self.llm.device)
-        self.mean = table.mean(0, keepdim=True) if self.center else torch.zeros_like(table[:1])
-        self.full = table - self.mean
+        return embed_tokens(self.llm, self.tokens)[0].to(self.llm.device)
 
-    def step(self, need: list[int]) -> torch.Tensor:
-        """[N, d] table whose rows `need` come from f with gradients (the other rows are unused)."""
+    def encode(self, need: list[int]) -> torch.Tensor:
         self.llm.model.train()
-        enc = self.llm.encode([self.tokens[i] for i in need], need_hidden=False).item.float() - self.mean
-        return self.full.index_copy(0, torch.tensor(need, device=self.full.device), enc)
+        return self.llm.encode([self.tokens[i] for i in need], need_hidden=False).item
 
     def state(self) -> dict[str, torch.Tensor]:
         return _trainable_state(self.llm.model)
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
         self.llm.model.load_state_dict(state, strict=False)
+        self.refresh()
+
+
+class ReadoutItems(TrainableItems):
+    """item_tuning top: only f's last block trains, over lower-layer states cached once per file
+    (tokensel.models.item_readout); a step costs ~1/25 of a LoRA step, so it runs on a CPU."""
+
+    def __init__(self, llm: ItemLLM, cache: BlockInputs, center: bool, device: torch.device):
+        self.cache, self.center, self.device = cache, center, device
+        self.readout = ItemReadout(llm).to(device)
+        self.params = list(self.readout.parameters())
+        self.refresh()
+
+    @torch.no_grad()
+    def table(self) -> torch.Tensor:
+        self.readout.eval()
+        n = len(self.cache.item_pos)
+        return torch.cat([self.readout.encode(self.cache, list(range(s, min(s + 512, n))), self.device) for s in range(0, n, 512)])
+
+    def encode(self, need: list[int]) -> torch.Tensor:
+        self.readout.train()
+        return self.readout.encode(self.cache, need, self.device)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.readout.named_parameters()}
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        self.readout.load_state_dict(state)
         self.refresh()
 
 
@@ -288,7 +348,7 @@ class _Trained(Recommender):
         t0 = time.perf_counter()
         rng = random.Random(seed)
         trainable = isinstance(items, nn.Embedding)
-        tuned = isinstance(items, TunedItems)
+        tuned = isinstance(items, TrainableItems)
 
         def table() -> torch.Tensor:
             return items.weight if trainable else items.full if tuned else items
@@ -359,6 +419,7 @@ class HLLM(_Trained):
     """
 
     name = "hllm"
+    _block_cache: tuple[int, BlockInputs] | None = None  # item_tuning top: the current file's lower-layer states
 
     @property
     def vector_kind(self) -> str:
@@ -372,9 +433,18 @@ class HLLM(_Trained):
         return self.cfg.item_tuning != "none"
 
     def run_tuned(self, make_llm: Callable[[], ItemLLM], tokens: list[list[int]], hist: Histories, seed: int) -> SeedRun:
-        """HLLM proper: a fresh item LLM from `make_llm`, trained with the user model from this seed."""
-        torch.manual_seed(seed)
-        items = TunedItems(make_llm(), tokens, self.cfg.item_tuning, self.cfg.center)
+        """HLLM proper: a fresh item LLM from `make_llm`, trained with the user model from this seed
+        (all of it, LoRA adapters, or with `top` only its last block over cached lower layers)."""
+        if self.cfg.item_tuning == "top":
+            llm = make_llm()
+            key = hash(tuple(map(tuple, tokens)))
+            if self._block_cache is None or self._block_cache[0] != key:  # the lower layers run once per file, not per seed
+                self._block_cache = (key, cache_block_inputs(llm, tokens))
+            torch.manual_seed(seed)
+            items: TrainableItems = ReadoutItems(llm, self._block_cache[1], self.cfg.center, self.device)
+        else:
+            torch.manual_seed(seed)
+            items = TunedItems(make_llm(), tokens, self.cfg.item_tuning, self.cfg.center)
         user = self._user_model(items.full.shape[1])
         return self._fit(user, items, hist, seed)
 
@@ -409,8 +479,8 @@ def make_recommender(name: str, cfg: TrainConfig | None = None, device: torch.de
 
         raise TokenselError(f"unknown recommender {name!r}; choose one of {', '.join(RECOMMENDERS)}")
     tuning = (cfg or TrainConfig()).item_tuning
-    if tuning not in ("none", "lora", "full") or (tuning != "none" and name != "hllm"):
+    if tuning not in ITEM_TUNINGS or (tuning != "none" and name != "hllm"):
         from tokensel.errors import TokenselError
 
-        raise TokenselError(f"item tuning {tuning!r}: choose none, lora or full, and lora/full only with --recommender hllm")
+        raise TokenselError(f"item tuning {tuning!r}: choose one of {', '.join(ITEM_TUNINGS)}, and anything but none only with --recommender hllm")
     return classes[name](cfg, device, log)
