@@ -177,7 +177,7 @@ def tiny_bundle(tiny_bundle_trained) -> Path:
     return tiny_bundle_trained[0]
 
 
-def check_contract(out: Path, items: Path, tokenizer_path: str, k: int, *, max_len: int = 256, text_cols=("title", "description"), id_col: str = "item_id", limit: int | None = None, labels: bool = True) -> pa.Table:
+def check_contract(out: Path, items: Path, tokenizer_path: str, k: int, *, max_len: int = 256, text_cols=("title", "description"), id_col: str = "item_id", limit: int | None = None, labels: bool = False) -> pa.Table:
     """Assert the output contract of SPEC.md for a compressed file; returns the output table."""
     from transformers import AutoTokenizer
 

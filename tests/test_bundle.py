@@ -284,3 +284,13 @@ def test_stage1_keeps_the_item_llm_of_the_best_epoch(tiny_bert, tmp_path, monkey
     assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
     assert torch.allclose(c, b, atol=1e-5)
     assert json.loads((out / "config.json").read_text())["logs"]["stage1"]["best_valid_N@10"] == 0.9
+
+
+def test_bundles_from_before_labels_keep_them(tiny_bundle):
+    """`labels` defaults to off now; a bundle whose config predates the field was trained with labels."""
+    from tokensel.policy.bundle import BundleConfig
+
+    d = json.loads((tiny_bundle / "config.json").read_text())
+    assert BundleConfig.from_json(d).text.labels is d["text"]["labels"]
+    del d["text"]["labels"]
+    assert BundleConfig.from_json(d).text.labels is True

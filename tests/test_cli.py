@@ -42,15 +42,22 @@ def test_cli_compress_writes_the_contract(rarity_file, tiny_bert):
     assert (meta["strategy"], meta["k"], meta["chunk"], meta["prefix"]) == ("rarity", 24, 4, 4)
 
 
-def test_compress_without_labels(tmp_path, tiny_bert):
-    out = tmp_path / "plain.parquet"
-    r = invoke("compress", ITEMS, "-o", out, "--model", tiny_bert, "--strategy", "first-k", "--k", "24", "--no-labels")
+def test_compress_with_and_without_labels(tmp_path, tiny_bert):
+    """Plain `A B` texts by default; --labels builds `title: A description: B` (HLLM style)."""
+    plain, labelled = tmp_path / "plain.parquet", tmp_path / "labelled.parquet"
+    r = invoke("compress", ITEMS, "-o", plain, "--model", tiny_bert, "--strategy", "first-k", "--k", "24")
     assert r.exit_code == 0, r.output
-    table = check_contract(out, ITEMS, tiny_bert, 24, labels=False)
-    assert read_metadata(out)["labels"] is False
+    table = check_contract(plain, ITEMS, tiny_bert, 24, labels=False)
+    assert read_metadata(plain)["labels"] is False
     assert not any(t.startswith("title") for t in table.column("text").to_pylist())
-    report = ins.inspect(ITEMS, out, n=1)  # inspect rebuilds the texts the way they were compressed
-    assert report.compressed_items > 0 and report.overlap == 1.0
+    r = invoke("compress", ITEMS, "-o", labelled, "--model", tiny_bert, "--strategy", "first-k", "--k", "24", "--labels")
+    assert r.exit_code == 0, r.output
+    table = check_contract(labelled, ITEMS, tiny_bert, 24, labels=True)
+    assert read_metadata(labelled)["labels"] is True
+    assert all(t.startswith("title") for t in table.column("text").to_pylist())
+    for out in (plain, labelled):
+        report = ins.inspect(ITEMS, out, n=1)  # inspect rebuilds the texts the way they were compressed
+        assert report.compressed_items > 0 and report.overlap == 1.0
 
 
 def test_inspect_report(rarity_file):

@@ -55,11 +55,13 @@ def test_texts_read_from_parquet(tmp_path):
     path = write_items(tmp_path / "items.parquet", rows)
     ids, texts = read_items(path, TextConfig())
     assert ids == ["a", "b", "c", "d"]
-    assert texts == ["title: First & best description: spaced out", "description: only description", "title: only title", ""]
+    assert texts == ["First & best spaced out", "only description", "only title", ""]  # default: no field labels
+    _, labelled = read_items(path, TextConfig(labels=True))
+    assert labelled == ["title: First & best description: spaced out", "description: only description", "title: only title", ""]
 
 
 def test_fixture_texts_have_no_raw_entities_or_double_spaces():
-    ids, texts = read_items(ITEMS, TextConfig())
+    ids, texts = read_items(ITEMS, TextConfig(labels=True))
     assert len(ids) == 48
     for t in texts:
         assert t.startswith("title: ")

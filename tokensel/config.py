@@ -16,14 +16,15 @@ T = TypeVar("T")
 
 @dataclass
 class TextConfig:
-    """How an item's text is built from its columns: `title: A description: B` (HLLM style, labels on)
-    or `A B` (labels off). The labels are part of the text and so of the budget."""
+    """How an item's text is built from its columns: `A B` (default) or `title: A description: B`
+    (HLLM style, labels on). Labels are part of the text and so of the budget: on amazon-scientific
+    they cost first-32 text-sim NDCG@10 9% (4.14 -> 3.79), so they are off by default."""
 
     id_col: str = "item_id"
     text_cols: list[str] = field(default_factory=lambda: ["title", "description"])
     template: str = ""  # a prompt before the text; never part of the budget, prefix or output
     max_len: int = 256  # tokens of the item's own text that are considered at all
-    labels: bool = True  # `column: value` per field (HLLM style) or the bare values
+    labels: bool = False  # `column: value` per field (HLLM style) or the bare values (default)
 
 
 @dataclass

@@ -59,7 +59,7 @@ class BundleConfig:
     def from_json(cls, d: dict) -> BundleConfig:
         return cls(
             identity=d["identity"],
-            text=from_dict(TextConfig, d.get("text")) or TextConfig(),
+            text=from_dict(TextConfig, {"labels": True, **d["text"]}) if d.get("text") else TextConfig(),  # bundles from before `labels` had them
             item=from_dict(ItemModelConfig, d.get("item")) or ItemModelConfig(),
             user=from_dict(UserModelConfig, d.get("user")) or UserModelConfig(),
             stage1=from_dict(Stage1Config, d.get("stage1")),
