@@ -71,6 +71,22 @@ def test_inspect_report(rarity_file):
     for v in report.views:
         assert v.kept == set(positions[v.item_id])
         assert v.first_k == set(range(24))
+    # the title check, recomputed here: the title's tokens lead the text's, so the leading positions are the title
+    meta = read_metadata(rarity_file)
+    from tokensel.models.item_llm import ItemLLM
+
+    llm = ItemLLM.from_pretrained(meta["model"])
+    table = pq.read_table(ITEMS).to_pydict()
+    titles = llm.tokenize(table["title"], 256)
+    cut = tokens = first_k_cut = 0
+    for item_id, title, n in zip(table["item_id"], titles, pq.read_table(rarity_file, columns=["n_tokens"]).column(0).to_pylist()):
+        if n <= 24:
+            continue
+        missing = sum(p not in positions[item_id] for p in range(min(len(title), 24)))
+        cut, tokens, first_k_cut = cut + (missing > 0), tokens + missing, first_k_cut + (len(title) > 24)
+    assert report.first_field == "title"
+    assert (report.field_cut, report.field_cut_tokens, report.field_cut_first_k) == (cut, tokens, first_k_cut)
+    assert 0 < report.field_cut <= report.compressed_items  # prefix 4: rarity cuts titles
 
 
 def test_inspect_chosen_ids_and_cli(rarity_file):
@@ -78,7 +94,7 @@ def test_inspect_chosen_ids_and_cli(rarity_file):
     assert sorted(v.item_id for v in report.views) == ["i001", "i002"]
     r = invoke("inspect", ITEMS, rarity_file, "--ids", "i001", "--top", "3")
     assert r.exit_code == 0, r.output
-    assert "i001" in r.output and "overlap" in r.output
+    assert "i001" in r.output and "overlap" in r.output and "first text column 'title'" in r.output
 
 
 def test_inspect_errors(rarity_file, tmp_path):

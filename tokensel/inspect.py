@@ -9,7 +9,7 @@ kept positions from the compressed file.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -41,6 +41,10 @@ class Report:
     overlap: float = 0.0  # mean |kept & first-k| / k over items longer than k
     dropped: list[tuple[str, int, int]] = field(default_factory=list)  # token, times in first-k, times kept
     added: list[tuple[str, int]] = field(default_factory=list)  # token, times kept beyond first-k
+    first_field: str | None = None  # the first text column, when there are several (e.g. the title)
+    field_cut: int = 0  # compressed items whose kept tokens miss part of the first field that fits in k
+    field_cut_tokens: int = 0  # how many such first-field tokens are missing, summed over items
+    field_cut_first_k: int = 0  # compressed items whose first field is longer than k (first-k cuts it too)
 
 
 def inspect(items: str | Path, compressed: str | Path, ids: list[str] = (), n: int = 3, top: int = 15) -> Report:
@@ -57,10 +61,16 @@ def inspect(items: str | Path, compressed: str | Path, ids: list[str] = (), n: i
     report = Report(meta)
     in_first, kept_of_first, added = Counter(), Counter(), Counter()
     overlap_sum = 0.0
+    # the first field's own tokens lead the item's tokens (fields are joined by a space), so its length
+    # says which leading positions are e.g. the title: the part a 16-token prefix may not cover
+    several = len(text.text_cols) > 1
+    report.first_field = text.text_cols[0] if several else None
+    heads = iter_item_batches(items, replace(text, text_cols=text.text_cols[:1])) if several else None
     for batch in iter_item_batches(items, text):
         toks = llm.tokenize(batch.texts, text.max_len)
+        field_len = [len(x) for x in llm.tokenize(next(heads).texts, text.max_len)] if heads else [0] * len(toks)
         text_of = dict(zip(map(str, batch.ids), batch.texts))
-        for item_id, t in zip(batch.ids, toks):
+        for item_id, t, head_len in zip(batch.ids, toks, field_len):
             report.items += 1
             kept = kept_by_id.get(str(item_id))
             if kept is None:
@@ -77,6 +87,10 @@ def inspect(items: str | Path, compressed: str | Path, ids: list[str] = (), n: i
                     kept_of_first[t[p]] += 1
             for p in kept - first:
                 added[t[p]] += 1
+            missing_head = sum(p not in kept for p in range(min(head_len, k)))
+            report.field_cut += missing_head > 0
+            report.field_cut_tokens += missing_head
+            report.field_cut_first_k += head_len > k
             show = str(item_id) in wanted if wanted else (len(report.views) < n and kept != first)
             if show:
                 report.views.append(ItemView(str(item_id), token_pieces(llm.tokenizer, text_of[str(item_id)], t), kept, first))
@@ -133,6 +147,13 @@ def render(report: Report, console: Console) -> None:
         console.print(colour_item(v))
     console.rule("whole file")
     console.print(f"items {report.items:,}; longer than k: {report.compressed_items:,}; mean overlap with first-k: {100 * report.overlap:.1f}%")
+    if report.first_field and report.compressed_items:
+        c = report.compressed_items
+        console.print(
+            f"first text column {report.first_field!r}: the selection drops part of it for {report.field_cut:,} of these items "
+            f"({100 * report.field_cut / c:.1f}%, {report.field_cut_tokens / c:.1f} tokens per item); first-k cuts it for "
+            f"{report.field_cut_first_k:,} ({100 * report.field_cut_first_k / c:.1f}%, where it is longer than k)"
+        )
     t = Table(title="frequent first-k tokens the selection drops most (figure 4)")
     t.add_column("token")
     t.add_column("in first-k", justify="right")
