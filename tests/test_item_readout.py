@@ -50,3 +50,11 @@ def test_non_bert_models_are_refused(tiny_llama, texts):
     llm = ItemLLM.from_pretrained(tiny_llama)
     with pytest.raises(TokenselError, match="BERT-style"):
         ItemReadout(llm)
+
+
+def test_a_cache_too_large_for_memory_is_refused(llm, texts, monkeypatch):
+    from tokensel.models import item_readout
+
+    monkeypatch.setattr(item_readout, "_physical_memory", lambda: 1 << 16)  # a 64 KiB machine
+    with pytest.raises(TokenselError, match="use item tuning lora"):
+        cache_block_inputs(llm, llm.tokenize(texts[:40], 48))

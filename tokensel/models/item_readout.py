@@ -16,6 +16,7 @@ all-MiniLM-L6-v2). Other architectures use `item_tuning` lora or full.
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,13 @@ def cache_block_inputs(llm: ItemLLM, token_lists: list[list[int]], batch_tokens:
     last_block(llm)
     ids, mask, off = llm.build_inputs(token_lists)
     N, W = ids.shape
+    need = N * W * llm.hidden_size * 4
+    ram = _physical_memory()
+    if ram and need > ram // 2:
+        raise TokenselError(
+            f"item tuning 'top' caches {N:,} items x {W} positions x {llm.hidden_size} floats = {need / 2**30:.1f} GiB, "
+            f"more than half of this machine's {ram / 2**30:.0f} GiB: use item tuning lora or full, or shorter texts"
+        )
     states = torch.zeros(N, W, llm.hidden_size)
     dev = llm.device
     llm.model.eval()
@@ -69,6 +77,13 @@ def cache_block_inputs(llm: ItemLLM, token_lists: list[list[int]], batch_tokens:
         states[group, :w] = out.hidden_states[-2].float().cpu()
     item_pos = torch.tensor([off + len(t) for t in token_lists], dtype=torch.long)
     return BlockInputs(states, mask.bool(), item_pos)
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 class ItemReadout(nn.Module):
