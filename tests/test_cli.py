@@ -102,6 +102,11 @@ def test_inspect_errors(rarity_file, tmp_path):
     assert r.exit_code == 2 and "no tokensel metadata" in r.output
     r = invoke("inspect", ITEMS, rarity_file, "--ids", "nope")
     assert r.exit_code == 2 and "nope" in r.output
+    r = invoke("inspect", ITEMS, tmp_path / "missing.parquet")
+    assert r.exit_code == 2 and "missing.parquet: no such file" in " ".join(r.output.split())  # rich wraps long lines
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    r = invoke("inspect", ITEMS, tmp_path / "junk.parquet")
+    assert r.exit_code == 2 and "junk.parquet: not a readable Parquet file" in " ".join(r.output.split())
 
 
 def test_info(tiny_bundle):

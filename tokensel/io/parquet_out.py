@@ -71,6 +71,9 @@ class AtomicParquetWriter:
 
 
 def read_metadata(path: str | Path) -> dict:
-    """The `tokensel` provenance JSON of a compressed file."""
-    meta = pq.read_schema(path).metadata or {}
+    """The `tokensel` provenance JSON of a compressed file ({} if it has none; a missing or unreadable
+    file is a TokenselError naming it)."""
+    from tokensel.io.items import open_parquet
+
+    meta = open_parquet(path).schema_arrow.metadata or {}
     return json.loads(meta.get(b"tokensel", b"{}"))
