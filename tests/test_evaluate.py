@@ -160,6 +160,35 @@ def test_hllm_with_the_last_block_trained(files, tiny, monkeypatch):
     assert frozen.to_list()[0]["metrics"] != rows[0]["metrics"]
 
 
+def test_top_cache_follows_the_template(tiny, monkeypatch):
+    """The lower-layer cache is reused across seeds of one input, not across a different template."""
+    from tokensel.evaluate import recommenders as recs
+    from tokensel.evaluate.recommenders import HLLM, TrainConfig
+    from tokensel.evaluate.runner import read_item_ids
+    from tokensel.io.interactions import read_histories
+    from tokensel.models.item_llm import ItemLLM
+
+    calls = []
+    cache = recs.cache_block_inputs
+    monkeypatch.setattr(recs, "cache_block_inputs", lambda *a, **kw: calls.append(1) or cache(*a, **kw))
+    ids = read_item_ids(ITEMS, "item_id")
+    hist = read_histories(INTERACTIONS, {str(i): n for n, i in enumerate(ids)})
+    base = ItemLLM.from_pretrained(tiny)
+    tokens = base.tokenize([f"item {i}" for i in ids], 16)
+
+    def make(template):
+        def make_llm():
+            llm = ItemLLM.from_pretrained(tiny)
+            llm.set_template(template)
+            return llm
+        return make_llm
+
+    rec = HLLM(TrainConfig(epochs=1, item_tuning="top"))
+    for template, seed in (("", 0), ("", 1), ("item:", 0), ("item:", 1)):
+        rec.run_tuned(make(template), tokens, hist, seed)
+    assert len(calls) == 2
+
+
 def test_item_tuning_only_with_hllm(files, tiny):
     from tokensel.evaluate.recommenders import TrainConfig
 

@@ -437,7 +437,7 @@ class HLLM(_Trained):
         (all of it, LoRA adapters, or with `top` only its last block over cached lower layers)."""
         if self.cfg.item_tuning == "top":
             llm = make_llm()
-            key = hash(tuple(map(tuple, tokens)))
+            key = hash((tuple(llm.lead_ids + llm.template_ids), tuple(map(tuple, tokens))))  # the template is input too
             if self._block_cache is None or self._block_cache[0] != key:  # the lower layers run once per file, not per seed
                 self._block_cache = (key, cache_block_inputs(llm, tokens))
             torch.manual_seed(seed)
