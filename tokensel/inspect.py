@@ -9,7 +9,7 @@ kept positions from the compressed file.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -19,7 +19,7 @@ from rich.text import Text
 
 from tokensel.config import TextConfig
 from tokensel.errors import TokenselError
-from tokensel.io.items import iter_item_batches
+from tokensel.io.items import build_text, iter_item_batches
 from tokensel.io.parquet_out import read_metadata
 from tokensel.models.item_llm import ItemLLM
 
@@ -63,12 +63,15 @@ def inspect(items: str | Path, compressed: str | Path, ids: list[str] = (), n: i
     overlap_sum = 0.0
     # the first field's own tokens lead the item's tokens (fields are joined by a space), so its length
     # says which leading positions are e.g. the title: the part a 16-token prefix may not cover
-    several = len(text.text_cols) > 1
-    report.first_field = text.text_cols[0] if several else None
-    heads = iter_item_batches(items, replace(text, text_cols=text.text_cols[:1])) if several else None
-    for batch in iter_item_batches(items, text):
+    head = text.text_cols[0] if len(text.text_cols) > 1 else None
+    report.first_field = head
+    for batch in iter_item_batches(items, text, passthrough=[head] if head else ()):
         toks = llm.tokenize(batch.texts, text.max_len)
-        field_len = [len(x) for x in llm.tokenize(next(heads).texts, text.max_len)] if heads else [0] * len(toks)
+        if head:
+            heads = [build_text({head: v}, [head], text.labels) for v in batch.passthrough.column(head).to_pylist()]
+            field_len = [len(x) for x in llm.tokenize(heads, text.max_len)]
+        else:
+            field_len = [0] * len(toks)
         text_of = dict(zip(map(str, batch.ids), batch.texts))
         for item_id, t, head_len in zip(batch.ids, toks, field_len):
             report.items += 1

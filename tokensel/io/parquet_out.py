@@ -9,6 +9,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tokensel.io.items import open_parquet
+
 
 class AtomicParquetWriter:
     """A ParquetWriter on `.<out>.tmp-<pid>`; `close()` renames it, `abort()` removes it.
@@ -73,7 +75,5 @@ class AtomicParquetWriter:
 def read_metadata(path: str | Path) -> dict:
     """The `tokensel` provenance JSON of a compressed file ({} if it has none; a missing or unreadable
     file is a TokenselError naming it)."""
-    from tokensel.io.items import open_parquet
-
     meta = open_parquet(path).schema_arrow.metadata or {}
     return json.loads(meta.get(b"tokensel", b"{}"))
