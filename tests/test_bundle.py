@@ -258,7 +258,42 @@ def test_stage1_with_lora_writes_an_adapter_that_loads_back(tiny_bert, tmp_path)
     assert torch.allclose(a, d, atol=1e-5)
 
 
-def test_stage1_keeps_the_item_llm_of_the_best_epoch(tiny_bert, tmp_path, monkeypatch):
+def test_stage1_with_top_trains_the_last_block_into_f_and_loads_back(tiny_bert, tmp_path, monkeypatch):
+    """tuning top: only f's last block changes, f carries it after stage 1, and the bundle restores it."""
+    import tokensel.train.stage1 as stage1
+    from tokensel.io.items import read_items
+    from tokensel.models.item_llm import ItemLLM
+
+    scores = iter([0.1, 0.2, 0.9])  # the last epoch validates best, so the trained block is the one kept
+    monkeypatch.setattr(stage1, "validate", lambda *a, **k: {"N@10": next(scores), "R@10": 0.0})
+
+    out = tmp_path / "top"
+    trained = train(ITEMS, INTERACTIONS, out, stages=(1,), item_cfg=ItemModelConfig(base_model=tiny_bert, tuning="top"),
+                    stage1=Stage1Config(epochs=2, negatives=8, item_lr=1e-2), **QUIET)
+    assert json.loads((out / "config.json").read_text())["item"]["tuning"] == "top"
+    base = ItemLLM.from_pretrained(tiny_bert)
+    mine = dict(trained.item_llm.model.named_parameters())
+    n_layers = base.model.config.num_hidden_layers
+    changed = {n for n, p in base.model.named_parameters() if not torch.equal(p, mine[n].to(p.dtype))}
+    assert changed and all(n.startswith(f"encoder.layer.{n_layers - 1}.") for n in changed), changed
+    _, texts = read_items(ITEMS, TextConfig())
+    toks = base.tokenize(texts[:6], 256)
+    loaded = Bundle.from_pretrained(out, need_policy=False)
+    with torch.no_grad():
+        a = trained.item_llm.encode(toks).item
+        b = loaded.item_llm.encode(toks).item
+        c = base.encode(toks).item
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    assert not torch.allclose(a, c, atol=1e-3)  # the readout did train
+    # stage 2 continues from it without touching f
+    train(ITEMS, INTERACTIONS, out, stages=(2,), policy=PolicyConfig(epochs=1, negatives=8, batch_size=16), **QUIET)
+    with torch.no_grad():
+        d = Bundle.from_pretrained(out).item_llm.encode(toks).item
+    assert torch.allclose(a, d, atol=1e-5), "stage 2 changed the stage-1 item LLM"
+
+
+@pytest.mark.parametrize("tuning", ["lora", "top"])
+def test_stage1_keeps_the_item_llm_of_the_best_epoch(tiny_bert, tmp_path, monkeypatch, tuning):
     """When epoch 0 validates best, both g and the tuned f are rolled back to epoch 0."""
     import tokensel.train.stage1 as stage1
     from tokensel.io.items import read_items
@@ -270,8 +305,8 @@ def test_stage1_keeps_the_item_llm_of_the_best_epoch(tiny_bert, tmp_path, monkey
         return {"N@10": next(scores), "R@10": 0.0}
 
     monkeypatch.setattr(stage1, "validate", fake_validate)
-    out = tmp_path / "lora"
-    trained = train(ITEMS, INTERACTIONS, out, stages=(1,), item_cfg=ItemModelConfig(base_model=tiny_bert, tuning="lora", lora_layers=1),
+    out = tmp_path / tuning
+    trained = train(ITEMS, INTERACTIONS, out, stages=(1,), item_cfg=ItemModelConfig(base_model=tiny_bert, tuning=tuning, lora_layers=1),
                     stage1=Stage1Config(epochs=2, negatives=8, item_lr=1e-2), **QUIET)
     _, texts = read_items(ITEMS, TextConfig())
     base = ItemLLM.from_pretrained(tiny_bert)
@@ -280,7 +315,7 @@ def test_stage1_keeps_the_item_llm_of_the_best_epoch(tiny_bert, tmp_path, monkey
         a = trained.item_llm.encode(toks).item
         b = base.encode(toks).item
         c = Bundle.from_pretrained(out, need_policy=False).item_llm.encode(toks).item
-    # LoRA B starts at zero, so the epoch-0 item LLM is the base model
+    # LoRA B starts at zero and the top readout starts as f's block, so the epoch-0 item LLM is the base model
     assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
     assert torch.allclose(c, b, atol=1e-5)
     assert json.loads((out / "config.json").read_text())["logs"]["stage1"]["best_valid_N@10"] == 0.9

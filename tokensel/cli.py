@@ -103,7 +103,7 @@ def train(
     user_col: Annotated[str, typer.Option()] = "user_id",
     item_col: Annotated[str, typer.Option()] = "item_id",
     order_col: Annotated[str, typer.Option()] = "timestamp",
-    tuning: Annotated[str, typer.Option(help="Stage-1 item LLM tuning: none | lora | full.")] = "none",
+    tuning: Annotated[str, typer.Option(help="Stage-1 item LLM tuning: none | top (f's last block; BERT-style models, fine on a CPU) | lora | full.")] = "none",
     user_layers: Annotated[int, typer.Option(help="User model transformer blocks.")] = 2,
     user_pretrained: Annotated[Optional[str], typer.Option(help="Use this pretrained LM as the user model (GPU).")] = None,
     epochs1: Annotated[int, typer.Option(help="Stage-1 epochs.")] = 20,

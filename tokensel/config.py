@@ -33,7 +33,7 @@ class ItemModelConfig:
 
     base_model: str = "default"
     item_token: str = "[ITEM]"
-    tuning: str = "none"  # none | lora | full  (stage 1 item-LLM tuning)
+    tuning: str = "none"  # none | top (last block, CPU-affordable) | lora | full  (stage 1 item-LLM tuning)
     lora_r: int = 8
     lora_alpha: int = 16
     lora_layers: int = 2  # LoRA on the top N transformer blocks

@@ -1,7 +1,8 @@
 """The bundle: one folder per trained model, `from_pretrained`/`save_pretrained` style.
 
     config.json               how it was made: base model identity, text, stage configs, data, logs
-    item.safetensors          the `[ITEM]` input embedding (+ full item-LLM weights if tuning=full)
+    item.safetensors          the `[ITEM]` input embedding (+ the last block's weights if tuning=top,
+                              all item-LLM weights if tuning=full)
     item_adapter/             the LoRA adapter when tuning=lora (peft format)
     user_model.safetensors    the user model g
     policy.safetensors        W_Q, W_K (absent until stage 2 has run)
@@ -34,6 +35,7 @@ from tokensel.config import (
 )
 from tokensel.errors import TokenselError
 from tokensel.models.item_llm import ItemLLM
+from tokensel.models.item_readout import last_block
 from tokensel.models.user_model import UserModel
 from tokensel.policy.head import PolicyHead
 
@@ -119,6 +121,8 @@ class Bundle:
         item_tensors = {"item_embedding": emb[llm.item_token_id].detach().float().cpu().contiguous()}
         if self.config.item.tuning == "full":
             item_tensors.update({f"model.{k}": v.detach().cpu().contiguous() for k, v in llm.model.state_dict().items()})
+        if self.config.item.tuning == "top":
+            item_tensors.update({f"last_block.{k}": v.detach().cpu().contiguous() for k, v in last_block(llm).state_dict().items()})
         save_file(item_tensors, path / "item.safetensors")
         if self.config.item.tuning == "lora":
             adapter = path / "item_adapter"
@@ -170,6 +174,8 @@ class Bundle:
         item_tensors = load_file(path / "item.safetensors")
         if config.item.tuning == "full":
             llm.model.load_state_dict({k[6:]: v for k, v in item_tensors.items() if k.startswith("model.")}, strict=False)
+        if config.item.tuning == "top":
+            last_block(llm).load_state_dict({k[11:]: v for k, v in item_tensors.items() if k.startswith("last_block.")})
         with torch.no_grad():
             llm.model.get_input_embeddings().weight[llm.item_token_id] = item_tensors["item_embedding"]
         if config.item.tuning == "lora":

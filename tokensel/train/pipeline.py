@@ -33,8 +33,8 @@ def file_digest(path: Path) -> str:
 
 def check_settings(item_cfg: ItemModelConfig | None, policy: PolicyConfig | None) -> None:
     """Refuse bad training settings up front, as user errors, before any model is loaded or trained."""
-    if item_cfg is not None and item_cfg.tuning not in ("none", "lora", "full"):
-        raise TokenselError(f"unknown item tuning {item_cfg.tuning!r}; choose none, lora or full")
+    if item_cfg is not None and item_cfg.tuning not in ("none", "top", "lora", "full"):
+        raise TokenselError(f"unknown item tuning {item_cfg.tuning!r}; choose none, top, lora or full")
     if policy is not None:
         if policy.objective not in ("paper", "bounded"):
             raise TokenselError(f"unknown stage-2 objective {policy.objective!r}; choose paper or bounded")

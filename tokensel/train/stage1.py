@@ -1,6 +1,8 @@
 """Stage 1: pretrain the recommender (item LLM f + user model g) with InfoNCE (paper eq. 1).
 
 tuning="none" keeps f frozen (its [ITEM] states are computed once) and trains g: minutes on a CPU.
+tuning="top" also trains f's last block, over lower-layer states cached once (models/item_readout.py):
+a trained [ITEM] readout at a few minutes per epoch on a CPU; the block is written back into f.
 tuning="lora" / "full" also trains f, re-encoding the batch's items every step (a GPU setting).
 The best epoch on validation NDCG@10 is kept.
 """
@@ -18,6 +20,7 @@ from tokensel.config import ItemModelConfig, Stage1Config
 from tokensel.evaluate.metrics import per_user_metrics, rank_users
 from tokensel.io.interactions import Histories
 from tokensel.models.item_llm import ItemLLM
+from tokensel.models.item_readout import ItemReadout, cache_block_inputs, last_block
 from tokensel.models.user_model import UserModel, pad_histories
 from tokensel.train.common import embed_tokens, infonce, infonce_logits
 
@@ -47,8 +50,8 @@ def apply_item_tuning(llm: ItemLLM, cfg: ItemModelConfig) -> None:
     elif cfg.tuning == "full":
         for p in llm.model.parameters():
             p.requires_grad_(True)
-    elif cfg.tuning != "none":
-        raise ValueError(f"unknown item tuning {cfg.tuning!r} (none, lora, full)")
+    elif cfg.tuning not in ("none", "top"):  # top: trained through an ItemReadout copy (train_stage1)
+        raise ValueError(f"unknown item tuning {cfg.tuning!r} (none, top, lora, full)")
 
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -83,14 +86,26 @@ def train_stage1(
     n_items = len(tokens)
     user.to(dev)
     frozen = item_cfg.tuning == "none"
-    if not frozen:
+    readout = cache = None
+    if item_cfg.tuning == "top":  # f's last block trains as a readout over the cached lower layers
+        cache = cache_block_inputs(llm, tokens)
+        readout = ItemReadout(llm).to(dev)
+    elif not frozen:
         apply_item_tuning(llm, item_cfg)
+    trained = readout if readout is not None else llm.model  # what holds f's trainable weights
+
+    def item_table(desc: str | None = None) -> torch.Tensor:
+        if readout is None:
+            return embed_tokens(llm, tokens, desc=desc)[0].to(dev)
+        readout.eval()
+        with torch.no_grad():
+            return torch.cat([readout.encode(cache, list(range(s, min(s + 512, n_items))), dev) for s in range(0, n_items, 512)])
+
     t0 = time.perf_counter()
-    table, _ = embed_tokens(llm, tokens, desc="stage 1: embedding items")
-    table = table.to(dev)
+    table = item_table("stage 1: embedding items")
     params = [{"params": user.parameters(), "lr": cfg.lr}]
     if not frozen:
-        params.append({"params": [p for p in llm.model.parameters() if p.requires_grad], "lr": cfg.item_lr})
+        params.append({"params": [p for p in trained.parameters() if p.requires_grad], "lr": cfg.item_lr})
     opt = torch.optim.AdamW(params, weight_decay=0.01)
     train_seqs = hist.train_sequences()
     v_hist, v_tgt = hist.split("valid")
@@ -100,10 +115,10 @@ def train_stage1(
     log(history[-1])
     # the item LLM's trainable weights are part of the best state too (epoch 0 included), so a bad
     # first epoch never leaves g from epoch 0 paired with f from the last epoch
-    best = (history[-1]["N@10"], copy.deepcopy(user.state_dict()), None if frozen else _trainable_state(llm.model))
+    best = (history[-1]["N@10"], copy.deepcopy(user.state_dict()), None if frozen else _trainable_state(trained))
     for epoch in range(1, cfg.epochs + 1):
         user.train()
-        llm.model.train(not frozen)
+        trained.train(not frozen)
         wins = _windows(train_seqs, cfg.history + 1, rng)
         rng.shuffle(wins)
         losses = []
@@ -116,7 +131,10 @@ def train_stage1(
                 need = sorted({i for w in batch for i in w} | set(negs.tolist()))
                 remap = torch.full((n_items,), -1, dtype=torch.long)
                 remap[need] = torch.arange(len(need))
-                enc = llm.encode([tokens[i] for i in need], need_hidden=False).item.float()
+                if readout is not None:
+                    enc = readout.encode(cache, need, dev).float()
+                else:
+                    enc = llm.encode([tokens[i] for i in need], need_hidden=False).item.float()
                 emb = torch.zeros(n_items, enc.shape[1], device=dev).index_copy(0, torch.tensor(need, device=dev), enc)
             inputs = [w[:-1] for w in batch]
             items, mask = pad_histories(inputs, emb, cfg.history)
@@ -130,18 +148,19 @@ def train_stage1(
             opt.step()
             losses.append(loss.item())
         if not frozen:
-            table, _ = embed_tokens(llm, tokens)
-            table = table.to(dev)
+            table = item_table()
         row = {"epoch": epoch, "loss": round(sum(losses) / max(len(losses), 1), 4), "seconds": round(time.perf_counter() - t0, 1)}
         row.update(validate(user, table, v_hist, v_tgt, cfg.history))
         history.append(row)
         log(row)
         if row["N@10"] > best[0]:
-            item_state = None if frozen else _trainable_state(llm.model)
+            item_state = None if frozen else _trainable_state(trained)
             best = (row["N@10"], copy.deepcopy(user.state_dict()), item_state)
     user.load_state_dict(best[1])
     if best[2] is not None:
-        llm.model.load_state_dict(best[2], strict=False)
+        trained.load_state_dict(best[2], strict=False)
+    if readout is not None:  # f itself now carries the trained block: stage 2 and compress see it
+        last_block(llm).load_state_dict(readout.block.state_dict())
     user.eval()
     llm.model.eval()
     return {"epochs": history, "best_valid_N@10": best[0]}
