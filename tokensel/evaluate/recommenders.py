@@ -263,11 +263,8 @@ class ReadoutItems(TrainableItems):
         self.params = list(self.readout.parameters())
         self.refresh()
 
-    @torch.no_grad()
     def table(self) -> torch.Tensor:
-        self.readout.eval()
-        n = len(self.cache.item_pos)
-        return torch.cat([self.readout.encode(self.cache, list(range(s, min(s + 512, n))), self.device) for s in range(0, n, 512)])
+        return self.readout.table(self.cache, self.device)
 
     def encode(self, need: list[int]) -> torch.Tensor:
         self.readout.train()

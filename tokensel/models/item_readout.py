@@ -124,3 +124,10 @@ class ItemReadout(nn.Module):
         idx = torch.as_tensor(items, dtype=torch.long)
         w = int(cache.lengths[idx].max()) if len(idx) else 1
         return self(cache.states[idx, :w].to(device), cache.mask[idx, :w].to(device), cache.item_pos[idx].to(device))
+
+    @torch.no_grad()
+    def table(self, cache: BlockInputs, device: torch.device | str = "cpu", batch: int = 512) -> torch.Tensor:
+        """[N, d] every cached item's [ITEM] state, in eval mode and without gradients (for validation)."""
+        self.eval()
+        n = len(cache.item_pos)
+        return torch.cat([self.encode(cache, list(range(s, min(s + batch, n))), device) for s in range(0, n, batch)])

@@ -97,9 +97,7 @@ def train_stage1(
     def item_table(desc: str | None = None) -> torch.Tensor:
         if readout is None:
             return embed_tokens(llm, tokens, desc=desc)[0].to(dev)
-        readout.eval()
-        with torch.no_grad():
-            return torch.cat([readout.encode(cache, list(range(s, min(s + 512, n_items))), dev) for s in range(0, n_items, 512)])
+        return readout.table(cache, dev)
 
     t0 = time.perf_counter()
     table = item_table("stage 1: embedding items")
