@@ -127,8 +127,6 @@ def train_stage1(
                 emb = table
             else:  # re-encode only the items this step touches, with gradients
                 need = sorted({i for w in batch for i in w} | set(negs.tolist()))
-                remap = torch.full((n_items,), -1, dtype=torch.long)
-                remap[need] = torch.arange(len(need))
                 if readout is not None:
                     enc = readout.encode(cache, need, dev).float()
                 else:
