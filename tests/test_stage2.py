@@ -87,3 +87,77 @@ def test_infonce_masks_a_negative_equal_to_the_positive():
     assert logits.shape == (3, 4)
     assert logits[0, 1] == -math.inf and torch.isfinite(logits[1]).all()
     assert torch.all(infonce(logits) >= 0)
+
+
+def test_credit_reward_varies_one_history_item_at_a_time(monkeypatch):
+    """Each (sample, occurrence) CE must be the target's CE under the FULL-text history with only that
+    occurrence's item swapped for that sample's subset embedding, and log P must be that subset's."""
+    import tokensel.train.stage2 as stage2
+    from tokensel.config import UserModelConfig
+    from tokensel.models.user_model import UserModel, pad_histories
+
+    torch.manual_seed(0)
+    d, S = 8, 3
+    cfg = PolicyConfig(k=6, prefix=2, train_chunk=2, samples=S, history=4)
+    tokens = [list(range(10 * i, 10 * i + (12 if i % 2 else 5))) for i in range(6)]  # odd items are long
+    cat = Catalogue(tokens, torch.randn(6, d), [torch.randn(len(t), d).half() for t in tokens])
+    subset_emb = {}
+
+    def fake_embed(llm, cat_, items, masks):  # a distinct, recorded vector per sampled subset
+        out = torch.randn(masks.shape[0], len(items), d)
+        for s in range(masks.shape[0]):
+            for o, i in enumerate(items):
+                subset_emb[s, o] = (i, masks[s, o, : len(tokens[i])].clone(), out[s, o])
+        return out
+
+    monkeypatch.setattr(stage2, "_embed_subsets", fake_embed)
+    user = UserModel(d, UserModelConfig(layers=1, heads=2, max_history=4, dropout=0.0)).eval()
+    head = PolicyHead(d)
+    batch = [([0, 1, 2, 3], 4), ([5, 2, 1], 0)]
+    tgt, negs = torch.tensor([4, 0]), torch.tensor([2, 3, 5])
+    ce, lp, _ = stage2._credit_rewards(None, user, head, cat, batch, tgt, negs, cat.item, cfg, 0.1, torch.Generator().manual_seed(0))
+    occ = [(0, 1, 1), (0, 3, 3), (1, 0, 5), (1, 2, 1)]  # (user, position, item) of every long history item
+    assert ce.shape == lp.shape == (S, len(occ))
+    logp, _ = stage2.policy_logp(head, cat, [i for *_, i in occ], cfg.prefix)
+    for s in range(S):
+        for o, (b, pos, i) in enumerate(occ):
+            item, mask, vec = subset_emb[s, o]
+            assert item == i and int(mask.sum()) == cfg.k
+            hist = cat.item[batch[b][0]].clone()
+            hist[pos] = vec
+            hs, m = pad_histories([list(range(len(hist)))], hist, cfg.history)
+            with torch.no_grad():
+                want = infonce(infonce_logits(user.user_embedding(hs, m), cat.item[tgt[b : b + 1]], cat.item[negs], 0.1, tgt[b : b + 1], negs))
+            assert torch.allclose(ce[s, o], want[0], atol=1e-5)
+            assert torch.allclose(lp[s, o], (logp[o, : len(mask)] * mask).sum(), atol=1e-5)
+
+
+def test_credit_both_adds_the_subset_as_the_positive_after_the_items_before_it(monkeypatch):
+    import tokensel.train.stage2 as stage2
+    from tokensel.config import UserModelConfig
+    from tokensel.models.user_model import UserModel, pad_histories
+
+    torch.manual_seed(1)
+    d, S = 8, 2
+    tokens = [list(range(10 * i, 10 * i + (12 if i % 2 else 5))) for i in range(6)]
+    cat = Catalogue(tokens, torch.randn(6, d), [torch.randn(len(t), d).half() for t in tokens])
+    vecs = torch.randn(S, 4, d)
+    monkeypatch.setattr(stage2, "_embed_subsets", lambda llm, cat_, items, masks: vecs[:, : len(items)].clone())
+    user = UserModel(d, UserModelConfig(layers=1, heads=2, max_history=4, dropout=0.0)).eval()
+    batch = [([0, 1, 2, 3], 4), ([5, 2, 1], 0)]
+    tgt, negs = torch.tensor([4, 0]), torch.tensor([2, 3, 5])
+    got = {}
+    for reward in ("credit", "credit-both"):
+        cfg = PolicyConfig(k=6, prefix=2, train_chunk=2, samples=S, history=4, reward=reward)
+        got[reward] = stage2._credit_rewards(None, user, PolicyHead(d), cat, batch, tgt, negs, cat.item, cfg, 0.1, torch.Generator().manual_seed(0))[0]
+    occ = [(0, 1, 1), (0, 3, 3), (1, 0, 5), (1, 2, 1)]
+    for s in range(S):
+        for o, (b, pos, i) in enumerate(occ):
+            extra = 0.0
+            if pos > 0:  # the subset as the positive after batch[b][0][:pos], full text
+                hs, m = pad_histories([batch[b][0][:pos]], cat.item, 4)
+                with torch.no_grad():
+                    eu = user.user_embedding(hs, m)
+                extra = infonce(infonce_logits(eu, vecs[s, o][None], cat.item[negs], 0.1, torch.tensor([i]), negs))[0]
+            assert torch.allclose(got["credit-both"][s, o], got["credit"][s, o] + extra, atol=1e-5)
+    assert not torch.allclose(got["credit-both"], got["credit"])

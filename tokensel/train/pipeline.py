@@ -20,7 +20,7 @@ from tokensel.policy.bundle import Bundle, BundleConfig
 from tokensel.policy.head import PolicyHead
 from tokensel.train.common import Catalogue, embed_tokens
 from tokensel.train.stage1 import train_stage1
-from tokensel.train.stage2 import train_stage2
+from tokensel.train.stage2 import REWARDS, train_stage2
 
 
 def file_digest(path: Path) -> str:
@@ -38,8 +38,8 @@ def check_settings(item_cfg: ItemModelConfig | None, policy: PolicyConfig | None
     if policy is not None:
         if policy.objective not in ("paper", "bounded"):
             raise TokenselError(f"unknown stage-2 objective {policy.objective!r}; choose paper or bounded")
-        if policy.reward not in ("history", "item", "target"):
-            raise TokenselError(f"unknown stage-2 reward {policy.reward!r}; choose history, item or target")
+        if policy.reward not in REWARDS:
+            raise TokenselError(f"unknown stage-2 reward {policy.reward!r}; choose {', '.join(REWARDS)}")
         if policy.samples < 2:
             raise TokenselError(f"stage 2 needs at least 2 samples per history (got {policy.samples})")
         if policy.k < 1 or policy.train_chunk < 1 or policy.select_chunk < 1 or policy.prefix < 0:

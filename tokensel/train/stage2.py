@@ -8,6 +8,7 @@ r = +1 if CE' <= CE'' else -1. Objectives on d = log P(I') - log P(I''):
     paper    maximise r * d                      (eq. 16, linear and unbounded)
     bounded  minimise -log sigmoid(beta * r * d)
 Tokens shared by both subsets cancel in d, so they get no gradient (Theorem 1).
+Other rewards (`reward`): credit (one history item varied at a time), item, target; see each function.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from tokensel.policy.head import PolicyHead
 from tokensel.selection import chunk_sums, select_mask
 from tokensel.train.common import Catalogue, embed_tokens, infonce, infonce_logits
 from tokensel.train.stage1 import validate
+
+
+REWARDS = ("history", "credit", "credit-both", "item", "target")
 
 
 def pad_hidden(hidden: list[torch.Tensor], items: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,8 +117,8 @@ def train_stage2(
     temperature: float,
     log: Callable[[dict], None] = print,
 ) -> dict:
-    if cfg.reward not in ("history", "item", "target"):
-        raise ValueError(f"unknown reward {cfg.reward!r} (history, item, target)")
+    if cfg.reward not in REWARDS:
+        raise ValueError(f"unknown reward {cfg.reward!r} ({', '.join(REWARDS)})")
     if cfg.objective not in ("paper", "bounded"):
         raise ValueError(f"unknown objective {cfg.objective!r} (paper, bounded)")
     if cfg.samples < 2:
@@ -163,6 +167,8 @@ def train_stage2(
             negs = torch.randint(0, n_items, (cfg.negatives,), generator=gen).to(dev)
             if cfg.reward == "target":
                 got = _target_rewards(llm, user, head, cat, batch, tgt, negs, ref_table, cfg, temperature, gen)
+            elif cfg.reward in ("credit", "credit-both"):
+                got = _credit_rewards(llm, user, head, cat, batch, tgt, negs, item_table, cfg, temperature, gen)
             else:
                 got = _history_rewards(llm, user, head, cat, batch, tgt, negs, item_table, cfg, temperature, gen)
             if got is None:
@@ -250,6 +256,58 @@ def _history_rewards(llm, user, head, cat, batch, tgt, negs, item_table, cfg, te
     if cfg.reward == "item":  # lower is better: the negated similarity to the full-text embedding
         return None if sims is None else (-sims, lp, ce)
     return ce, logp_hist, ce
+
+
+def _credit_rewards(llm, user, head, cat, batch, tgt, negs, item_table, cfg, temperature, gen):
+    """Per-item credit: the paper's CE of the next item, but only ONE history item's subset varies
+    between the compared samples; every other history item keeps its full text. The pairs are
+    formed within each history occurrence, so a subset is judged by its own effect on the target,
+    not by the sum of every other item's draw (the whole-history reward's variance). `credit-both`
+    adds the subset's CE as the positive after the items before it (`_as_target_ce`)."""
+    dev, S, N = item_table.device, cfg.samples, item_table.shape[0]
+    occ = [(b, pos, i) for b, (h, _) in enumerate(batch) for pos, i in enumerate(h)]
+    occ = [o for o in occ if len(cat.tokens[o[2]]) > cfg.k]
+    if not occ:
+        return None
+    O = len(occ)
+    masks, lp = _sample(head, cat, [i for _, _, i in occ], S, cfg, gen)  # lp: [S, O]
+    with torch.no_grad():
+        emb = _embed_subsets(llm, cat, [i for _, _, i in occ], masks)  # [S, O, d]
+        table = torch.cat([item_table, emb.reshape(S * O, -1)])  # row N + s*O + o = sample s of occurrence o
+        seqs, users = [], []
+        for s in range(S):
+            for o, (b, pos, _) in enumerate(occ):
+                h = list(batch[b][0])
+                h[pos] = N + s * O + o
+                seqs.append(h)
+                users.append(b)
+        ce = torch.empty(len(seqs), device=dev)
+        for c in range(0, len(seqs), 1024):
+            hs, mask = pad_histories(seqs[c : c + 1024], table, cfg.history)
+            t = tgt[users[c : c + 1024]]
+            eu = user.user_embedding(hs, mask)
+            ce[c : c + 1024] = infonce(infonce_logits(eu, item_table[t], item_table[negs], temperature, t, negs))
+        ce = ce.reshape(S, O)
+        if cfg.reward == "credit-both":  # the subset also stands as the positive after the items before it
+            ce = ce + _as_target_ce(user, item_table, emb, occ, batch, negs, temperature, cfg.history)
+    return ce, lp, ce
+
+
+def _as_target_ce(user, table, emb, occ, batch, negs, temperature, history):
+    """[S, O] CE of each sampled subset as the positive after the (full-text) items before it in its
+    history, against shared negatives: how recognisable the kept text leaves the item, the way a
+    compressed catalogue is ranked downstream. Occurrences at position 0 have no history: 0."""
+    S, O, _ = emb.shape
+    out = torch.zeros(S, O, device=emb.device)
+    has = [o for o, (_, pos, _) in enumerate(occ) if pos > 0]
+    if not has:
+        return out
+    hs, mask = pad_histories([batch[occ[o][0]][0][: occ[o][1]] for o in has], table, history)
+    eu = user.user_embedding(hs, mask)  # [H, d]
+    ids = torch.tensor([occ[o][2] for o in has], device=emb.device)
+    for s in range(S):
+        out[s, has] = infonce(infonce_logits(eu, emb[s, has], table[negs], temperature, ids, negs))
+    return out
 
 
 def _target_rewards(llm, user, head, cat, batch, tgt, negs, ref_table, cfg, temperature, gen):
