@@ -84,3 +84,28 @@ def test_readout_gradients_match_the_block_run_over_every_position(llm, texts):
             assert p.grad is None and ref[name].grad.abs().max() < 1e-5  # cancels in the softmax
             continue
         torch.testing.assert_close(p.grad, ref[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_top_tuning_is_refused_up_front_from_the_config_alone(tiny_bert, tiny_llama, tiny_qwen, monkeypatch):
+    """train and evaluate refuse a non-BERT model for top tuning before any weights are loaded."""
+    from tokensel.config import ItemModelConfig, Stage1Config
+    from tokensel.evaluate.recommenders import TrainConfig
+    from tokensel.evaluate.runner import evaluate_detailed
+    from tokensel.models.item_readout import check_top_tunable
+    from tokensel.train.pipeline import train
+
+    from conftest import INTERACTIONS, ITEMS
+
+    check_top_tunable(tiny_bert)  # the layout ItemReadout runs: accepted
+    for name in (tiny_llama, tiny_qwen):
+        with pytest.raises(TokenselError, match="BERT-style"):
+            check_top_tunable(name)
+
+    def no_loading(*a, **kw):
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr(ItemLLM, "from_pretrained", no_loading)
+    with pytest.raises(TokenselError, match="BERT-style"):
+        train(ITEMS, INTERACTIONS, "unused", stages=(1,), item_cfg=ItemModelConfig(base_model=tiny_llama, tuning="top"), stage1=Stage1Config(epochs=1), device="cpu")
+    with pytest.raises(TokenselError, match="BERT-style"):
+        evaluate_detailed(ITEMS, INTERACTIONS, [ITEMS], "hllm", seeds=[0], model=tiny_llama, device="cpu", train=TrainConfig(item_tuning="top"))

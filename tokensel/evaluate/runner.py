@@ -35,6 +35,7 @@ from tokensel.io.interactions import Histories, read_histories
 from tokensel.io.items import open_parquet
 from tokensel.io.parquet_out import read_metadata
 from tokensel.models.item_llm import DEFAULT_MODEL, ItemLLM, resolve_model_path
+from tokensel.models.item_readout import check_top_tunable
 from tokensel.train.pipeline import file_digest
 
 METRICS = tuple(f"{m}@{k}" for m in ("R", "N") for k in KS)  # R@5 R@10 R@50 N@5 N@10 N@50
@@ -237,6 +238,8 @@ def evaluate_detailed(
         open_parquet(p)
         metas.append(read_metadata(p))
     model = model or metas[0].get("model") or DEFAULT_MODEL
+    if recommender == "hllm" and cfg.item_tuning == "top":
+        check_top_tunable(model)  # before reading interactions or loading the model
     for p, meta in zip(texts, metas):
         _check_model(p, meta, model)
     col = id_col or metas[0].get("id_col") or "item_id"

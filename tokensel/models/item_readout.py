@@ -41,19 +41,50 @@ class BlockInputs:
         return self.mask.sum(1)
 
 
+_NEEDED = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output", "intermediate", "output")
+
+
+def _bert_last_block(model: nn.Module) -> nn.Module | None:
+    """The last block of a BERT-style encoder (the layout ItemReadout runs), else None."""
+    layers = getattr(getattr(model, "encoder", None), "layer", None)
+    block = layers[-1] if layers is not None and len(layers) else None
+    names = {n for n, _ in block.named_modules()} if block is not None else set()
+    return block if block is not None and all(n in names for n in _NEEDED) else None
+
+
+def _not_top_tunable(name: str, model_type: str) -> TokenselError:
+    return TokenselError(
+        f"item tuning 'top' trains the last block of a BERT-style encoder; model {name!r} "
+        f"({model_type}) is not one: use item tuning lora or full"
+    )
+
+
 def last_block(llm: ItemLLM) -> nn.Module:
     """f's last transformer block, if it is one ItemReadout can run (BERT-style), else a clear error."""
-    encoder = getattr(llm.model, "encoder", None)
-    layers = getattr(encoder, "layer", None)
-    block = layers[-1] if layers is not None and len(layers) else None
-    needed = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output", "intermediate", "output")
-    names = {n for n, _ in block.named_modules()} if block is not None else set()
-    if block is None or not all(n in names for n in needed):
-        raise TokenselError(
-            f"item tuning 'top' trains the last block of a BERT-style encoder; model {llm.name!r} "
-            f"({llm.model.config.model_type}) is not one: use item tuning lora or full"
-        )
+    block = _bert_last_block(llm.model)
+    if block is None:
+        raise _not_top_tunable(llm.name, llm.model.config.model_type)
     return block
+
+
+def check_top_tunable(name: str) -> None:
+    """Refuse item tuning 'top' up front, from the model's config alone: its skeleton is built on the
+    meta device (no weights read, no memory), and checked exactly as `last_block` checks the real one.
+    A model whose config cannot be read is left to the loader, which reports it."""
+    from transformers import AutoConfig, AutoModel
+    from transformers.utils import logging as hf_logging
+
+    from tokensel.models.item_llm import resolve_model_path
+
+    hf_logging.set_verbosity_error()
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(name))
+        with torch.device("meta"):
+            skeleton = AutoModel.from_config(config)
+    except (OSError, ValueError, KeyError):
+        return
+    if _bert_last_block(skeleton) is None:
+        raise _not_top_tunable(name, config.model_type)
 
 
 @torch.inference_mode()

@@ -15,6 +15,7 @@ from tokensel.errors import TokenselError
 from tokensel.io.interactions import read_histories
 from tokensel.io.items import read_items
 from tokensel.models.item_llm import ItemLLM
+from tokensel.models.item_readout import check_top_tunable
 from tokensel.models.user_model import UserModel
 from tokensel.policy.bundle import Bundle, BundleConfig
 from tokensel.policy.head import PolicyHead
@@ -35,6 +36,8 @@ def check_settings(item_cfg: ItemModelConfig | None, policy: PolicyConfig | None
     """Refuse bad training settings up front, as user errors, before any model is loaded or trained."""
     if item_cfg is not None and item_cfg.tuning not in ("none", "top", "lora", "full"):
         raise TokenselError(f"unknown item tuning {item_cfg.tuning!r}; choose none, top, lora or full")
+    if item_cfg is not None and item_cfg.tuning == "top":
+        check_top_tunable(item_cfg.base_model)
     if policy is not None:
         if policy.objective not in ("paper", "bounded"):
             raise TokenselError(f"unknown stage-2 objective {policy.objective!r}; choose paper or bounded")
