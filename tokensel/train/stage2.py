@@ -8,7 +8,7 @@ r = +1 if CE' <= CE'' else -1. Objectives on d = log P(I') - log P(I''):
     paper    maximise r * d                      (eq. 16, linear and unbounded)
     bounded  minimise -log sigmoid(beta * r * d)
 Tokens shared by both subsets cancel in d, so they get no gradient (Theorem 1).
-Other rewards (`reward`): credit (one history item varied at a time), item, target; see each function.
+Other rewards (`reward`): credit and credit-both (one history item varied at a time), item, target; see each function.
 """
 
 from __future__ import annotations
