@@ -263,37 +263,46 @@ def _credit_rewards(llm, user, head, cat, batch, tgt, negs, item_table, cfg, tem
     between the compared samples; every other history item keeps its full text. The pairs are
     formed within each history occurrence, so a subset is judged by its own effect on the target,
     not by the sum of every other item's draw (the whole-history reward's variance). `credit-both`
-    adds the subset's CE as the positive after the items before it (`_as_target_ce`)."""
-    dev, S, N = item_table.device, cfg.samples, item_table.shape[0]
+    adds the subset's CE as the positive after the items before it (`as_target_ce`)."""
+    S = cfg.samples
     occ = [(b, pos, i) for b, (h, _) in enumerate(batch) for pos, i in enumerate(h)]
     occ = [o for o in occ if len(cat.tokens[o[2]]) > cfg.k]
     if not occ:
         return None
-    O = len(occ)
     masks, lp = _sample(head, cat, [i for _, _, i in occ], S, cfg, gen)  # lp: [S, O]
     with torch.no_grad():
         emb = _embed_subsets(llm, cat, [i for _, _, i in occ], masks)  # [S, O, d]
-        table = torch.cat([item_table, emb.reshape(S * O, -1)])  # row N + s*O + o = sample s of occurrence o
-        seqs, users = [], []
-        for s in range(S):
-            for o, (b, pos, _) in enumerate(occ):
-                h = list(batch[b][0])
-                h[pos] = N + s * O + o
-                seqs.append(h)
-                users.append(b)
-        ce = torch.empty(len(seqs), device=dev)
-        for c in range(0, len(seqs), 1024):
-            hs, mask = pad_histories(seqs[c : c + 1024], table, cfg.history)
-            t = tgt[users[c : c + 1024]]
-            eu = user.user_embedding(hs, mask)
-            ce[c : c + 1024] = infonce(infonce_logits(eu, item_table[t], item_table[negs], temperature, t, negs))
-        ce = ce.reshape(S, O)
+        ce = swapped_ce(user, item_table, emb, occ, batch, tgt, negs, temperature, cfg.history)
         if cfg.reward == "credit-both":  # the subset also stands as the positive after the items before it
-            ce = ce + _as_target_ce(user, item_table, emb, occ, batch, negs, temperature, cfg.history)
+            ce = ce + as_target_ce(user, item_table, emb, occ, batch, negs, temperature, cfg.history)
     return ce, lp, ce
 
 
-def _as_target_ce(user, table, emb, occ, batch, negs, temperature, history):
+@torch.no_grad()
+def swapped_ce(user, item_table, emb, occ, batch, tgt, negs, temperature, history) -> torch.Tensor:
+    """[S, O] CE of each user's next item (full text, shared negatives) when sample s of occurrence
+    o = (row in batch, position, item) stands in for that history item; every other item full text."""
+    S, O, _ = emb.shape
+    N = item_table.shape[0]
+    table = torch.cat([item_table, emb.reshape(S * O, -1)])  # row N + s*O + o = sample s of occurrence o
+    seqs, users = [], []
+    for s in range(S):
+        for o, (b, pos, _) in enumerate(occ):
+            h = list(batch[b][0])
+            h[pos] = N + s * O + o
+            seqs.append(h)
+            users.append(b)
+    ce = torch.empty(len(seqs), device=item_table.device)
+    for c in range(0, len(seqs), 1024):
+        hs, mask = pad_histories(seqs[c : c + 1024], table, history)
+        t = tgt[users[c : c + 1024]]
+        eu = user.user_embedding(hs, mask)
+        ce[c : c + 1024] = infonce(infonce_logits(eu, item_table[t], item_table[negs], temperature, t, negs))
+    return ce.reshape(S, O)
+
+
+@torch.no_grad()
+def as_target_ce(user, table, emb, occ, batch, negs, temperature, history) -> torch.Tensor:
     """[S, O] CE of each sampled subset as the positive after the (full-text) items before it in its
     history, against shared negatives: how recognisable the kept text leaves the item, the way a
     compressed catalogue is ranked downstream. Occurrences at position 0 have no history: 0."""
