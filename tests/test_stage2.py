@@ -161,3 +161,39 @@ def test_credit_both_adds_the_subset_as_the_positive_after_the_items_before_it(m
                 extra = infonce(infonce_logits(eu, vecs[s, o][None], cat.item[negs], 0.1, torch.tensor([i]), negs))[0]
             assert torch.allclose(got["credit-both"][s, o], got["credit"][s, o] + extra, atol=1e-5)
     assert not torch.allclose(got["credit-both"], got["credit"])
+
+
+def test_textsim_reward_scores_each_subset_as_the_text_sim_positive(monkeypatch):
+    """Every long item after position 0 (history items and the next item) is an occurrence; its CE is
+    text-sim's: user = unit mean of the last `history` reference vectors before it, the subset's own
+    mean-pooled vector as the positive, shared negatives with the item itself masked."""
+    import tokensel.train.stage2 as stage2
+
+    torch.manual_seed(2)
+    d, S = 8, 3
+    cfg = PolicyConfig(k=6, prefix=2, train_chunk=2, samples=S, history=2, reward="text-sim")
+    tokens = [list(range(10 * i, 10 * i + (12 if i % 2 else 5))) for i in range(6)]  # odd items are long
+    cat = Catalogue(tokens, torch.randn(6, d), [torch.randn(len(t), d).half() for t in tokens])
+    basis = torch.randn(100, d)
+    pooled = lambda toks: basis[toks].mean(0)  # noqa: E731  a vector that depends on which tokens are kept
+    monkeypatch.setattr(stage2, "mean_pool_tokens", lambda llm, lists, specials: torch.stack([pooled(t) for t in lists]))
+    ref = torch.nn.functional.normalize(torch.randn(6, d), dim=-1)
+    batch = [([0, 1, 2, 3], 5), ([5, 2, 1], 0)]
+    negs = torch.tensor([1, 2, 4])
+    head = PolicyHead(d)
+    ce, lp, _ = stage2._textsim_rewards(None, head, cat, batch, negs, ref, cfg, 0.1, torch.Generator().manual_seed(0))
+    occ = [(0, 1, 1), (0, 3, 3), (0, 4, 5), (1, 2, 1)]  # item 5 at position 0 of user 1 has no history: left out
+    assert ce.shape == lp.shape == (S, len(occ))
+    logp, _ = stage2.policy_logp(head, cat, [i for *_, i in occ], cfg.prefix)
+    gen = torch.Generator().manual_seed(0)
+    masks, _ = stage2._sample(head, cat, [i for *_, i in occ], S, cfg, gen)  # the same draw as inside
+    for s in range(S):
+        for o, (b, pos, i) in enumerate(occ):
+            kept = [t for t, keep in zip(tokens[i], masks[s, o]) if keep]
+            assert len(kept) == cfg.k
+            seq = (batch[b][0] + [batch[b][1]])[:pos][-cfg.history :]
+            u = torch.nn.functional.normalize(ref[seq].mean(0), dim=-1)
+            p = torch.nn.functional.normalize(pooled(kept), dim=-1)
+            logits = torch.cat([(u @ p)[None], torch.stack([u @ ref[n] if n != i else torch.tensor(-math.inf) for n in negs.tolist()])]) / 0.1
+            assert torch.allclose(ce[s, o], -torch.log_softmax(logits, 0)[0], atol=1e-5)
+            assert torch.allclose(lp[s, o], (logp[o, : len(tokens[i])] * masks[s, o, : len(tokens[i])]).sum(), atol=1e-5)

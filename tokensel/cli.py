@@ -117,7 +117,7 @@ def train(
     select_chunk: Annotated[int, typer.Option()] = 8,
     samples: Annotated[int, typer.Option(help="Sampled subsets per history (2 = the paper's pair).")] = 2,
     objective: Annotated[str, typer.Option(help="paper | bounded")] = "bounded",
-    reward: Annotated[str, typer.Option(help="history (paper: CE of the next item from sampled history subsets) | credit (the same CE, one history item varied at a time, the rest full text) | credit-both (credit plus the subset as the positive after the items before it) | item (subset close to the full-text embedding) | target (sampled subsets of the next item, everything compressed)")] = "history",
+    reward: Annotated[str, typer.Option(help="history (paper: CE of the next item from sampled history subsets) | credit (the same CE, one history item varied at a time, the rest full text) | credit-both (credit plus the subset as the positive after the items before it) | item (subset close to the full-text embedding) | target (sampled subsets of the next item, everything compressed) | text-sim (subsets as the positive of the training-free text-sim scorer)")] = "history",
     negatives: Annotated[int, typer.Option()] = 128,
     history: Annotated[int, typer.Option()] = 10,
     max_users: Annotated[Optional[int], typer.Option(help="Stage 2 on at most this many users.")] = None,

@@ -80,7 +80,7 @@ class PolicyConfig:
     batch_size: int = 32
     samples: int = 2  # subsets per history; 2 is the paper's pair, more gives rank-based rewards
     objective: str = "bounded"  # paper | bounded
-    reward: str = "history"  # history: the paper's CE of the next item | credit: the same CE, one history item's subset varied at a time | credit-both: credit + the subset as the positive after the items before it | item: subset stays close to the full-text embedding | target: subsets of the next item, everything compressed
+    reward: str = "history"  # history: the paper's CE of the next item | credit: the same CE, one history item's subset varied at a time | credit-both: credit + the subset as the positive after the items before it | item: subset stays close to the full-text embedding | target: subsets of the next item, everything compressed | text-sim: subsets as the positive under text-sim
     beta: float = 1.0
     seed: int = 0
     max_users: int | None = None

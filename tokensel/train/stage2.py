@@ -8,7 +8,8 @@ r = +1 if CE' <= CE'' else -1. Objectives on d = log P(I') - log P(I''):
     paper    maximise r * d                      (eq. 16, linear and unbounded)
     bounded  minimise -log sigmoid(beta * r * d)
 Tokens shared by both subsets cancel in d, so they get no gradient (Theorem 1).
-Other rewards (`reward`): credit and credit-both (one history item varied at a time), item, target; see each function.
+Other rewards (`reward`): credit and credit-both (one history item varied at a time), item, target,
+text-sim (the subset as the positive under the training-free text-sim scorer); see each function.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from tokensel.config import PolicyConfig
 from tokensel.evaluate.metrics import per_user_metrics, rank_users
+from tokensel.evaluate.recommenders import history_means, mean_pool_tokens
 from tokensel.io.interactions import Histories
 from tokensel.models.item_llm import ItemLLM
 from tokensel.models.user_model import UserModel, pad_histories
@@ -31,7 +33,7 @@ from tokensel.train.common import Catalogue, embed_tokens, infonce, infonce_logi
 from tokensel.train.stage1 import validate
 
 
-REWARDS = ("history", "credit", "credit-both", "item", "target")
+REWARDS = ("history", "credit", "credit-both", "item", "target", "text-sim")
 
 
 def pad_hidden(hidden: list[torch.Tensor], items: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,6 +99,20 @@ def evaluate_compressed(llm: ItemLLM, user: UserModel, head: PolicyHead | None, 
     return {"R@10": m["R@10"], "N@10": m["N@10"]}
 
 
+@torch.no_grad()
+def textsim_table(llm: ItemLLM, head: PolicyHead | None, cat: Catalogue, cfg: PolicyConfig) -> torch.Tensor:
+    """[N, d] unit text-sim vectors (mean-pooled frozen f, specials included) of the kept tokens (first-k when head is None)."""
+    kept = greedy_subsets(head, cat, list(range(len(cat.tokens))), cfg)
+    return F.normalize(mean_pool_tokens(llm, kept, specials=True), dim=-1)
+
+
+def evaluate_textsim(llm: ItemLLM, user: UserModel, head: PolicyHead | None, cat: Catalogue, hist: list[list[int]], tgt: list[int], cfg: PolicyConfig) -> dict[str, float]:
+    """Validation by the training-free text-sim recommender over the compressed catalogue (g unused)."""
+    table = textsim_table(llm, head, cat, cfg)
+    m = per_user_metrics(rank_users(history_means(hist, table, cfg.history), table, tgt, hist))
+    return {"R@10": round(float(m["R@10"].mean()), 3), "N@10": round(float(m["N@10"].mean()), 3)}
+
+
 def sample_masks(scores: torch.Tensor, n: torch.Tensor, samples: int, cfg: PolicyConfig, gen: torch.Generator) -> torch.Tensor:
     """[S, O, L] keep masks: Gumbel-perturbed chunk scores through the selection rule = sampling without replacement."""
     O, C = scores.shape
@@ -150,6 +166,9 @@ def train_stage2(
     # from histories embedded the same way: everything compressed, as the downstream recommender sees it
     ref_table = compressed_table(llm, None, cat, cfg).to(dev) if cfg.reward == "target" else None
     validate = evaluate_compressed if cfg.reward == "target" else evaluate_selection
+    if cfg.reward == "text-sim":  # mean-pooled first-k vectors of the catalogue; validation by text-sim itself
+        ref_table = textsim_table(llm, None, cat, cfg).to(dev)
+        validate = evaluate_textsim
     first_k = validate(llm, user, None, cat, v_h, v_t, cfg)
     start = validate(llm, user, head, cat, v_h, v_t, cfg)
     log({"valid first-k": first_k, "valid policy (start)": start})
@@ -167,6 +186,8 @@ def train_stage2(
             negs = torch.randint(0, n_items, (cfg.negatives,), generator=gen).to(dev)
             if cfg.reward == "target":
                 got = _target_rewards(llm, user, head, cat, batch, tgt, negs, ref_table, cfg, temperature, gen)
+            elif cfg.reward == "text-sim":
+                got = _textsim_rewards(llm, head, cat, batch, negs, ref_table, cfg, temperature, gen)
             elif cfg.reward in ("credit", "credit-both"):
                 got = _credit_rewards(llm, user, head, cat, batch, tgt, negs, item_table, cfg, temperature, gen)
             else:
@@ -205,14 +226,19 @@ def train_stage2(
     return {"epochs": epochs, "steps_logged": len(steps), "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def _embed_subsets(llm: ItemLLM, cat: Catalogue, items: list[int], masks: torch.Tensor) -> torch.Tensor:
-    """[S, O, d] frozen-f embeddings of every sampled subset ([S, O, L] keep masks over items' tokens)."""
-    subsets = []
+def _subset_tokens(cat: Catalogue, items: list[int], masks: torch.Tensor) -> list[list[int]]:
+    """The kept tokens of every sampled subset, sample-major ([S, O, L] keep masks over items' tokens)."""
+    out = []
     for si in range(masks.shape[0]):
         for r, i in enumerate(items):
             t = torch.tensor(cat.tokens[i])
-            subsets.append(t[masks[si, r, : len(t)].cpu()].tolist())
-    emb, _ = embed_tokens(llm, subsets)
+            out.append(t[masks[si, r, : len(t)].cpu()].tolist())
+    return out
+
+
+def _embed_subsets(llm: ItemLLM, cat: Catalogue, items: list[int], masks: torch.Tensor) -> torch.Tensor:
+    """[S, O, d] frozen-f [ITEM] embeddings of every sampled subset."""
+    emb, _ = embed_tokens(llm, _subset_tokens(cat, items, masks))
     return emb.to(masks.device).reshape(masks.shape[0], len(items), -1)
 
 
@@ -335,3 +361,33 @@ def _target_rewards(llm, user, head, cat, batch, tgt, negs, ref_table, cfg, temp
         t = tgt[pick]
         ce = torch.stack([infonce(infonce_logits(eu, emb[si], ref_table[negs], temperature, t, negs)) for si in range(cfg.samples)])
     return ce, lp, ce
+
+
+def _textsim_rewards(llm, head, cat, batch, negs, ref_table, cfg, temperature, gen):
+    """Text-sim reward: sampled subsets of every long item that follows at least one item in a training
+    sequence (history items and the next item) stand as the positive of the training-free text-sim
+    scorer: user = mean of the unit text-sim vectors of the (first-k) items before it, InfoNCE against
+    shared first-k negatives. f and g's [ITEM] readout are not involved: this is the representation
+    under which retrained recommenders and text-sim alike prefer first-k to random chunks, and a
+    subset's effect here is mostly the item's own (bench/reward_signal, `text-sim` side)."""
+    occ = [(b, pos, i) for b, (h, t) in enumerate(batch) for pos, i in enumerate(list(h) + [t])]
+    occ = [o for o in occ if o[1] > 0 and len(cat.tokens[o[2]]) > cfg.k]
+    if not occ:
+        return None
+    items = [i for _, _, i in occ]
+    masks, lp = _sample(head, cat, items, cfg.samples, cfg, gen)
+    with torch.no_grad():
+        seqs = [(list(batch[b][0]) + [batch[b][1]])[:pos] for b, pos, _ in occ]
+        pooled = mean_pool_tokens(llm, _subset_tokens(cat, items, masks), specials=True).to(ref_table.device)
+        ce = textsim_positive_ce(pooled.reshape(cfg.samples, len(items), -1), seqs, items, negs, ref_table, cfg.history, temperature)
+    return ce, lp, ce
+
+
+@torch.no_grad()
+def textsim_positive_ce(emb: torch.Tensor, seqs: list[list[int]], items: list[int], negs: torch.Tensor, ref_table: torch.Tensor, history: int, temperature: float) -> torch.Tensor:
+    """[S, O] InfoNCE CE of each subset vector emb[s, o] (mean-pooled) as the positive after seqs[o], the
+    items before it, text-sim style: the user is the unit mean of their last `history` rows of ref_table
+    (unit vectors), scores are cosines / temperature, shared negatives with the item itself masked."""
+    users = F.normalize(history_means(seqs, ref_table, history), dim=-1)  # [O, d]
+    ids = torch.tensor(items, device=ref_table.device)
+    return torch.stack([infonce(infonce_logits(users, e, ref_table[negs], temperature, ids, negs)) for e in emb])
