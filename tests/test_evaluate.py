@@ -230,6 +230,9 @@ def test_cli_json_and_parquet(files, tiny, tmp_path):
                                   "--recommender", "text-sim", "--seeds", "1", "--model", tiny, "--device", "cpu", "--out", str(out)])
         assert res.exit_code == 0, res.output
         assert out.exists()
+        # not a terminal: the table is printed wide, one line per file with its name and its p-values
+        row = next(line for line in res.output.splitlines() if line.startswith("│") and files["random"].name in line)
+        assert row.count("│") == 10 and row.rstrip().endswith("│"), row
     rows = json.loads((tmp_path / "r.json").read_text())
     _check_contract(rows, [files["first"], files["random"]], "text-sim", [0])
     t = pq.read_table(tmp_path / "r.parquet").to_pydict()

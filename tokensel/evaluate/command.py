@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -77,7 +78,7 @@ def evaluate_command(
     except TokenselError as exc:
         err.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(2) from None
-    Console().print(results_table(ev))
+    Console(width=None if sys.stdout.isatty() else 200).print(results_table(ev))  # piped into a log: one line per file
     if out is not None:
         write_results(ev, out)
         err.print(f"results written to {out}")
