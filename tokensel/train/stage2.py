@@ -162,13 +162,14 @@ def train_stage2(
     n_items = cat.item.shape[0]
     item_table = cat.item.to(dev)
     t0 = time.perf_counter()
-    # the target reward ranks a sampled subset of the target against first-k embeddings of the catalogue,
-    # from histories embedded the same way: everything compressed, as the downstream recommender sees it
-    ref_table = compressed_table(llm, None, cat, cfg).to(dev) if cfg.reward == "target" else None
-    validate = evaluate_compressed if cfg.reward == "target" else evaluate_selection
-    if cfg.reward == "text-sim":  # mean-pooled first-k vectors of the catalogue; validation by text-sim itself
-        ref_table = textsim_table(llm, None, cat, cfg).to(dev)
-        validate = evaluate_textsim
+    # target and text-sim rank a sampled subset against a first-k catalogue, from histories embedded the
+    # same way (everything compressed, as downstream), and validate over the compressed catalogue
+    if cfg.reward == "target":
+        ref_table, validate = compressed_table(llm, None, cat, cfg).to(dev), evaluate_compressed
+    elif cfg.reward == "text-sim":  # mean-pooled vectors; validation by text-sim itself
+        ref_table, validate = textsim_table(llm, None, cat, cfg).to(dev), evaluate_textsim
+    else:
+        ref_table, validate = None, evaluate_selection
     first_k = validate(llm, user, None, cat, v_h, v_t, cfg)
     start = validate(llm, user, head, cat, v_h, v_t, cfg)
     log({"valid first-k": first_k, "valid policy (start)": start})
