@@ -108,8 +108,12 @@ def textsim_table(llm: ItemLLM, head: PolicyHead | None, cat: Catalogue, cfg: Po
 
 def evaluate_textsim(llm: ItemLLM, user: UserModel, head: PolicyHead | None, cat: Catalogue, hist: list[list[int]], tgt: list[int], cfg: PolicyConfig) -> dict[str, float]:
     """Validation by the training-free text-sim recommender over the compressed catalogue (g unused)."""
-    table = textsim_table(llm, head, cat, cfg)
-    m = per_user_metrics(rank_users(history_means(hist, table, cfg.history), table, tgt, hist))
+    return textsim_metrics(textsim_table(llm, head, cat, cfg), hist, tgt, cfg.history)
+
+
+def textsim_metrics(table: torch.Tensor, hist: list[list[int]], tgt: list[int], history: int) -> dict[str, float]:
+    """Text-sim R@10 / N@10 over a given table of unit item vectors (users = mean of their last `history` rows)."""
+    m = per_user_metrics(rank_users(history_means(hist, table, history), table, tgt, hist))
     return {"R@10": round(float(m["R@10"].mean()), 3), "N@10": round(float(m["N@10"].mean()), 3)}
 
 
@@ -170,7 +174,8 @@ def train_stage2(
         ref_table, validate = textsim_table(llm, None, cat, cfg).to(dev), evaluate_textsim
     else:
         ref_table, validate = None, evaluate_selection
-    first_k = validate(llm, user, None, cat, v_h, v_t, cfg)
+    # text-sim's first-k validation ranks over the reference table itself: no second mean-pool of the catalogue
+    first_k = textsim_metrics(ref_table, v_h, v_t, cfg.history) if cfg.reward == "text-sim" else validate(llm, user, None, cat, v_h, v_t, cfg)
     start = validate(llm, user, head, cat, v_h, v_t, cfg)
     log({"valid first-k": first_k, "valid policy (start)": start})
     steps = []
