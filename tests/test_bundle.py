@@ -8,7 +8,7 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from tokensel import __version__, api
 from tokensel.compress import CompressOptions, compress_file
@@ -143,6 +143,43 @@ def test_bundle_without_policy(stage1_bundle, tiny_bundle, tmp_path):
     # without the policy requirement it loads (as stage 2 alone does)
     b = Bundle.from_pretrained(stage1_bundle, need_policy=False)
     assert b.policy is None and b.user_model is not None
+
+
+def compress_with(tmp_path, bundle, name, strategy, **kw):
+    out = tmp_path / name
+    summary = api.compress(ITEMS, out, k=K, chunk=CHUNK, prefix=PREFIX, strategy=strategy, policy=bundle, device="cpu", **kw)
+    return pq.read_table(out), summary
+
+
+def test_item_align_needs_only_stage1_and_keeps_the_contract(stage1_bundle, tiny_bert, tmp_path):
+    table, _ = compress_with(tmp_path, stage1_bundle, "a.parquet", "item-align")
+    check_contract(tmp_path / "a.parquet", ITEMS, tiny_bert, K)
+    meta = read_metadata(tmp_path / "a.parquet")
+    assert meta["strategy"] == "item-align" and meta["policy_hash"] == bundle_hash(stage1_bundle)
+    again, _ = compress_with(tmp_path, stage1_bundle, "b.parquet", "item-align", batch_rows=5, cache=False)
+    assert table.equals(again)
+
+
+def test_item_align_is_the_policy_rule_with_identity_projections(tiny_bundle, tmp_path):
+    """Same selection as the `policy` strategy over a copy of the bundle whose head is W_Q = W_K = I,
+    and not the trained head's selection."""
+    ident = shutil.copytree(tiny_bundle, tmp_path / "ident")
+    d = load_file(tiny_bundle / "policy.safetensors")["w_q"].shape[0]
+    save_file({"w_q": torch.eye(d), "w_k": torch.eye(d)}, ident / "policy.safetensors")
+    aligned, _ = compress_with(tmp_path, tiny_bundle, "align.parquet", "item-align")
+    identity_policy, _ = compress_with(tmp_path, ident, "ident.parquet", "policy")
+    trained, _ = compress_with(tmp_path, tiny_bundle, "trained.parquet", "policy")
+    assert aligned.column("positions").equals(identity_policy.column("positions"))
+    assert not aligned.column("positions").equals(trained.column("positions")), "stage 2 changed no selection"
+
+
+def test_item_align_and_policy_do_not_share_cache_entries(tiny_bundle, tmp_path):
+    cache = tmp_path / "shared.sqlite"
+    compress_with(tmp_path, tiny_bundle, "p.parquet", "policy", cache=cache)
+    cached, summary = compress_with(tmp_path, tiny_bundle, "a.parquet", "item-align", cache=cache)
+    fresh, _ = compress_with(tmp_path, tiny_bundle, "b.parquet", "item-align", cache=False)
+    assert summary.reused == 0 and summary.computed > 0
+    assert cached.column("positions").equals(fresh.column("positions"))
 
 
 def test_stage2_alone_continues_a_stage1_bundle(stage1_bundle, tmp_path):

@@ -17,7 +17,7 @@ from tokensel.errors import TokenselError
 from tokensel.io.items import open_parquet
 from tokensel.models.item_llm import DEFAULT_MODEL, ItemLLM
 from tokensel.policy.bundle import DEFAULT_BUNDLE, Bundle
-from tokensel.strategies import STRATEGIES, FirstK, Policy, RandomChunks, Rarity, TopkLogits
+from tokensel.strategies import BUNDLE_STRATEGIES, STRATEGIES, FirstK, ItemAlign, Policy, RandomChunks, Rarity, TopkLogits
 from tokensel.train.pipeline import train  # noqa: F401  (re-exported)
 
 
@@ -35,9 +35,11 @@ def load_selector(
         raise TokenselError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
-    if strategy == "policy":
-        bundle = Bundle.from_pretrained(policy, model=model, device=dev, dtype=dt)
+    if strategy in BUNDLE_STRATEGIES:
+        bundle = Bundle.from_pretrained(policy, model=model, device=dev, dtype=dt, need_policy=strategy == "policy")
         prov = {"model": bundle.config.identity.get("name"), "policy": str(bundle.path), "policy_hash": bundle.hash}
+        if strategy == "item-align":
+            return bundle.item_llm, ItemAlign(bundle.item_llm.hidden_size, dev), prov, bundle.config.text
         return bundle.item_llm, Policy(bundle.policy, bundle.config.policy.prefix), prov, bundle.config.text
     name = model or DEFAULT_MODEL
     llm = ItemLLM.from_pretrained(name, lm_head=strategy == "topk-logits", device=dev, dtype=dt)

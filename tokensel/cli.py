@@ -34,7 +34,7 @@ def compress(
     k: Annotated[int, typer.Option(help="Tokens kept per item (the budget).")] = 64,
     chunk: Annotated[int, typer.Option(help="Selection chunk size in tokens.")] = 8,
     prefix: Annotated[int, typer.Option(help="Leading tokens always kept.")] = 16,
-    strategy: Annotated[str, typer.Option(help="policy | first-k | random | rarity | topk-logits")] = "policy",
+    strategy: Annotated[str, typer.Option(help="policy | item-align (the policy rule with W_Q = W_K = I: needs only stage 1) | first-k | random | rarity | topk-logits")] = "policy",
     policy: Annotated[Optional[Path], typer.Option(help="Trained bundle folder (default: the one shipped with tokensel).")] = None,
     model: Annotated[Optional[str], typer.Option(help="Item LLM: hub id or folder (default: the bundle's model, or all-MiniLM-L6-v2).")] = None,
     id_col: Annotated[Optional[str], typer.Option(help="Item id column.")] = None,
@@ -56,7 +56,7 @@ def compress(
 ) -> None:
     """Compress every item's text to K tokens and write Parquet.
 
-    With a forward-pass strategy (policy, topk-logits) finished items are kept in a selection cache
+    With a forward-pass strategy (policy, item-align, topk-logits) finished items are kept in a selection cache
     beside the output, so re-running the same command after an interruption resumes, and re-running
     it on an updated catalogue recomputes only the items whose text changed.
     """

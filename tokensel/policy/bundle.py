@@ -167,7 +167,7 @@ class Bundle:
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise TokenselError(f"{cfg_file}: unreadable bundle config ({exc})") from None
         if need_policy and not (path / "policy.safetensors").exists():
-            raise TokenselError(f"{path}: the bundle has no policy yet (stage 2 has not run): tokensel train --stage 2")
+            raise TokenselError(f"{path}: the bundle has no policy yet (stage 2 has not run): tokensel train --stage 2, or compress with --strategy item-align (needs only stage 1)")
         name = model or config.item.base_model
         llm = ItemLLM.from_pretrained(name, item_token=config.item.item_token, lm_head=lm_head, device="cpu", dtype=torch.float32)
         check_identity(config.identity, llm.identity(), path, name)
