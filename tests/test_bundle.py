@@ -265,6 +265,19 @@ def test_stage2_training_is_reproducible(stage1_bundle, tmp_path):
     assert torch.equal(wa["w_q"], wb["w_q"]) and torch.equal(wa["w_k"], wb["w_k"])
 
 
+def test_stage1_training_is_reproducible(tiny_bert, tmp_path):
+    """The same seed gives the same bundle whatever the process's global RNG state (g is built seeded)."""
+    weights = []
+    for name in ("a", "b"):
+        torch.rand(17)  # move the global generator between the runs, as other code in a process would
+        train(ITEMS, INTERACTIONS, tmp_path / name, stages=(1,), item_cfg=ItemModelConfig(base_model=tiny_bert),
+              stage1=Stage1Config(epochs=1, negatives=8, seed=5), **QUIET)
+        weights.append(load_file(tmp_path / name / "user_model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+
+
 def test_stage1_with_lora_writes_an_adapter_that_loads_back(tiny_bert, tmp_path):
     out = tmp_path / "lora"
     trained = train(ITEMS, INTERACTIONS, out, stages=(1,), item_cfg=ItemModelConfig(base_model=tiny_bert, tuning="lora", lora_layers=1),

@@ -77,6 +77,7 @@ def train(
         user_cfg, stage1 = user_cfg or UserModelConfig(), stage1 or Stage1Config()
         llm = ItemLLM.from_pretrained(item_cfg.base_model, item_token=item_cfg.item_token, device=dev)
         llm.set_template(text.template)
+        torch.manual_seed(stage1.seed)  # g's initial weights come from the global generator: same seed, same bundle
         user = UserModel(llm.hidden_size, user_cfg)
     else:
         if not (out / "config.json").exists():
