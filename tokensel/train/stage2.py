@@ -95,7 +95,12 @@ def compressed_table(llm: ItemLLM, head: PolicyHead | None, cat: Catalogue, cfg:
 
 def evaluate_compressed(llm: ItemLLM, user: UserModel, head: PolicyHead | None, cat: Catalogue, hist: list[list[int]], tgt: list[int], cfg: PolicyConfig) -> dict[str, float]:
     """Validation as downstream sees it: histories AND the ranked catalogue embedded from the kept tokens."""
-    m = validate(user, compressed_table(llm, head, cat, cfg).to(llm.device), hist, tgt, cfg.history)
+    return compressed_metrics(user, compressed_table(llm, head, cat, cfg).to(llm.device), hist, tgt, cfg.history)
+
+
+def compressed_metrics(user: UserModel, table: torch.Tensor, hist: list[list[int]], tgt: list[int], history: int) -> dict[str, float]:
+    """R@10 / N@10 of g over a given table of compressed item embeddings (histories and ranked catalogue)."""
+    m = validate(user, table, hist, tgt, history)
     return {"R@10": m["R@10"], "N@10": m["N@10"]}
 
 
@@ -168,15 +173,17 @@ def train_stage2(
     t0 = time.perf_counter()
     # target and text-sim rank a sampled subset against a first-k catalogue, from histories embedded the
     # same way (everything compressed, as downstream), and validate over the compressed catalogue
+    # (their first-k validation ranks over that reference table: the catalogue is embedded once)
     if cfg.reward == "target":
-        ref_table, validate = compressed_table(llm, None, cat, cfg).to(dev), evaluate_compressed
+        ref_table, evaluate = compressed_table(llm, None, cat, cfg).to(dev), evaluate_compressed
+        first_k = compressed_metrics(user, ref_table, v_h, v_t, cfg.history)
     elif cfg.reward == "text-sim":  # mean-pooled vectors; validation by text-sim itself
-        ref_table, validate = textsim_table(llm, None, cat, cfg).to(dev), evaluate_textsim
+        ref_table, evaluate = textsim_table(llm, None, cat, cfg).to(dev), evaluate_textsim
+        first_k = textsim_metrics(ref_table, v_h, v_t, cfg.history)
     else:
-        ref_table, validate = None, evaluate_selection
-    # text-sim's first-k validation ranks over the reference table itself: no second mean-pool of the catalogue
-    first_k = textsim_metrics(ref_table, v_h, v_t, cfg.history) if cfg.reward == "text-sim" else validate(llm, user, None, cat, v_h, v_t, cfg)
-    start = validate(llm, user, head, cat, v_h, v_t, cfg)
+        ref_table, evaluate = None, evaluate_selection
+        first_k = evaluate(llm, user, None, cat, v_h, v_t, cfg)
+    start = evaluate(llm, user, head, cat, v_h, v_t, cfg)
     log({"valid first-k": first_k, "valid policy (start)": start})
     steps = []
     epochs = [{"epoch": 0, "policy": start, "first_k": first_k}]
@@ -224,7 +231,7 @@ def train_stage2(
             steps.append({"epoch": epoch, "objective": objective.item(), "reward_rate": torch.stack(agree).mean().item()})
         row = {k: round(v / max(acc["n"], 1), 4) for k, v in acc.items() if k != "n"}
         row.update({"epoch": epoch, "seconds": round(time.perf_counter() - t0, 1)})
-        row["policy"] = validate(llm, user, head, cat, v_h, v_t, cfg)
+        row["policy"] = evaluate(llm, user, head, cat, v_h, v_t, cfg)
         row["first_k"] = first_k
         epochs.append(row)
         log(row)
