@@ -107,7 +107,7 @@ def items(tmp_path_factory):
 
 def compress(items, out, bundle, **kw):
     kw = {"k": K, "chunk": CHUNK, "prefix": PREFIX, "strategy": "policy", "device": "cpu", "cache": False, **kw}
-    if kw["strategy"] == "policy":
+    if kw["strategy"] in ("policy", "item-align"):
         kw["policy"] = bundle
     else:
         kw["model"] = str(bundle) if kw.get("model") is None else kw["model"]
@@ -334,5 +334,11 @@ def test_ray_engine_output_equals_the_local_engine_row_for_row(tmp_path, items, 
         compress(items, a, None, strategy="random", model=model_dir, engine="ray", passthrough=["price"], limit=77, batch_rows=10)
         compress(items, b, None, strategy="random", model=model_dir, passthrough=["price"], limit=77)
         assert pq.read_table(a).equals(pq.read_table(b))
+        # item-align: the actors rebuild the identity head from the strategy name alone
+        a, b = tmp_path / "ray_align.parquet", tmp_path / "local_align.parquet"
+        compress(items, a, bundle_dir, strategy="item-align", engine="ray", workers=2, batch_rows=16)
+        compress(items, b, bundle_dir, strategy="item-align")
+        assert pq.read_table(a).equals(pq.read_table(b))
+        assert not pq.read_table(a).column("positions").equals(got.column("positions"))
     finally:
         ray.shutdown()
