@@ -130,8 +130,9 @@ class ItemAlign(Policy):
     """TSPORec's scoring rule without its learned projections: info(t_i) = <h_i, h_[ITEM]> / sqrt(d).
 
     Why offer it: the `[ITEM]` state is what stage 1 trains to stand for the item, so this rule is
-    already informed by the recommendation task; on amazon-scientific laid out description first it
-    did as well as the stage-2 head at k = 32 and better at k = 64 (README), for no stage-2 cost."""
+    already informed by the recommendation task. On amazon-scientific laid out description first it
+    did as well as the stage-2 head at k = 32 and better at k = 64, for no stage-2 cost; laid out
+    title first it was below both first-k and the trained head (README). Measure before choosing."""
 
     name = "item-align"
 
