@@ -222,6 +222,10 @@ def assert_policy_learned(cfg: dict, dim: int, path) -> None:
         assert isinstance(e["objective"], float) and isinstance(e["reward_rate"], float)
         assert 0.0 <= e["reward_rate"] <= 1.0
         assert "policy" in e and "first_k" in e
+        ag = e["agreement"]
+        assert ag["pairs"] > 0 and 0.0 <= ag["rate"] <= 1.0 and 0.0 <= ag["p"] <= 1.0
+        assert abs(ag["rate"] - e["reward_rate"]) < 0.1  # the same agreement, counted per pair instead of per batch
+    assert isinstance(cfg["logs"]["stage2"]["warnings"], list)
 
 
 def test_stage2_moves_the_policy_and_logs_each_epoch(tiny_bundle_trained):

@@ -14,7 +14,7 @@ from tokensel.cli import app
 from tokensel.io.parquet_out import read_metadata
 from tokensel.policy.bundle import bundle_hash
 
-from conftest import ITEMS, check_contract
+from conftest import INTERACTIONS, ITEMS, check_contract
 
 runner = CliRunner()
 
@@ -133,3 +133,16 @@ def test_policy_is_the_default_strategy_and_uses_the_default_bundle(tmp_path, ti
     check_contract(out, ITEMS, tiny_bert, 32)
     cfg = json.loads((tiny_bundle / "config.json").read_text())
     assert meta["max_len"] == cfg["text"]["max_len"] and meta["text_cols"] == cfg["text"]["text_cols"]
+
+
+def test_cli_train_prints_stage2_warnings_then_item_align_uses_the_bundle(tmp_path, tiny_bert):
+    out = tmp_path / "bundle"
+    r = invoke("train", ITEMS, INTERACTIONS, "-o", out, "--model", tiny_bert, "--epochs1", "1", "--epochs2", "1", "--negatives", "8")
+    assert r.exit_code == 0, r.output
+    warnings = json.loads((out / "config.json").read_text())["logs"]["stage2"]["warnings"]
+    flat = "".join(r.output.split())
+    for w in warnings:
+        assert "stage2:" + "".join(w.split()) in flat
+    r = invoke("compress", ITEMS, "-o", tmp_path / "a.parquet", "--strategy", "item-align", "--policy", out, "--k", "24", "--chunk", "4", "--prefix", "4")
+    assert r.exit_code == 0, r.output
+    assert read_metadata(tmp_path / "a.parquet")["strategy"] == "item-align"

@@ -10,6 +10,7 @@ from tokensel.config import PolicyConfig
 from tokensel.policy.head import PolicyHead
 from tokensel.selection import chunk_sums, mask_to_positions
 from tokensel.train.common import Catalogue, infonce, infonce_logits
+from tokensel.train import stage2
 from tokensel.train.stage2 import greedy_subsets, sample_masks
 
 
@@ -197,3 +198,27 @@ def test_textsim_reward_scores_each_subset_as_the_text_sim_positive(monkeypatch)
             logits = torch.cat([(u @ p)[None], torch.stack([u @ ref[n] if n != i else torch.tensor(-math.inf) for n in negs.tolist()])]) / 0.1
             assert torch.allclose(ce[s, o], -torch.log_softmax(logits, 0)[0], atol=1e-5)
             assert torch.allclose(lp[s, o], (logp[o, : len(tokens[i])] * masks[s, o, : len(tokens[i])]).sum(), atol=1e-5)
+
+
+def _log(start, end, rate, pairs, p):
+    return {"epochs": [
+        {"epoch": 0, "policy": {"N@10": start}, "first_k": {"N@10": 3.0}},
+        {"epoch": 1, "policy": {"N@10": end}, "first_k": {"N@10": 3.0}, "agreement": {"rate": rate, "pairs": pairs, "p": p}},
+    ]}
+
+
+def test_stage2_warns_when_the_head_learned_nothing_or_got_worse():
+    assert stage2.stage2_warnings(_log(3.8, 3.9, 0.56, 20000, 1e-9)) == []
+    chance = stage2.stage2_warnings(_log(3.8, 3.9, 0.48, 20000, 0.99))
+    assert len(chance) == 2 and "48.0% of 20,000" in chance[0] and "did not learn" in chance[0]
+    worse = stage2.stage2_warnings(_log(3.824, 3.76, 0.56, 20000, 1e-9))
+    assert len(worse) == 2 and "3.824" in worse[0] and "3.76" in worse[0] and "item-align" in worse[0]
+    assert len(stage2.stage2_warnings(_log(3.8, 3.7, 0.5, 100, 0.5))) == 3
+
+
+def test_agreement_is_a_one_sided_binomial_test():
+    assert stage2.agreement(0, 0) == {"rate": 0.0, "pairs": 0, "p": 1.0}
+    assert stage2.agreement(50, 100)["p"] > 0.4
+    strong = stage2.agreement(600, 1000)
+    assert strong["rate"] == 0.6 and strong["p"] < 1e-9
+    assert stage2.agreement(400, 1000)["p"] > 0.99  # worse than chance is not evidence of learning

@@ -145,6 +145,8 @@ def train(
     except TokenselError as exc:
         _fail(exc)
     out_console.print(f"bundle written to {bundle.path} (hash {bundle.hash})")
+    for w in bundle.config.logs.get("stage2", {}).get("warnings", []):
+        console.print(f"[yellow]stage 2:[/] {w}")
 
 
 @app.command()

@@ -21,7 +21,7 @@ from tokensel.policy.bundle import Bundle, BundleConfig
 from tokensel.policy.head import PolicyHead
 from tokensel.train.common import Catalogue, embed_tokens
 from tokensel.train.stage1 import train_stage1
-from tokensel.train.stage2 import REWARDS, train_stage2
+from tokensel.train.stage2 import REWARDS, stage2_warnings, train_stage2
 
 
 def file_digest(path: Path) -> str:
@@ -123,6 +123,7 @@ def train(
         head = PolicyHead(llm.hidden_size)
         config.logs["stage2"] = train_stage2(llm, user, head, cat, hist, policy, stage1.temperature, log)
         config.logs["stage2"]["seconds_total"] = round(time.perf_counter() - t1, 1)
+        config.logs["stage2"]["warnings"] = stage2_warnings(config.logs["stage2"])  # the CLI prints them
     bundle = Bundle(config, llm, user, head, out)  # path: where a merged LoRA adapter is found again
     bundle.save_pretrained(out)
     return bundle

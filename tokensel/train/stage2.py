@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from scipy import stats
 
 from tokensel.config import PolicyConfig
 from tokensel.evaluate.metrics import per_user_metrics, rank_users
@@ -192,6 +193,7 @@ def train_stage2(
     for epoch in range(1, cfg.epochs + 1):
         rng.shuffle(data)
         acc = {"objective": 0.0, "reward_rate": 0.0, "mean_r": 0.0, "ce": 0.0, "n": 0}
+        agreed = compared = 0  # sampled pairs where the subset the head found likelier had the lower loss
         for s in range(0, len(data), cfg.batch_size):
             batch = data[s : s + cfg.batch_size]
             B = len(batch)
@@ -223,6 +225,7 @@ def train_stage2(
                 opt.step()
             acc["objective"] += objective.item() * B
             acc["reward_rate"] += torch.stack(agree).mean().item() * B
+            agreed, compared = agreed + int(torch.stack(agree).sum().item()), compared + torch.stack(agree).numel()
             acc["mean_r"] += torch.stack([torch.where(loss_of[a] <= loss_of[b], 1.0, -1.0) for a, b in pairs]).mean().item() * B
             acc["ce"] += ce.mean().item() * B
             acc["n"] += B
@@ -230,13 +233,41 @@ def train_stage2(
                 log({"epoch": epoch, "users": acc["n"], "objective": round(acc["objective"] / acc["n"], 4), "reward_rate": round(acc["reward_rate"] / acc["n"], 4), "ce": round(acc["ce"] / acc["n"], 4), "seconds": round(time.perf_counter() - t0, 1)})
             steps.append({"epoch": epoch, "objective": objective.item(), "reward_rate": torch.stack(agree).mean().item()})
         row = {k: round(v / max(acc["n"], 1), 4) for k, v in acc.items() if k != "n"}
-        row.update({"epoch": epoch, "seconds": round(time.perf_counter() - t0, 1)})
+        row.update({"epoch": epoch, "seconds": round(time.perf_counter() - t0, 1), "agreement": agreement(agreed, compared)})
         row["policy"] = evaluate(llm, user, head, cat, v_h, v_t, cfg)
         row["first_k"] = first_k
         epochs.append(row)
         log(row)
     head.eval()
     return {"epochs": epochs, "steps_logged": len(steps), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def agreement(agreed: int, compared: int) -> dict:
+    """How often the head, before its update on a batch, preferred the subset its reward preferred; p is
+    the one-sided binomial test against chance (approximate: pairs of one user are not independent)."""
+    p = stats.binomtest(agreed, compared, 0.5, alternative="greater").pvalue if compared else 1.0
+    return {"rate": round(agreed / max(compared, 1), 4), "pairs": compared, "p": float(f"{p:.3g}")}
+
+
+def stage2_warnings(log: dict) -> list[str]:
+    """What a user should know before using the trained head, read from stage 2's own log."""
+    epochs = log["epochs"]
+    start, last = epochs[0], epochs[-1]
+    out = []
+    ag = last.get("agreement")
+    if ag and ag["pairs"] and ag["p"] > 0.05:
+        out.append(
+            f"in its last epoch the head preferred the subset its reward preferred in {ag['rate']:.1%} of "
+            f"{ag['pairs']:,} sampled pairs (chance 50%, p {ag['p']:.2g}): it did not learn the reward's preference"
+        )
+    if len(epochs) > 1 and last["policy"]["N@10"] < start["policy"]["N@10"]:
+        out.append(
+            f"validation NDCG@10 fell from {start['policy']['N@10']} with the untrained head (= --strategy item-align) "
+            f"to {last['policy']['N@10']} (first-k {start['first_k']['N@10']})"
+        )
+    if out:
+        out.append("compare policy, item-align and first-k downstream (tokensel evaluate, bench/quality) before relying on the policy")
+    return out
 
 
 def _subset_tokens(cat: Catalogue, items: list[int], masks: torch.Tensor) -> list[list[int]]:
