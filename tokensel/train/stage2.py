@@ -224,14 +224,15 @@ def train_stage2(
                 loss.backward()
                 opt.step()
             acc["objective"] += objective.item() * B
-            acc["reward_rate"] += torch.stack(agree).mean().item() * B
-            agreed, compared = agreed + int(torch.stack(agree).sum().item()), compared + torch.stack(agree).numel()
+            won = torch.stack(agree)
+            acc["reward_rate"] += won.mean().item() * B
+            agreed, compared = agreed + int(won.sum().item()), compared + won.numel()
             acc["mean_r"] += torch.stack([torch.where(loss_of[a] <= loss_of[b], 1.0, -1.0) for a, b in pairs]).mean().item() * B
             acc["ce"] += ce.mean().item() * B
             acc["n"] += B
             if len(steps) % 20 == 0:
                 log({"epoch": epoch, "users": acc["n"], "objective": round(acc["objective"] / acc["n"], 4), "reward_rate": round(acc["reward_rate"] / acc["n"], 4), "ce": round(acc["ce"] / acc["n"], 4), "seconds": round(time.perf_counter() - t0, 1)})
-            steps.append({"epoch": epoch, "objective": objective.item(), "reward_rate": torch.stack(agree).mean().item()})
+            steps.append({"epoch": epoch, "objective": objective.item(), "reward_rate": won.mean().item()})
         row = {k: round(v / max(acc["n"], 1), 4) for k, v in acc.items() if k != "n"}
         row.update({"epoch": epoch, "seconds": round(time.perf_counter() - t0, 1), "agreement": agreement(agreed, compared)})
         row["policy"] = evaluate(llm, user, head, cat, v_h, v_t, cfg)
@@ -244,7 +245,8 @@ def train_stage2(
 
 def agreement(agreed: int, compared: int) -> dict:
     """How often the head, before its update on a batch, preferred the subset its reward preferred; p is
-    the one-sided binomial test against chance (approximate: pairs of one user are not independent)."""
+    the one-sided binomial test against chance (ties count as misses, so it errs towards "not learned";
+    approximate: the pairs of one user are not independent)."""
     p = stats.binomtest(agreed, compared, 0.5, alternative="greater").pvalue if compared else 1.0
     return {"rate": round(agreed / max(compared, 1), 4), "pairs": compared, "p": float(f"{p:.3g}")}
 
