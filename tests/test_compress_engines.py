@@ -20,7 +20,7 @@ from tokensel.compress import CompressOptions, IdSet, dummy_rows, forward_batche
 from tokensel.errors import TokenselError
 from tokensel.io.parquet_out import read_metadata
 from tokensel.models.item_llm import ItemLLM
-from tokensel.strategies import Policy
+from tokensel.strategies import BUNDLE_STRATEGIES, Policy
 
 K, CHUNK, PREFIX = 24, 4, 6
 N_ITEMS = 120
@@ -107,7 +107,7 @@ def items(tmp_path_factory):
 
 def compress(items, out, bundle, **kw):
     kw = {"k": K, "chunk": CHUNK, "prefix": PREFIX, "strategy": "policy", "device": "cpu", "cache": False, **kw}
-    if kw["strategy"] in ("policy", "item-align"):
+    if kw["strategy"] in BUNDLE_STRATEGIES:
         kw["policy"] = bundle
     else:
         kw["model"] = str(bundle) if kw.get("model") is None else kw["model"]
@@ -164,7 +164,7 @@ def test_an_items_scores_are_bit_identical_alone_or_in_any_batch(model_dir, bund
     from tokensel.policy.bundle import Bundle
 
     b = Bundle.from_pretrained(bundle_dir)
-    llm, strat = b.item_llm, Policy(b.policy, PREFIX)
+    llm, strat = b.item_llm, Policy(b.policy)
     toks = llm.tokenize([f"title: {t} description: {d}" for t, d in make_texts()], 256)
     opts = CompressOptions(k=K, chunk=CHUNK, prefix=PREFIX)
     lengths = np.array([len(t) for t in toks])

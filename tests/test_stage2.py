@@ -93,7 +93,6 @@ def test_infonce_masks_a_negative_equal_to_the_positive():
 def test_credit_reward_varies_one_history_item_at_a_time(monkeypatch):
     """Each (sample, occurrence) CE must be the target's CE under the FULL-text history with only that
     occurrence's item swapped for that sample's subset embedding, and log P must be that subset's."""
-    import tokensel.train.stage2 as stage2
     from tokensel.config import UserModelConfig
     from tokensel.models.user_model import UserModel, pad_histories
 
@@ -134,7 +133,6 @@ def test_credit_reward_varies_one_history_item_at_a_time(monkeypatch):
 
 
 def test_credit_both_adds_the_subset_as_the_positive_after_the_items_before_it(monkeypatch):
-    import tokensel.train.stage2 as stage2
     from tokensel.config import UserModelConfig
     from tokensel.models.user_model import UserModel, pad_histories
 
@@ -168,7 +166,6 @@ def test_textsim_reward_scores_each_subset_as_the_text_sim_positive(monkeypatch)
     """Every long item after position 0 (history items and the next item) is an occurrence; its CE is
     text-sim's: user = unit mean of the last `history` reference vectors before it, the subset's own
     mean-pooled vector as the positive, shared negatives with the item itself masked."""
-    import tokensel.train.stage2 as stage2
 
     torch.manual_seed(2)
     d, S = 8, 3

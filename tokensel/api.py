@@ -40,7 +40,7 @@ def load_selector(
         prov = {"model": bundle.config.identity.get("name"), "policy": str(bundle.path), "policy_hash": bundle.hash}
         if strategy == "item-align":
             return bundle.item_llm, ItemAlign(bundle.item_llm.hidden_size, dev), prov, bundle.config.text
-        return bundle.item_llm, Policy(bundle.policy, bundle.config.policy.prefix), prov, bundle.config.text
+        return bundle.item_llm, Policy(bundle.policy), prov, bundle.config.text
     name = model or DEFAULT_MODEL
     llm = ItemLLM.from_pretrained(name, lm_head=strategy == "topk-logits", device=dev, dtype=dt)
     sel = {"first-k": lambda: FirstK(), "random": lambda: RandomChunks(seed), "rarity": lambda: Rarity({}, 0), "topk-logits": lambda: TopkLogits()}[strategy]()

@@ -116,9 +116,8 @@ class Policy(Strategy):
     name = "policy"
     needs_forward = True
 
-    def __init__(self, head: PolicyHead, train_prefix: int | None):
+    def __init__(self, head: PolicyHead):
         self.head = head
-        self.train_prefix = train_prefix
 
     def chunk_scores(self, token_lists, keys, enc, prefix, chunk):
         assert enc is not None
@@ -137,4 +136,4 @@ class ItemAlign(Policy):
     name = "item-align"
 
     def __init__(self, dim: int, device: torch.device | str | None = None):
-        super().__init__(PolicyHead(dim).to(device).eval(), train_prefix=None)
+        super().__init__(PolicyHead(dim).to(device).eval())
