@@ -202,6 +202,15 @@ def test_missing_file(tmp_path, out, tiny_bert):
     assert_failed_cleanly(r, out, str(tmp_path / "nope.parquet"))
 
 
+def test_messages_are_printed_verbatim_not_as_markup(tmp_path, out, tiny_bert):
+    """Rich would read `[v2]` in a path, or `[notes]` in a column name, as a style tag and drop it."""
+    missing = tmp_path / "items[v2].parquet"
+    assert_failed_cleanly(compress_cli(missing, out, tiny_bert), out, str(missing))
+    path = write_items(tmp_path / "items.parquet", rows())
+    r = compress_cli(path, out, tiny_bert, "--text-cols", "title,[notes]")
+    assert_failed_cleanly(r, out, "[notes]")
+
+
 def test_random_bytes_file(tmp_path, out, tiny_bert):
     path = tmp_path / "noise.parquet"
     path.write_bytes(random.Random(0).randbytes(4096))

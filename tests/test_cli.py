@@ -109,6 +109,22 @@ def test_inspect_errors(rarity_file, tmp_path):
     assert r.exit_code == 2 and "junk.parquet: not a readable Parquet file" in " ".join(r.output.split())
 
 
+@pytest.mark.parametrize("command", ["compress", "train", "inspect", "info", "evaluate"])
+def test_help_shows_every_bracketed_word(command):
+    """Help is rendered as rich markup: a bare `[ray]` would vanish from `pip install 'tokensel[ray]'`."""
+    import re
+
+    import typer.main
+
+    params = typer.main.get_command(app).commands[command].params
+    shown = "".join(runner.invoke(app, [command, "--help"], env={"COLUMNS": "100"}).output.split())
+    words = [w for p in params for w in re.findall(r"\[[^\]]*\]", (getattr(p, "help", None) or "").replace("\\[", "["))]
+    for w in words:
+        assert "".join(w.split()) in shown, f"{command} --help lost {w!r}"
+    if command == "compress":
+        assert "tokensel[ray]" in shown
+
+
 def test_info(tiny_bundle):
     r = invoke("info", tiny_bundle)
     assert r.exit_code == 0, r.output

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tokensel.errors import TokenselError
@@ -23,7 +24,7 @@ def _cols(value: str) -> list[str]:
 
 
 def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
+    console.print(f"[bold red]error:[/] {escape(str(exc))}")
     raise typer.Exit(2)
 
 
@@ -51,7 +52,7 @@ def compress(
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA) | fp32 | bf16 | fp16")] = "auto",
     cache: Annotated[Optional[Path], typer.Option(help="Selection cache file (default: <out>.cache.sqlite). Makes runs resumable: an interrupted run continues where it stopped, and a re-run scores only new or changed items.")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the selection cache.")] = False,
-    engine: Annotated[str, typer.Option(help="local | ray (Ray Data with --workers model actors; pip install 'tokensel[ray]').")] = "local",
+    engine: Annotated[str, typer.Option(help="local | ray (Ray Data with --workers model actors; pip install 'tokensel\\[ray]').")] = "local",  # \\[ escapes rich markup
     workers: Annotated[int, typer.Option(help="Model actors for --engine ray.")] = 2,
 ) -> None:
     """Compress every item's text to K tokens and write Parquet.
@@ -72,14 +73,14 @@ def compress(
         )
     except TokenselError as exc:
         _fail(exc)
-    t = Table(title=f"tokensel compress: {summary.out}", show_header=False)
+    t = Table(title=f"tokensel compress: {escape(str(summary.out))}", show_header=False)
     t.add_row("items", f"{summary.items:,}")
     t.add_row("empty texts (written as empty rows)", f"{summary.empty:,}")
     t.add_row("texts with <= k tokens (kept whole)", f"{summary.shorter_than_k:,}")
     t.add_row("texts with > k tokens (selected)", f"{summary.scored:,}")
     if summary.cache:
         t.add_row("  scored in this run", f"{summary.computed:,}")
-        t.add_row("  reused from the cache", f"{summary.reused:,} ({summary.cache})")
+        t.add_row("  reused from the cache", f"{summary.reused:,} ({escape(str(summary.cache))})")
     t.add_row("tokens in", f"{summary.tokens_in:,}")
     t.add_row("tokens out", f"{summary.tokens_out:,}")
     t.add_row("ratio out/in", f"{summary.ratio:.3f}")
@@ -140,13 +141,13 @@ def train(
             stage1=Stage1Config(epochs=epochs1, lr=lr1, item_lr=item_lr, negatives=negatives, history=history, seed=seed),
             policy=PolicyConfig(prefix=prefix, k=k, train_chunk=train_chunk, select_chunk=select_chunk, epochs=epochs2, lr=lr2, negatives=negatives, history=history, samples=samples, objective=objective, reward=reward, seed=seed, max_users=max_users),
             columns=(user_col, item_col, order_col), device=device,
-            log=lambda row: console.print(json.dumps(row)),
+            log=lambda row: console.print(json.dumps(row), markup=False, highlight=False, soft_wrap=True),
         )
     except TokenselError as exc:
         _fail(exc)
-    out_console.print(f"bundle written to {bundle.path} (hash {bundle.hash})")
+    out_console.print(f"bundle written to {bundle.path} (hash {bundle.hash})", markup=False)
     for w in bundle.config.logs.get("stage2", {}).get("warnings", []):
-        console.print(f"[yellow]stage 2:[/] {w}")
+        console.print(f"[yellow]stage 2:[/] {escape(w)}")
 
 
 @app.command()
@@ -177,7 +178,7 @@ def info(bundle: Annotated[Optional[Path], typer.Argument(help="Bundle folder (d
     if not cfg.exists():
         _fail(TokenselError(f"{path}: not a tokensel bundle (no config.json)"))
     out_console.print_json(cfg.read_text())
-    out_console.print(f"hash {bundle_hash(path)}")
+    out_console.print(f"hash {bundle_hash(path)}", markup=False)
 
 
 from tokensel.evaluate.command import evaluate_command

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -143,19 +144,19 @@ def colour_item(view: ItemView) -> Text:
 
 def render(report: Report, console: Console) -> None:
     m = report.meta
-    console.print(f"[bold]{m.get('strategy')}[/] k={m['k']} chunk={m['chunk']} prefix={m['prefix']} model={m.get('model')} policy={m.get('policy_hash')}")
+    console.print(f"[bold]{m.get('strategy')}[/] " + escape(f"k={m['k']} chunk={m['chunk']} prefix={m['prefix']} model={m.get('model')} policy={m.get('policy_hash')}"))
     console.print("[bold green]green[/]: kept only by the selection   [bold blue]blue[/]: kept only by first-k   plain: both   [dim]dim[/]: neither")
     for v in report.views:
-        console.rule(f"item {v.item_id}: {len(v.kept & v.first_k)}/{len(v.first_k)} tokens shared with first-k")
+        console.rule(escape(f"item {v.item_id}: {len(v.kept & v.first_k)}/{len(v.first_k)} tokens shared with first-k"))
         console.print(colour_item(v))
     console.rule("whole file")
     console.print(f"items {report.items:,}; longer than k: {report.compressed_items:,}; mean overlap with first-k: {100 * report.overlap:.1f}%")
     if report.first_field and report.compressed_items:
         c = report.compressed_items
         console.print(
-            f"first text column {report.first_field!r}: the selection drops part of it for {report.field_cut:,} of these items "
+            escape(f"first text column {report.first_field!r}: the selection drops part of it for {report.field_cut:,} of these items "
             f"({100 * report.field_cut / c:.1f}%, {report.field_cut_tokens / c:.1f} tokens per item); first-k cuts it for "
-            f"{report.field_cut_first_k:,} ({100 * report.field_cut_first_k / c:.1f}%, where it is longer than k)"
+            f"{report.field_cut_first_k:,} ({100 * report.field_cut_first_k / c:.1f}%, where it is longer than k)")
         )
     t = Table(title="frequent first-k tokens the selection drops most (figure 4)")
     t.add_column("token")
@@ -163,11 +164,11 @@ def render(report: Report, console: Console) -> None:
     t.add_column("kept", justify="right")
     t.add_column("kept %", justify="right")
     for tok, c, kept in report.dropped:
-        t.add_row(tok, str(c), str(kept), f"{100 * kept / c:.0f}%")
+        t.add_row(escape(tok), str(c), str(kept), f"{100 * kept / c:.0f}%")
     console.print(t)
     t2 = Table(title="tokens the selection adds beyond first-k")
     t2.add_column("token")
     t2.add_column("times", justify="right")
     for tok, c in report.added:
-        t2.add_row(tok, str(c))
+        t2.add_row(escape(tok), str(c))
     console.print(t2)

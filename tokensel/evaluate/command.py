@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tokensel.errors import TokenselError
 
@@ -76,9 +77,9 @@ def evaluate_command(
             cache=VectorCache(cache), log=log,
         )
     except TokenselError as exc:
-        err.print(f"[bold red]error:[/] {exc}")
+        err.print(f"[bold red]error:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
     Console(width=None if sys.stdout.isatty() else 200).print(results_table(ev))  # piped into a log: one line per file
     if out is not None:
         write_results(ev, out)
-        err.print(f"results written to {out}")
+        err.print(f"results written to {out}", markup=False)

@@ -335,6 +335,7 @@ def fmt_p(p: float | None) -> str:
 
 def results_table(ev: Evaluation, title: str | None = None):
     """A rich table: one row per file, metrics as mean ± std over seeds, p-values vs the first file."""
+    from rich.markup import escape
     from rich.table import Table
 
     multi = len(ev.files[0].seeds) > 1 and not make_recommender(ev.recommender).deterministic
@@ -350,5 +351,5 @@ def results_table(ev: Evaluation, title: str | None = None):
     for f, name in zip(ev.files, names):
         cells = [f"{f.metrics[m]:.2f}" + (f" ±{f.std[m]:.2f}" if multi else "") for m in METRICS]
         p = f.p_vs_first
-        t.add_row(name, *cells, fmt_p(p and p["R@10"]), fmt_p(p and p["N@10"]))
+        t.add_row(escape(name), *cells, fmt_p(p and p["R@10"]), fmt_p(p and p["N@10"]))
     return t
