@@ -15,6 +15,7 @@ from tokensel import api
 from tokensel.cli import app
 from tokensel.config import ItemModelConfig, PolicyConfig, Stage1Config, TextConfig
 from tokensel.errors import TokenselError
+from tokensel.evaluate.runner import read_item_ids
 from tokensel.io.interactions import read_histories
 from tokensel.io.items import read_items
 from tokensel.train.pipeline import train
@@ -123,6 +124,23 @@ def test_duplicate_ids_across_record_batches(tmp_path, out, tiny_bert):
     path = write_items(tmp_path / "dups.parquet", data)
     r = compress_cli(path, out, tiny_bert, "--batch-rows", "8")
     assert_failed_cleanly(r, out, "'id2'", "row 27", "row 2")
+
+
+def test_ids_with_equal_hashes_are_not_duplicates(tmp_path, out, tiny_bert):
+    """hash(-1) == hash(-2) in CPython: a hash match is only a candidate, confirmed against the file.
+    Every reader shares the check: compress, the training reader, the Ray engine and evaluate's catalogue."""
+    data = rows(4)
+    for r, i in zip(data, [-2, -1, 7, 8]):
+        r["item_id"] = i
+    path = write_items(tmp_path / "hashes.parquet", data)
+    ok(compress_cli(path, out, tiny_bert, "--batch-rows", "1"))
+    assert pq.read_table(out).column("item_id").to_pylist() == [-2, -1, 7, 8]
+    assert read_items(path, TextConfig())[0] == [-2, -1, 7, 8]
+    assert read_item_ids(path, "item_id") == [-2, -1, 7, 8]
+    data[3]["item_id"] = -1
+    path = write_items(tmp_path / "hashes2.parquet", data)
+    with pytest.raises(TokenselError, match="row 3, column 'item_id': duplicate item id -1 \\(first seen at row 1\\)"):
+        read_item_ids(path, "item_id")
 
 
 def test_empty_item_id(tmp_path, out, tiny_bert):

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from tokensel import api
-from tokensel.compress import CompressOptions, IdSet, dummy_rows, forward_batches, score_batch
+from tokensel.compress import CompressOptions, dummy_rows, forward_batches, score_batch
+from tokensel.io.item_ids import IdSet
 from tokensel.errors import TokenselError
 from tokensel.io.parquet_out import read_metadata
 from tokensel.models.item_llm import ItemLLM

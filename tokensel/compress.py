@@ -14,7 +14,7 @@ everything else is kept off the hot path:
   are not guaranteed batch-invariant, so bit-identity is claimed (and tested) on CPU only.
 - Selection is vectorised over the batch (`select_mask`), one device-to-host copy per batch; the
   output columns are built from flat numpy arrays and offsets, and decoded in one Rust call.
-- Optionally reading/tokenising and writing run in background threads (`pipeline`), with bounded
+- Optionally reading/tokenising and writing run in background threads (tokensel.threads), with bounded
   queues, overlapping the forward pass.
 - A selection cache (tokensel.cache) makes runs resumable and incremental.
 
@@ -27,11 +27,9 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import queue
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +45,7 @@ from tokensel.io.parquet_out import AtomicParquetWriter
 from tokensel.models.item_llm import ItemLLM
 from tokensel.selection import select_mask
 from tokensel.strategies import Rarity, Strategy
+from tokensel.threads import BackgroundWriter, prefetch
 
 
 @dataclass
@@ -297,151 +296,7 @@ def output_table(schema: pa.Schema, id_col: str, ids, cols: dict[str, pa.Array],
     return pa.Table.from_arrays(arrays, names=names)
 
 
-# ---------------------------------------------------------------------------------------- validation
-class IdSet:
-    """The ids seen so far as 64-bit hashes (8 bytes per id), in sorted runs merged like a binary counter.
-
-    `add` returns the positions (in the batch) of ids whose hash was seen before; a hash match is
-    confirmed against the real ids by the caller, so a hash collision cannot raise a false error.
-    """
-
-    def __init__(self):
-        self.runs: list[np.ndarray] = []
-
-    @staticmethod
-    def hashes(ids: list) -> np.ndarray:
-        return np.fromiter(map(hash, ids), dtype=np.int64, count=len(ids)).view(np.uint64)
-
-    def add(self, ids: list) -> np.ndarray:
-        h = self.hashes(ids)
-        order = np.argsort(h, kind="stable")
-        hs = h[order]
-        dup = np.zeros(len(h), dtype=bool)
-        if len(hs) > 1:
-            dup[order[1:][hs[1:] == hs[:-1]]] = True
-        for run in self.runs:
-            at = np.searchsorted(run, h).clip(max=len(run) - 1)
-            dup |= run[at] == h
-        self.runs.append(np.unique(hs))
-        while len(self.runs) > 1 and len(self.runs[-2]) <= 2 * len(self.runs[-1]):
-            last = self.runs.pop()
-            self.runs[-1] = np.union1d(self.runs[-1], last)
-        return np.flatnonzero(dup)
-
-    def nbytes(self) -> int:
-        return sum(r.nbytes for r in self.runs)
-
-
-def first_row_of(path: Path, id_col: str, value, before: int) -> int | None:
-    """The first row (before `before`) whose id equals `value`: confirms a duplicate, rarely needed."""
-    pf = open_parquet(path)
-    row = 0
-    for rb in pf.iter_batches(batch_size=65536, columns=[id_col]):
-        if row >= before:
-            return None
-        vals = rb.column(0).to_pylist()
-        for i, v in enumerate(vals[: before - row]):
-            if v == value:
-                return row + i
-        row += rb.num_rows
-    return None
-
-
-def check_duplicates(seen: IdSet, batch: ItemBatch, path: Path, id_col: str) -> None:
-    for i in seen.add(batch.ids):
-        row = batch.start_row + int(i)
-        value = batch.ids[i]
-        first = first_row_of(path, id_col, value, row)
-        if first is not None:
-            raise TokenselError(f"{path}: row {row}, column {id_col!r}: duplicate item id {value!r} (first seen at row {first})")
-
-
 # ---------------------------------------------------------------------------------------- pipeline
-class _Failure:
-    def __init__(self, exc: BaseException):
-        self.exc = exc
-
-
-_DONE = object()
-
-
-def prefetch(it: Iterable, depth: int = 2) -> Iterator:
-    """Run an iterator in a background thread, `depth` items ahead; exceptions re-raise in the consumer."""
-    q: queue.Queue = queue.Queue(depth)
-    stop = threading.Event()
-
-    def put(x) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(x, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def run() -> None:
-        try:
-            for x in it:
-                if not put(x):
-                    return
-            put(_DONE)
-        except BaseException as exc:  # noqa: BLE001  (re-raised in the consumer)
-            put(_Failure(exc))
-
-    t = threading.Thread(target=run, name="tokensel-read", daemon=True)
-    t.start()
-    try:
-        while True:
-            x = q.get()
-            if x is _DONE:
-                return
-            if isinstance(x, _Failure):
-                raise x.exc
-            yield x
-    finally:
-        stop.set()
-        t.join(timeout=5)
-
-
-class BackgroundWriter:
-    """Runs `fn(item)` for queued items in one background thread, in order; bounded queue."""
-
-    def __init__(self, fn: Callable, depth: int = 2, enabled: bool = True):
-        self.fn = fn
-        self.enabled = enabled
-        self.error: BaseException | None = None
-        if enabled:
-            self.q: queue.Queue = queue.Queue(depth)
-            self.t = threading.Thread(target=self._run, name="tokensel-write", daemon=True)
-            self.t.start()
-
-    def _run(self) -> None:
-        while True:
-            x = self.q.get()
-            if x is _DONE:
-                return
-            if self.error is None:
-                try:
-                    self.fn(x)
-                except BaseException as exc:  # noqa: BLE001  (re-raised in the caller)
-                    self.error = exc
-
-    def submit(self, x) -> None:
-        if not self.enabled:
-            self.fn(x)
-            return
-        if self.error is not None:
-            raise self.error
-        self.q.put(x)
-
-    def close(self, raise_error: bool = True) -> None:
-        if self.enabled and self.t.is_alive():
-            self.q.put(_DONE)
-            self.t.join()
-        if raise_error and self.error is not None:
-            raise self.error
-
-
 def auto_pipeline(llm: ItemLLM, strategy: Strategy) -> bool:
     """Threads pay when there are spare cores (or a GPU does the forward pass); on 2 cores they contend."""
     if not strategy.needs_forward:
@@ -562,11 +417,9 @@ def compress_file(
         store = SelectionCache(cache, cache_config(llm, strategy, text, opts, provenance))
         summary.cache = str(store.path)
     pipeline = auto_pipeline(llm, strategy) if opts.pipeline is None else opts.pipeline
-    seen = IdSet()
 
     def read() -> Iterator[Window]:
-        for batch in iter_item_batches(items, text, opts.batch_rows, opts.passthrough, check_duplicates=False, limit=opts.limit):
-            check_duplicates(seen, batch, items, text.id_col)
+        for batch in iter_item_batches(items, text, opts.batch_rows, opts.passthrough, limit=opts.limit):
             toks = llm.tokenize(batch.texts, text.max_len)
             yield Window(batch, toks, np.fromiter(map(len, toks), dtype=np.int64, count=len(toks)))
 

@@ -33,9 +33,7 @@ from tokensel.compress import (
     preflight,
     CompressOptions,
     CompressSummary,
-    IdSet,
     compress_meta,
-    first_row_of,
     fit_rarity,
     output_columns,
     output_schema,
@@ -43,6 +41,7 @@ from tokensel.compress import (
 )
 from tokensel.config import TextConfig
 from tokensel.errors import TokenselError
+from tokensel.io.item_ids import IdCheck
 from tokensel.io.items import build_text, open_parquet
 from tokensel.io.parquet_out import AtomicParquetWriter
 from tokensel.strategies import Rarity, Strategy
@@ -179,7 +178,7 @@ def compress_file_ray(
             compute=ray.data.ActorPoolStrategy(size=workers), **res,
         )
         expected = _input_ids(items, text.id_col, opts.limit)
-        seen = IdSet()
+        check_ids = IdCheck(items, text.id_col)
         row = 0
         with AtomicParquetWriter(out, schema, meta, row_group_rows=opts.row_group_rows) as writer:
             for table in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
@@ -189,14 +188,7 @@ def compress_file_ray(
                 for i, v in enumerate(ids):
                     if v != next(expected, None):
                         raise TokenselError(f"{items}: the ray engine returned row {row + i} out of input order")
-                    if v is None or (isinstance(v, str) and not v.strip()):
-                        raise TokenselError(f"{items}: row {row + i}, column {text.id_col!r}: the item id is empty")
-                for i in seen.add(ids):
-                    first = first_row_of(items, text.id_col, ids[i], row + int(i))
-                    if first is not None:
-                        raise TokenselError(
-                            f"{items}: row {row + int(i)}, column {text.id_col!r}: duplicate item id {ids[i]!r} (first seen at row {first})"
-                        )
+                check_ids(ids, row)
                 writer.write(table.select(schema.names))
                 n_tokens = table.column("n_tokens").to_numpy().astype(np.int64)
                 summary.add(n_tokens, table.column("n_kept").to_numpy(), opts.k)

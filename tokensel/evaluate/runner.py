@@ -32,6 +32,7 @@ from tokensel.evaluate.metrics import KS, per_user_metrics
 from tokensel.evaluate.recommenders import Recommender, TrainConfig, make_recommender
 from tokensel.evaluate.stats import paired_pvalues
 from tokensel.io.interactions import Histories, read_histories
+from tokensel.io.item_ids import IdCheck
 from tokensel.io.items import open_parquet
 from tokensel.io.parquet_out import read_metadata
 from tokensel.models.item_llm import DEFAULT_MODEL, ItemLLM, resolve_model_path
@@ -104,14 +105,7 @@ def read_item_ids(path: str | Path, id_col: str) -> list:
     if id_col not in pf.schema_arrow.names:
         raise TokenselError(f"{path}: no column {id_col!r}; the file has {pf.schema_arrow.names}. Choose it with --id-col.")
     ids = pf.read(columns=[id_col]).column(id_col).to_pylist()
-    seen: dict[str, int] = {}
-    for row, i in enumerate(ids):
-        if i is None or (isinstance(i, str) and not i.strip()):
-            raise TokenselError(f"{path}: row {row}, column {id_col!r}: the item id is empty")
-        key = str(i)
-        if key in seen:
-            raise TokenselError(f"{path}: row {row}, column {id_col!r}: duplicate item id {i!r} (first seen at row {seen[key]})")
-        seen[key] = row
+    IdCheck(path, id_col)(ids, 0)
     return ids
 
 

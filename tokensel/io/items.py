@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from tokensel.config import TextConfig
 from tokensel.errors import TokenselError
+from tokensel.io.item_ids import IdCheck
 
 
 def open_parquet(path: str | Path) -> pq.ParquetFile:
@@ -63,11 +64,6 @@ class ItemBatch:
     passthrough: pa.Table | None
 
 
-def _id_problem(value, path: Path, row: int, id_col: str) -> None:
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise TokenselError(f"{path}: row {row}, column {id_col!r}: the item id is empty")
-
-
 def iter_item_batches(
     path: str | Path,
     text: TextConfig,
@@ -78,13 +74,13 @@ def iter_item_batches(
 ) -> Iterator[ItemBatch]:
     """Stream items in record batches (never the whole file in memory), validating as it goes.
 
-    Duplicate ids raise an error naming both rows; ids are remembered as 64-bit hashes.
+    Empty ids raise an error naming the row, duplicate ids one naming both rows (tokensel.io.item_ids).
     """
     path = Path(path)
     pf = open_parquet(path)
     check_columns(path, pf.schema_arrow, text.id_col, text.text_cols, list(passthrough))
     columns = list(dict.fromkeys([text.id_col, *text.text_cols, *passthrough]))
-    seen: dict[int, int] = {}
+    check_ids = IdCheck(path, text.id_col, duplicates=check_duplicates)
     row = 0
     try:
         for rb in pf.iter_batches(batch_size=batch_rows, columns=columns):
@@ -94,17 +90,8 @@ def iter_item_batches(
                 rb = rb.slice(0, limit - row)
             data = rb.to_pydict()
             ids = data[text.id_col]
-            texts = []
-            for i in range(rb.num_rows):
-                _id_problem(ids[i], path, row + i, text.id_col)
-                if check_duplicates:
-                    h = hash(ids[i])
-                    if h in seen:
-                        raise TokenselError(
-                            f"{path}: row {row + i}, column {text.id_col!r}: duplicate item id {ids[i]!r} (first seen at row {seen[h]})"
-                        )
-                    seen[h] = row + i
-                texts.append(build_text({c: data[c][i] for c in text.text_cols}, text.text_cols, text.labels))
+            check_ids(ids, row)
+            texts = [build_text({c: data[c][i] for c in text.text_cols}, text.text_cols, text.labels) for i in range(rb.num_rows)]
             extra = pa.Table.from_batches([rb]).select(list(passthrough)) if passthrough else None
             yield ItemBatch(row, ids, texts, extra)
             row += rb.num_rows
