@@ -181,8 +181,9 @@ def info(bundle: Annotated[Optional[Path], typer.Argument(help="Bundle folder (d
     out_console.print(f"hash {bundle_hash(path)}", markup=False)
 
 
-from tokensel.evaluate.command import evaluate_command
+from tokensel.evaluate.command import evaluate_command, headroom_command
 app.command("evaluate")(evaluate_command)
+app.command("headroom")(headroom_command)
 
 
 def main() -> None:  # pragma: no cover

@@ -14,6 +14,11 @@ from rich.markup import escape
 from tokensel.errors import TokenselError
 
 
+def _fail(err: Console, exc: Exception) -> None:
+    err.print(f"[bold red]error:[/] {escape(str(exc))}")
+    raise typer.Exit(2) from None
+
+
 def evaluate_command(
     items: Annotated[Path, typer.Argument(help="Items Parquet: the catalogue every texts file must cover.")],
     interactions: Annotated[Path, typer.Argument(help="Interactions Parquet: user id, item id, order column.")],
@@ -77,9 +82,70 @@ def evaluate_command(
             cache=VectorCache(cache), log=log,
         )
     except TokenselError as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(2) from None
+        _fail(err, exc)
     Console(width=None if sys.stdout.isatty() else 200).print(results_table(ev))  # piped into a log: one line per file
     if out is not None:
         write_results(ev, out)
         err.print(f"results written to {out}", markup=False)
+
+
+def headroom_command(
+    items: Annotated[Path, typer.Argument(help="Items Parquet.")],
+    interactions: Annotated[Path, typer.Argument(help="Interactions Parquet: user id, item id, order column.")],
+    ks: Annotated[str, typer.Option(help="Budgets, comma-separated.")] = "32,64",
+    factor: Annotated[int, typer.Option(help="The long side is the first factor*k tokens (the paper's 4k).")] = 4,
+    recommender: Annotated[str, typer.Option(help="text-sim (training-free, minutes on a CPU) | hllm | sasrec-init")] = "text-sim",
+    seeds: Annotated[int, typer.Option(help="Training runs per file (text-sim is deterministic).")] = 1,
+    epochs: Annotated[Optional[int], typer.Option(help="Training epochs for hllm / sasrec-init (default: evaluate's).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Item LLM: hub id or folder (default all-MiniLM-L6-v2).")] = None,
+    id_col: Annotated[Optional[str], typer.Option()] = None,
+    text_cols: Annotated[Optional[str], typer.Option(help="Text columns in order (default title,description).")] = None,
+    labels: Annotated[Optional[bool], typer.Option("--labels/--no-labels", help="Build the text as `title: A description: B` or `A B` (default).")] = None,
+    user_col: Annotated[str, typer.Option()] = "user_id",
+    item_col: Annotated[str, typer.Option()] = "item_id",
+    order_col: Annotated[str, typer.Option()] = "timestamp",
+    test: Annotated[str, typer.Option(help="Paired test on per-user metrics: ttest | wilcoxon.")] = "ttest",
+    max_users: Annotated[Optional[int], typer.Option(help="Only the first N users (a quick check).")] = None,
+    work: Annotated[Optional[Path], typer.Option(help="Keep the compressed first-k files in this folder (default: a temporary one).")] = None,
+    out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Write the rows as JSON.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16")] = "auto",
+) -> None:
+    """Before training a policy: do the tokens past k help a recommender on your data? First-k vs first-4k, paired."""
+    from tokensel.evaluate.headroom import headroom
+    from tokensel.evaluate.runner import fmt_p
+
+    err = Console(stderr=True)
+    try:
+        budgets = [int(x) for x in ks.split(",") if x.strip()]
+    except ValueError:
+        _fail(err, TokenselError(f"--ks must be comma-separated integers (got {ks!r})"))
+    try:
+        rows = headroom(
+            items, interactions, budgets, factor=factor, recommender=recommender, seeds=seeds, model=model, id_col=id_col,
+            text_cols=[c.strip() for c in text_cols.split(",") if c.strip()] if text_cols else None, labels=labels,
+            user_col=user_col, item_col=item_col, order_col=order_col, epochs=epochs, test=test, max_users=max_users, work=work,
+            device=device, dtype=dtype, log=lambda row: err.print(json.dumps(row), markup=False, highlight=False, soft_wrap=True) if "stage" in row else None,
+        )
+    except TokenselError as exc:
+        _fail(err, exc)
+    from rich.table import Table
+
+    t = Table(title=f"tokensel headroom: {escape(str(items))}, {recommender}", caption=f"long = the first {factor}k tokens; ratio = long over first-k; p = paired test on per-user metrics", caption_justify="left")
+    for c in ("k", "long", "texts > k", "N@10 first-k", "N@10 long", "N@10 ratio (p)", "R@10 first-k", "R@10 long", "R@10 ratio (p)"):
+        t.add_column(c, justify="right")
+    t.add_column("verdict", overflow="fold", min_width=30)
+    for r in rows:
+        t.add_row(
+            str(r.k), str(r.long_k), f"{100 * r.longer_than_k:.0f}%",
+            f"{r.first_k['N@10']:.2f}", f"{r.first_long['N@10']:.2f}", f"{r.ratio['N@10']:.3f} ({fmt_p(r.p['N@10'])})",
+            f"{r.first_k['R@10']:.2f}", f"{r.first_long['R@10']:.2f}", f"{r.ratio['R@10']:.3f} ({fmt_p(r.p['R@10'])})",
+            escape(r.verdict),
+        )
+    Console(width=None if sys.stdout.isatty() else 200).print(t)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps([r.as_dict() for r in rows], indent=2) + "\n")
+        tmp.replace(out)
+        err.print(f"rows written to {out}", markup=False)

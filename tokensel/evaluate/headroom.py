@@ -1,0 +1,135 @@
+"""Is there anything for a selection to win? First-k against the first `factor`*k tokens, before training.
+
+A selection of k tokens can only beat the first k if the tokens past k carry something the
+recommender uses. The cheapest measurement of that is the same recommender on the first k tokens and
+on the first 4k: if 4k tokens are no better than k, the first k already hold what it uses. On
+amazon-scientific this check (text-sim, about 4 min on one CPU core) called both layouts right:
+title first, first-4k was 1.02x / 0.93x first-k on NDCG@10 at k = 32 / 64 and no selection beat
+first-k in the retrained recommender; description first, 1.08x / 1.17x, and item-align beat first-k
+by 8% / 10% (README, "The shipped default bundle").
+
+    from tokensel.evaluate.headroom import headroom
+    rows = headroom("items.parquet", "interactions.parquet", ks=(32, 64))
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tokensel.errors import TokenselError
+from tokensel.evaluate.runner import VectorCache, evaluate_detailed
+from tokensel.evaluate.stats import paired_pvalues
+
+ALPHA = 0.05
+FEW_LONG = 0.05  # below this share of texts longer than k, there is almost nothing to select from
+
+
+@dataclass
+class Headroom:
+    """One budget: first-k and first-(factor*k) under the same recommender, paired over users."""
+
+    k: int
+    long_k: int
+    recommender: str
+    longer_than_k: float  # share of non-empty texts with more than k tokens
+    first_k: dict[str, float]  # test metrics in percent (mean over seeds)
+    first_long: dict[str, float]
+    ratio: dict[str, float]  # first_long / first_k for N@10 and R@10
+    p: dict[str, float]  # paired test, first_long vs first_k
+
+    @property
+    def verdict(self) -> str:
+        return verdict(self.longer_than_k, self.ratio, self.p, self.k, self.long_k)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "verdict": self.verdict}
+
+
+def verdict(longer_than_k: float, ratio: dict[str, float], p: dict[str, float], k: int, long_k: int) -> str:
+    """What the numbers say a selection can do at this budget (pure, so its cases are tested)."""
+    if longer_than_k < FEW_LONG:
+        return f"nothing to select: {100 * longer_than_k:.1f}% of the texts are longer than {k} tokens"
+    gains = [m for m in ("N@10", "R@10") if ratio[m] > 1 and p[m] < ALPHA]
+    losses = [m for m in ("N@10", "R@10") if ratio[m] < 1 and p[m] < ALPHA]
+    if gains and not losses:
+        best = max(ratio[m] for m in gains)
+        return (
+            f"room: the first {long_k} tokens beat the first {k} ({', '.join(gains)} up to {best:.2f}x); "
+            "a selection can win up to about that: train a bundle and check it with `tokensel evaluate`"
+        )
+    if losses and not gains:
+        return f"none: the first {long_k} tokens are worse than the first {k} ({', '.join(losses)}); expect little from any selection"
+    return f"none measurable: the first {long_k} tokens are not better than the first {k}; expect little from any selection"
+
+
+def headroom(
+    items: str | Path,
+    interactions: str | Path,
+    ks: tuple[int, ...] | list[int] = (32, 64),
+    *,
+    factor: int = 4,
+    recommender: str = "text-sim",
+    seeds: int = 1,
+    model: str | None = None,
+    id_col: str | None = None,
+    text_cols: list[str] | None = None,
+    labels: bool | None = None,
+    max_len: int | None = None,
+    user_col: str = "user_id",
+    item_col: str = "item_id",
+    order_col: str = "timestamp",
+    epochs: int | None = None,
+    test: str = "ttest",
+    max_users: int | None = None,
+    work: str | Path | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    log: Callable[[dict], None] | None = None,
+) -> list[Headroom]:
+    """Compress first-k and first-(factor*k) for every k, train/score the recommender on each, pair them.
+
+    `work` keeps the compressed files (default: a temporary folder, removed at the end). Texts are
+    tokenised up to max(max_len, factor * the largest k), so the long side is never cut short.
+    """
+    from tokensel import api
+
+    from tokensel.evaluate.recommenders import RECOMMENDERS
+    from tokensel.evaluate.stats import TESTS
+
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1 or factor < 2 or seeds < 1:
+        raise TokenselError(f"need budgets >= 1, --factor >= 2 and --seeds >= 1 (got ks={ks}, factor={factor}, seeds={seeds})")
+    if recommender not in RECOMMENDERS:
+        raise TokenselError(f"--recommender must be one of {', '.join(RECOMMENDERS)} (got {recommender!r})")
+    if test not in TESTS:
+        raise TokenselError(f"--test must be one of {', '.join(TESTS)} (got {test!r})")
+    with tempfile.TemporaryDirectory(prefix="tokensel-headroom-") as tmp:
+        folder = Path(work) if work else Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        files, share = [], {}
+        for k in ks:
+            for kk in (k, factor * k):
+                out = folder / f"first-{kk}.parquet"
+                if out in files:
+                    continue
+                s = api.compress(
+                    items, out, k=kk, strategy="first-k", model=model, id_col=id_col, text_cols=text_cols, labels=labels,
+                    max_len=max(max_len or 256, factor * ks[-1]), device=device, dtype=dtype, cache=False,
+                )
+                files.append(out)
+                share[kk] = s.scored / max(s.items - s.empty, 1)
+        ev = evaluate_detailed(
+            items, interactions, files, recommender, seeds, model=model, epochs=epochs, device=device, dtype=dtype, id_col=id_col,
+            user_col=user_col, item_col=item_col, order_col=order_col, test=test, max_users=max_users, cache=VectorCache(), log=log,
+        )
+    by_file = {Path(f.texts).name: f for f in ev.files}
+    rows = []
+    for k in ks:
+        a, b = by_file[f"first-{k}.parquet"], by_file[f"first-{factor * k}.parquet"]
+        p = paired_pvalues(b.per_user, a.per_user, test)
+        ratio = {m: b.metrics[m] / a.metrics[m] if a.metrics[m] else float("nan") for m in ("N@10", "R@10")}
+        rows.append(Headroom(k, factor * k, recommender, share[k], a.metrics, b.metrics, ratio, {m: p[m] for m in ("N@10", "R@10")}))
+    return rows
