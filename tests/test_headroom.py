@@ -13,6 +13,7 @@ from tokensel import api
 from tokensel.cli import app
 from tokensel.errors import TokenselError
 from tokensel.evaluate.headroom import headroom, verdict
+from tokensel.evaluate.recommenders import TrainConfig
 from tokensel.evaluate.runner import evaluate_detailed
 from tokensel.evaluate.stats import paired_pvalues
 from tokensel.io.parquet_out import read_metadata
@@ -71,9 +72,20 @@ def test_the_long_side_is_not_cut_at_max_len(tmp_path, tiny_bert):
     assert rows[0].long_k == 300
 
 
+def test_a_trained_recommender_with_its_item_llm_tuned(tmp_path, tiny_bert):
+    """hllm with f's last block trained: the same numbers as evaluate with the same TrainConfig."""
+    cfg = TrainConfig(epochs=2, item_tuning="top")
+    rows = headroom(ITEMS, INTERACTIONS, ks=(12,), factor=3, recommender="hllm", train=cfg, model=tiny_bert, device="cpu", work=tmp_path)
+    ev = evaluate_detailed(ITEMS, INTERACTIONS, [tmp_path / "first-12.parquet", tmp_path / "first-36.parquet"], "hllm", 1, model=tiny_bert, device="cpu", train=cfg)
+    assert rows[0].first_k == pytest.approx(ev.files[0].metrics) and rows[0].first_long == pytest.approx(ev.files[1].metrics)
+    frozen = headroom(ITEMS, INTERACTIONS, ks=(12,), factor=3, recommender="hllm", train=TrainConfig(epochs=2), model=tiny_bert, device="cpu")
+    assert frozen[0].first_k != rows[0].first_k
+
+
 def test_bad_settings_fail_before_any_work(tmp_path, tiny_bert, monkeypatch):
     monkeypatch.setattr(api, "compress", lambda *a, **kw: pytest.fail("compressed before checking the settings"))
-    for kw, needle in (({"ks": ()}, "budgets"), ({"factor": 1}, "factor"), ({"recommender": "nope"}, "--recommender"), ({"test": "z"}, "--test"), ({"seeds": 0}, "seeds")):
+    for kw, needle in (({"ks": ()}, "budgets"), ({"factor": 1}, "factor"), ({"recommender": "nope"}, "--recommender"), ({"test": "z"}, "--test"), ({"seeds": 0}, "seeds"),
+                       ({"train": TrainConfig(item_tuning="top")}, "item LLM of hllm"), ({"recommender": "hllm", "train": TrainConfig(item_tuning="x")}, "--item-tuning")):
         with pytest.raises(TokenselError, match=needle):
             headroom(ITEMS, INTERACTIONS, **{"model": tiny_bert, "device": "cpu", **kw})
 

@@ -97,6 +97,7 @@ def headroom_command(
     recommender: Annotated[str, typer.Option(help="text-sim (training-free, minutes on a CPU) | hllm | sasrec-init")] = "text-sim",
     seeds: Annotated[int, typer.Option(help="Training runs per file (text-sim is deterministic).")] = 1,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs for hllm / sasrec-init (default: evaluate's).")] = None,
+    item_tuning: Annotated[str, typer.Option(help="hllm: none | top (f's last block trains; the README's downstream setting, runs on a CPU) | lora | full.")] = "none",
     model: Annotated[Optional[str], typer.Option(help="Item LLM: hub id or folder (default all-MiniLM-L6-v2).")] = None,
     id_col: Annotated[Optional[str], typer.Option()] = None,
     text_cols: Annotated[Optional[str], typer.Option(help="Text columns in order (default title,description).")] = None,
@@ -113,6 +114,7 @@ def headroom_command(
 ) -> None:
     """Before training a policy: do the tokens past k help a recommender on your data? First-k vs first-4k, paired."""
     from tokensel.evaluate.headroom import headroom
+    from tokensel.evaluate.recommenders import TrainConfig
     from tokensel.evaluate.runner import fmt_p
 
     err = Console(stderr=True)
@@ -124,7 +126,7 @@ def headroom_command(
         rows = headroom(
             items, interactions, budgets, factor=factor, recommender=recommender, seeds=seeds, model=model, id_col=id_col,
             text_cols=[c.strip() for c in text_cols.split(",") if c.strip()] if text_cols else None, labels=labels,
-            user_col=user_col, item_col=item_col, order_col=order_col, epochs=epochs, test=test, max_users=max_users, work=work,
+            user_col=user_col, item_col=item_col, order_col=order_col, epochs=epochs, train=TrainConfig(item_tuning=item_tuning), test=test, max_users=max_users, work=work,
             device=device, dtype=dtype, log=lambda row: err.print(json.dumps(row), markup=False, highlight=False, soft_wrap=True) if "stage" in row else None,
         )
     except TokenselError as exc:

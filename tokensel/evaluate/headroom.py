@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tokensel.errors import TokenselError
+from tokensel.evaluate.recommenders import ITEM_TUNINGS, RECOMMENDERS, TrainConfig
 from tokensel.evaluate.runner import VectorCache, evaluate_detailed
 from tokensel.evaluate.stats import paired_pvalues
 
@@ -82,6 +83,7 @@ def headroom(
     item_col: str = "item_id",
     order_col: str = "timestamp",
     epochs: int | None = None,
+    train: TrainConfig | None = None,
     test: str = "ttest",
     max_users: int | None = None,
     work: str | Path | None = None,
@@ -91,12 +93,12 @@ def headroom(
 ) -> list[Headroom]:
     """Compress first-k and first-(factor*k) for every k, train/score the recommender on each, pair them.
 
-    `work` keeps the compressed files (default: a temporary folder, removed at the end). Texts are
+    `train` is the trained recommenders' budget (e.g. TrainConfig(item_tuning="top") for hllm with f's
+    last block trained, the setting where the README's downstream numbers come from). `work` keeps the compressed files (default: a temporary folder, removed at the end). Texts are
     tokenised up to max(max_len, factor * the largest k), so the long side is never cut short.
     """
     from tokensel import api
 
-    from tokensel.evaluate.recommenders import RECOMMENDERS
     from tokensel.evaluate.stats import TESTS
 
     ks = sorted({int(k) for k in ks})
@@ -104,6 +106,10 @@ def headroom(
         raise TokenselError(f"need budgets >= 1, --factor >= 2 and --seeds >= 1 (got ks={ks}, factor={factor}, seeds={seeds})")
     if recommender not in RECOMMENDERS:
         raise TokenselError(f"--recommender must be one of {', '.join(RECOMMENDERS)} (got {recommender!r})")
+    if train is not None and train.item_tuning not in ITEM_TUNINGS:
+        raise TokenselError(f"--item-tuning must be one of {', '.join(ITEM_TUNINGS)} (got {train.item_tuning!r})")
+    if train is not None and train.item_tuning != "none" and recommender != "hllm":
+        raise TokenselError(f"--item-tuning trains the item LLM of hllm; {recommender} has none")
     if test not in TESTS:
         raise TokenselError(f"--test must be one of {', '.join(TESTS)} (got {test!r})")
     with tempfile.TemporaryDirectory(prefix="tokensel-headroom-") as tmp:
@@ -122,7 +128,7 @@ def headroom(
                 files.append(out)
                 share[kk] = s.scored / max(s.items - s.empty, 1)
         ev = evaluate_detailed(
-            items, interactions, files, recommender, seeds, model=model, epochs=epochs, device=device, dtype=dtype, id_col=id_col,
+            items, interactions, files, recommender, seeds, model=model, train=train, epochs=epochs, device=device, dtype=dtype, id_col=id_col,
             user_col=user_col, item_col=item_col, order_col=order_col, test=test, max_users=max_users, cache=VectorCache(), log=log,
         )
     by_file = {Path(f.texts).name: f for f in ev.files}
