@@ -61,6 +61,7 @@ def test_rows_pair_first_k_with_first_factor_k(rows_and_work, tiny_bert):
         n = np.array(pq.read_table(short, columns=["n_tokens"]).column("n_tokens").to_pylist())
         assert r.longer_than_k == pytest.approx((n > r.k).sum() / (n > 0).sum())
         assert r.verdict == r.as_dict()["verdict"]
+        assert r.users == ev.n_users > 0
     assert rows[0].longer_than_k >= rows[1].longer_than_k
     json.dumps([r.as_dict() for r in rows])
 

@@ -35,6 +35,7 @@ class Headroom:
     k: int
     long_k: int
     recommender: str
+    users: int  # test users paired
     longer_than_k: float  # share of non-empty texts with more than k tokens
     first_k: dict[str, float]  # test metrics in percent (mean over seeds)
     first_long: dict[str, float]
@@ -63,7 +64,10 @@ def verdict(longer_than_k: float, ratio: dict[str, float], p: dict[str, float], 
         )
     if losses and not gains:
         return f"none: the first {long_k} tokens are worse than the first {k} ({', '.join(losses)}); expect little from any selection"
-    return f"none measurable: the first {long_k} tokens are not better than the first {k}; expect little from any selection"
+    return (
+        f"none measurable: the first {long_k} tokens are not significantly better than the first {k} (paired p >= {ALPHA}); "
+        "expect little from any selection"
+    )
 
 
 def headroom(
@@ -137,5 +141,5 @@ def headroom(
         a, b = by_file[f"first-{k}.parquet"], by_file[f"first-{factor * k}.parquet"]
         p = paired_pvalues(b.per_user, a.per_user, test)
         ratio = {m: b.metrics[m] / a.metrics[m] if a.metrics[m] else float("nan") for m in ("N@10", "R@10")}
-        rows.append(Headroom(k, factor * k, recommender, share[k], a.metrics, b.metrics, ratio, {m: p[m] for m in ("N@10", "R@10")}))
+        rows.append(Headroom(k, factor * k, recommender, ev.n_users, share[k], a.metrics, b.metrics, ratio, {m: p[m] for m in ("N@10", "R@10")}))
     return rows
