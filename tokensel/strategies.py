@@ -131,7 +131,7 @@ class ItemAlign(Policy):
     Why offer it: the `[ITEM]` state is what stage 1 trains to stand for the item, so this rule is
     already informed by the recommendation task. On amazon-scientific laid out description first it
     did as well as the stage-2 head at k = 32 and better at k = 64, for no stage-2 cost; laid out
-    title first it was below both first-k and the trained head (README). Measure before choosing."""
+    title first it was below both first-k and the trained head (RESULTS.md). Measure before choosing."""
 
     name = "item-align"
 

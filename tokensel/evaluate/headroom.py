@@ -6,7 +6,7 @@ on the first 4k: if 4k tokens are no better than k, the first k already hold wha
 amazon-scientific this check (text-sim, about 4 min on one CPU core) called both layouts right:
 title first, first-4k was 1.02x / 0.93x first-k on NDCG@10 at k = 32 / 64 and no selection beat
 first-k in the retrained recommender; description first, 1.08x / 1.17x, and item-align beat first-k
-by 8% / 10% (README, "The shipped default bundle").
+by 8% / 10% (README, "Does the selection help?"; RESULTS.md).
 
     from tokensel.evaluate.headroom import headroom
     rows = headroom("items.parquet", "interactions.parquet", ks=(32, 64))

@@ -416,7 +416,7 @@ def _textsim_rewards(llm, head, cat, batch, negs, ref_table, cfg, temperature, g
     shared first-k negatives. f and g's [ITEM] readout are not involved: this is the representation
     under which retrained recommenders and text-sim alike prefer first-k to random chunks, and a
     subset's effect here is mostly the item's own (bench/reward_signal, `text-sim` side). Measured on
-    amazon-scientific: learned, yet below first-k once every item is compressed (README)."""
+    amazon-scientific: learned, yet below first-k once every item is compressed (RESULTS.md)."""
     occ = [(b, pos, i) for b, (h, t) in enumerate(batch) for pos, i in enumerate(list(h) + [t])]
     occ = [o for o in occ if o[1] > 0 and len(cat.tokens[o[2]]) > cfg.k]
     if not occ:
