@@ -19,10 +19,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tokensel import api
 from tokensel.errors import TokenselError
 from tokensel.evaluate.recommenders import ITEM_TUNINGS, RECOMMENDERS, TrainConfig
 from tokensel.evaluate.runner import VectorCache, evaluate_detailed
-from tokensel.evaluate.stats import paired_pvalues
+from tokensel.evaluate.stats import TESTS, paired_pvalues
 
 ALPHA = 0.05
 FEW_LONG = 0.05  # below this share of texts longer than k, there is almost nothing to select from
@@ -97,14 +98,11 @@ def headroom(
 ) -> list[Headroom]:
     """Compress first-k and first-(factor*k) for every k, train/score the recommender on each, pair them.
 
-    `train` is the trained recommenders' budget (e.g. TrainConfig(item_tuning="top") for hllm with f's
-    last block trained, the setting where the README's downstream numbers come from). `work` keeps the compressed files (default: a temporary folder, removed at the end). Texts are
-    tokenised up to max(max_len, factor * the largest k), so the long side is never cut short.
+    `train` is the trained recommenders' budget (e.g. TrainConfig(item_tuning="top") for hllm with
+    f's last block trained, the setting of the README's downstream numbers). `work` keeps the
+    compressed files (default: a temporary folder, removed at the end). Texts are tokenised up to
+    max(max_len, factor * the largest k), so the long side is never cut short.
     """
-    from tokensel import api
-
-    from tokensel.evaluate.stats import TESTS
-
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1 or factor < 2 or seeds < 1:
         raise TokenselError(f"need budgets >= 1, --factor >= 2 and --seeds >= 1 (got ks={ks}, factor={factor}, seeds={seeds})")
