@@ -2,11 +2,13 @@
 
 A selection of k tokens can only beat the first k if the tokens past k carry something the
 recommender uses. The cheapest measurement of that is the same recommender on the first k tokens and
-on the first 4k: if 4k tokens are no better than k, the first k already hold what it uses. On
-amazon-scientific this check (text-sim, about 4 min on one CPU core) called both layouts right:
-title first, first-4k was 1.02x / 0.93x first-k on NDCG@10 at k = 32 / 64 and no selection beat
-first-k in the retrained recommender; description first, 1.08x / 1.17x, and item-align beat first-k
-by 8% / 10% (README, "Does the selection help?"; RESULTS.md).
+on the first 4k: if 4k tokens are no better than k, the first k already hold what it uses. "room"
+is necessary, not sufficient. On three layouts of amazon-scientific (RESULTS.md, "Headroom"):
+description first, text-sim room 1.08x / 1.17x at k = 32 / 64 and item-align beat first-k by
+8% / 10%; title first, none, and no selection beat first-k; categories first, text-sim room
+1.43x / 1.09x, yet the retrained hllm had little (1.02x) or none (0.94x) and both selections lost
+7-13%. text-sim (about 4 min on one CPU core) is the quick look; `recommender="hllm"` with
+`TrainConfig(item_tuning="top")` is the check in the recommender that decides.
 
     from tokensel.evaluate.headroom import headroom
     rows = headroom("items.parquet", "interactions.parquet", ks=(32, 64))
@@ -61,7 +63,7 @@ def verdict(longer_than_k: float, ratio: dict[str, float], p: dict[str, float], 
         best = max(ratio[m] for m in gains)
         return (
             f"room: the first {long_k} tokens beat the first {k} ({', '.join(gains)} up to {best:.2f}x); "
-            "a selection can win up to about that: train a bundle and check it with `tokensel evaluate`"
+            "a selection may win up to about that, not more; only `tokensel evaluate` on a selection says whether it does"
         )
     if losses and not gains:
         return f"none: the first {long_k} tokens are worse than the first {k} ({', '.join(losses)}); expect little from any selection"
