@@ -29,8 +29,8 @@ def v(n_ratio, n_p, r_ratio, r_p, longer=0.6):
 def test_verdict_cases():
     assert v(1.16, 1e-8, 1.15, 3e-7).startswith("room: the first 256 tokens beat the first 64 (N@10, R@10 up to 1.16x)")
     assert v(1.08, 0.015, 1.06, 0.06).startswith("room:") and "N@10 up to 1.08x" in v(1.08, 0.015, 1.06, 0.06)
-    assert v(0.92, 5e-4, 0.99, 0.7).startswith("none: the first 256 tokens are worse than the first 64 (N@10);")
-    assert v(1.001, 0.99, 1.016, 0.58).startswith("none measurable")
+    assert v(0.92, 5e-4, 0.99, 0.7).startswith("none: the first 256 tokens are worse than the first 64 (N@10):")
+    assert v(1.001, 0.99, 1.016, 0.58).startswith("none measurable: the first 256 and the first 64 tokens do not differ significantly")
     assert v(1.10, 0.01, 0.90, 0.01).startswith("none measurable")  # one metric up, the other down: no clear room
     assert v(float("nan"), 1.0, float("nan"), 1.0).startswith("none measurable")
     assert v(1.5, 1e-9, 1.5, 1e-9, longer=0.01).startswith("nothing to select: 1.0% of the texts are longer than 64 tokens")
