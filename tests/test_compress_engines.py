@@ -17,8 +17,8 @@ import torch
 
 from tokensel import api
 from tokensel.compress import CompressOptions, dummy_rows, forward_batches, score_batch
-from tokensel.io.item_ids import IdSet
 from tokensel.errors import TokenselError
+from tokensel.io.item_ids import IdSet
 from tokensel.io.parquet_out import read_metadata
 from tokensel.models.item_llm import ItemLLM
 from tokensel.strategies import BUNDLE_STRATEGIES, Policy

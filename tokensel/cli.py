@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from tokensel.errors import TokenselError
+from tokensel.evaluate.command import evaluate_command, fail, headroom_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Keep the most informative tokens of item texts (TSPORec).")
 console = Console(stderr=True)
@@ -21,11 +22,6 @@ out_console = Console()
 
 def _cols(value: str) -> list[str]:
     return [c.strip() for c in value.split(",") if c.strip()]
-
-
-def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {escape(str(exc))}")
-    raise typer.Exit(2)
 
 
 @app.command()
@@ -72,7 +68,7 @@ def compress(
             workers=workers,
         )
     except TokenselError as exc:
-        _fail(exc)
+        fail(console, exc)
     t = Table(title=f"tokensel compress: {escape(str(summary.out))}", show_header=False)
     t.add_row("items", f"{summary.items:,}")
     t.add_row("empty texts (written as empty rows)", f"{summary.empty:,}")
@@ -131,7 +127,7 @@ def train(
 
     stages = {"all": (1, 2), "1": (1,), "2": (2,)}.get(stage)
     if stages is None:
-        _fail(TokenselError(f"--stage must be all, 1 or 2 (got {stage!r})"))
+        fail(console, TokenselError(f"--stage must be all, 1 or 2 (got {stage!r})"))
     try:
         bundle = api.train(
             items, interactions, out, stages=stages,
@@ -144,7 +140,7 @@ def train(
             log=lambda row: console.print(json.dumps(row), markup=False, highlight=False, soft_wrap=True),
         )
     except TokenselError as exc:
-        _fail(exc)
+        fail(console, exc)
     out_console.print(f"bundle written to {bundle.path} (hash {bundle.hash})", markup=False)
     for w in bundle.config.logs.get("stage2", {}).get("warnings", []):
         console.print(f"[yellow]stage 2:[/] {escape(w)}")
@@ -164,7 +160,7 @@ def inspect(
     try:
         report = ins.inspect(items, compressed, ids=_cols(ids), n=n, top=top)
     except TokenselError as exc:
-        _fail(exc)
+        fail(console, exc)
     ins.render(report, out_console)
 
 
@@ -176,12 +172,11 @@ def info(bundle: Annotated[Optional[Path], typer.Argument(help="Bundle folder (d
     path = bundle or DEFAULT_BUNDLE
     cfg = path / "config.json"
     if not cfg.exists():
-        _fail(TokenselError(f"{path}: not a tokensel bundle (no config.json)"))
+        fail(console, TokenselError(f"{path}: not a tokensel bundle (no config.json)"))
     out_console.print_json(cfg.read_text())
     out_console.print(f"hash {bundle_hash(path)}", markup=False)
 
 
-from tokensel.evaluate.command import evaluate_command, headroom_command
 app.command("evaluate")(evaluate_command)
 app.command("headroom")(headroom_command)
 

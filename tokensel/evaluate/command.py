@@ -14,7 +14,8 @@ from rich.markup import escape
 from tokensel.errors import TokenselError
 
 
-def _fail(err: Console, exc: Exception) -> None:
+def fail(err: Console, exc: Exception) -> None:
+    """Print a TokenselError's message verbatim (never read as rich markup) and exit with code 2."""
     err.print(f"[bold red]error:[/] {escape(str(exc))}")
     raise typer.Exit(2) from None
 
@@ -82,7 +83,7 @@ def evaluate_command(
             cache=VectorCache(cache), log=log,
         )
     except TokenselError as exc:
-        _fail(err, exc)
+        fail(err, exc)
     Console(width=None if sys.stdout.isatty() else 200).print(results_table(ev))  # piped into a log: one line per file
     if out is not None:
         write_results(ev, out)
@@ -115,13 +116,15 @@ def headroom_command(
     """Before training a policy: do the tokens past k help a recommender on your data? First-k vs first-4k, paired."""
     from tokensel.evaluate.headroom import headroom
     from tokensel.evaluate.recommenders import TrainConfig
+    from tokensel.config import write_json
     from tokensel.evaluate.runner import fmt_p
+    from tokensel.evaluate.stats import paired_test_name
 
     err = Console(stderr=True)
     try:
         budgets = [int(x) for x in ks.split(",") if x.strip()]
     except ValueError:
-        _fail(err, TokenselError(f"--ks must be comma-separated integers (got {ks!r})"))
+        fail(err, TokenselError(f"--ks must be comma-separated integers (got {ks!r})"))
     try:
         rows = headroom(
             items, interactions, budgets, factor=factor, recommender=recommender, seeds=seeds, model=model, id_col=id_col,
@@ -130,10 +133,10 @@ def headroom_command(
             device=device, dtype=dtype, log=lambda row: err.print(json.dumps(row), markup=False, highlight=False, soft_wrap=True) if "stage" in row else None,
         )
     except TokenselError as exc:
-        _fail(err, exc)
+        fail(err, exc)
     from rich.table import Table
 
-    t = Table(title=f"tokensel headroom: {escape(str(items))}, {recommender}", caption=f"long = the first {factor}k tokens; ratio = long over first-k; p = paired {'t-test' if test == 'ttest' else 'Wilcoxon signed-rank test'} on per-user metrics over {rows[0].users:,} test users", caption_justify="left")
+    t = Table(title=f"tokensel headroom: {escape(str(items))}, {recommender}", caption=f"long = the first {factor}k tokens; ratio = long over first-k; p = paired {paired_test_name(test)} on per-user metrics over {rows[0].users:,} test users", caption_justify="left")
     for c in ("k", "long", "texts > k", "N@10 first-k", "N@10 long", "N@10 ratio (p)", "R@10 first-k", "R@10 long", "R@10 ratio (p)"):
         t.add_column(c, justify="right")
     t.add_column("verdict", overflow="fold", min_width=30)
@@ -147,7 +150,5 @@ def headroom_command(
     Console(width=None if sys.stdout.isatty() else 200).print(t)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps([r.as_dict() for r in rows], indent=2) + "\n")
-        tmp.replace(out)
+        write_json(out, [r.as_dict() for r in rows])
         err.print(f"rows written to {out}", markup=False)

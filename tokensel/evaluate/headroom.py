@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tokensel import api
 from tokensel.errors import TokenselError
-from tokensel.evaluate.recommenders import ITEM_TUNINGS, RECOMMENDERS, TrainConfig
+from tokensel.evaluate.recommenders import TrainConfig, make_recommender
 from tokensel.evaluate.runner import VectorCache, evaluate_detailed
 from tokensel.evaluate.stats import TESTS, paired_pvalues
 
@@ -101,12 +101,7 @@ def headroom(
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1 or factor < 2 or seeds < 1:
         raise TokenselError(f"need budgets >= 1, --factor >= 2 and --seeds >= 1 (got ks={ks}, factor={factor}, seeds={seeds})")
-    if recommender not in RECOMMENDERS:
-        raise TokenselError(f"--recommender must be one of {', '.join(RECOMMENDERS)} (got {recommender!r})")
-    if train is not None and train.item_tuning not in ITEM_TUNINGS:
-        raise TokenselError(f"--item-tuning must be one of {', '.join(ITEM_TUNINGS)} (got {train.item_tuning!r})")
-    if train is not None and train.item_tuning != "none" and recommender != "hllm":
-        raise TokenselError(f"--item-tuning trains the item LLM of hllm; {recommender} has none")
+    make_recommender(recommender, train)  # refuses an unknown recommender or item tuning before any compression
     if test not in TESTS:
         raise TokenselError(f"--test must be one of {', '.join(TESTS)} (got {test!r})")
     with tempfile.TemporaryDirectory(prefix="tokensel-headroom-") as tmp:

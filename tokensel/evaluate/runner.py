@@ -30,7 +30,7 @@ from tokensel.device import pick_device, pick_dtype
 from tokensel.errors import TokenselError
 from tokensel.evaluate.metrics import KS, per_user_metrics
 from tokensel.evaluate.recommenders import Recommender, TrainConfig, make_recommender
-from tokensel.evaluate.stats import paired_pvalues
+from tokensel.evaluate.stats import paired_pvalues, paired_test_name
 from tokensel.io.interactions import Histories, read_histories
 from tokensel.io.item_ids import IdCheck
 from tokensel.io.items import open_parquet
@@ -48,7 +48,7 @@ def protocol_note(test: str = "ttest", n_users: int | None = None, n_items: int 
     return (
         f"leave-one-out test over {users} (last interaction = test, the one before = validation); "
         f"full ranking over {items} with the user's history masked (a repeat of the target is not masked); "
-        f"percent; best epoch on validation NDCG@10; p = paired {'t-test' if test == 'ttest' else 'Wilcoxon signed-rank test'} "
+        f"percent; best epoch on validation NDCG@10; p = paired {paired_test_name(test)} "
         "on per-user metrics (averaged over seeds) against the first file"
     )
 

@@ -16,6 +16,11 @@ from scipy import stats
 TESTS = ("ttest", "wilcoxon")
 
 
+def paired_test_name(test: str) -> str:
+    """The test's name in a report's caption."""
+    return "t-test" if test == "ttest" else "Wilcoxon signed-rank test"
+
+
 def paired_pvalue(a: np.ndarray, b: np.ndarray, test: str = "ttest") -> float:
     """Two-sided p-value that the per-user values `a` and `b` (same users, same order) differ on average."""
     a = np.asarray(a, dtype=np.float64)
