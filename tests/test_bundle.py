@@ -15,8 +15,8 @@ from tokensel.compress import CompressOptions, compress_file
 from tokensel.config import ItemModelConfig, PolicyConfig, Stage1Config, TextConfig
 from tokensel.errors import TokenselError
 from tokensel.io.parquet_out import read_metadata
-from tokensel.policy.bundle import Bundle, bundle_hash
-from tokensel.strategies import Policy
+from tokensel.models.bundle import Bundle, bundle_hash
+from tokensel.select.strategies import Policy
 from tokensel.train.pipeline import train
 
 from conftest import INTERACTIONS, ITEMS, check_contract
@@ -380,7 +380,7 @@ def test_stage1_keeps_the_item_llm_of_the_best_epoch(tiny_bert, tmp_path, monkey
 
 def test_bundles_from_before_labels_keep_them(tiny_bundle):
     """`labels` defaults to off now; a bundle whose config predates the field was trained with labels."""
-    from tokensel.policy.bundle import BundleConfig
+    from tokensel.models.bundle import BundleConfig
 
     d = json.loads((tiny_bundle / "config.json").read_text())
     assert BundleConfig.from_json(d).text.labels is d["text"]["labels"]

@@ -18,7 +18,7 @@ from tokensel.errors import TokenselError
 from tokensel.io.items import read_items
 from tokensel.io.parquet_out import read_metadata
 from tokensel.models.item_llm import ItemLLM
-from tokensel.strategies import FirstK, RandomChunks, Rarity
+from tokensel.select.strategies import FirstK, RandomChunks, Rarity
 
 from conftest import ITEMS, check_contract
 

@@ -21,7 +21,7 @@ from tokensel.errors import TokenselError
 from tokensel.io.item_ids import IdSet
 from tokensel.io.parquet_out import read_metadata
 from tokensel.models.item_llm import ItemLLM
-from tokensel.strategies import BUNDLE_STRATEGIES, Policy
+from tokensel.select.strategies import BUNDLE_STRATEGIES, Policy
 
 K, CHUNK, PREFIX = 24, 4, 6
 N_ITEMS = 120
@@ -87,8 +87,8 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory, model_dir):
     from tokensel.config import PolicyConfig
-    from tokensel.policy.bundle import Bundle, BundleConfig
-    from tokensel.policy.head import PolicyHead
+    from tokensel.models.bundle import Bundle, BundleConfig
+    from tokensel.models.head import PolicyHead
 
     llm = ItemLLM.from_pretrained(model_dir)
     head = PolicyHead(llm.hidden_size)
@@ -162,7 +162,7 @@ def test_id_set_finds_duplicates_within_and_across_batches_and_only_those():
 
 def test_an_items_scores_are_bit_identical_alone_or_in_any_batch(model_dir, bundle_dir):
     """The reason selection does not depend on batching: the forward width and filler rows depend on the item alone."""
-    from tokensel.policy.bundle import Bundle
+    from tokensel.models.bundle import Bundle
 
     b = Bundle.from_pretrained(bundle_dir)
     llm, strat = b.item_llm, Policy(b.policy)

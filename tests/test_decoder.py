@@ -14,7 +14,7 @@ from tokensel.errors import TokenselError
 from tokensel.io.items import read_items
 from tokensel.io.parquet_out import read_metadata
 from tokensel.models.item_llm import ItemLLM
-from tokensel.policy.bundle import Bundle
+from tokensel.models.bundle import Bundle
 from tokensel.train.pipeline import train
 
 from conftest import INTERACTIONS, ITEMS, check_contract
@@ -102,7 +102,7 @@ def test_compress_with_the_decoder(tmp_path, tiny_llama, strategy):
 
 
 def test_topk_logits_selects_the_chunks_with_the_highest_mean_logit(tmp_path, tiny_llama):
-    from tokensel.selection import chunk_means, mask_to_positions, select_mask
+    from tokensel.select.rule import chunk_means, mask_to_positions, select_mask
 
     out = tmp_path / "out.parquet"
     api.compress(ITEMS, out, k=K, chunk=CHUNK, prefix=PREFIX, strategy="topk-logits", model=tiny_llama, device="cpu", batch_rows=5)

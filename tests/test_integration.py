@@ -13,7 +13,7 @@ from tokensel import api
 from tokensel.cli import app
 from tokensel.io.parquet_out import read_metadata
 from tokensel.models.item_llm import resolve_model_path
-from tokensel.policy.bundle import DEFAULT_BUNDLE
+from tokensel.models.bundle import DEFAULT_BUNDLE
 
 from conftest import ITEMS, check_contract
 

@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tokensel.selection import mask_to_positions, n_chunks, select_mask, select_positions_reference
+from tokensel.select.rule import mask_to_positions, n_chunks, select_mask, select_positions_reference
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

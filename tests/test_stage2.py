@@ -7,8 +7,8 @@ import math
 import torch
 
 from tokensel.config import PolicyConfig
-from tokensel.policy.head import PolicyHead
-from tokensel.selection import chunk_sums, mask_to_positions
+from tokensel.models.head import PolicyHead
+from tokensel.select.rule import chunk_sums, mask_to_positions
 from tokensel.train.common import Catalogue, infonce, infonce_logits
 from tokensel.train import stage2
 from tokensel.train.stage2 import greedy_subsets, sample_masks

@@ -16,8 +16,8 @@ from tokensel.device import pick_device, pick_dtype
 from tokensel.errors import TokenselError
 from tokensel.io.items import open_parquet
 from tokensel.models.item_llm import DEFAULT_MODEL, ItemLLM
-from tokensel.policy.bundle import DEFAULT_BUNDLE, Bundle
-from tokensel.strategies import BUNDLE_STRATEGIES, STRATEGIES, FirstK, ItemAlign, Policy, RandomChunks, Rarity, TopkLogits
+from tokensel.models.bundle import DEFAULT_BUNDLE, Bundle
+from tokensel.select.strategies import BUNDLE_STRATEGIES, STRATEGIES, FirstK, ItemAlign, Policy, RandomChunks, Rarity, TopkLogits
 from tokensel.train.pipeline import train  # noqa: F401  (re-exported)
 
 

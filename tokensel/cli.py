@@ -167,7 +167,7 @@ def inspect(
 @app.command()
 def info(bundle: Annotated[Optional[Path], typer.Argument(help="Bundle folder (default: the shipped one).")] = None) -> None:
     """Print how a bundle was made (its config.json) and its hash."""
-    from tokensel.policy.bundle import DEFAULT_BUNDLE, bundle_hash
+    from tokensel.models.bundle import DEFAULT_BUNDLE, bundle_hash
 
     path = bundle or DEFAULT_BUNDLE
     cfg = path / "config.json"

@@ -43,8 +43,8 @@ from tokensel.errors import TokenselError
 from tokensel.io.items import ItemBatch, check_columns, iter_item_batches, open_parquet
 from tokensel.io.parquet_out import AtomicParquetWriter
 from tokensel.models.item_llm import ItemLLM
-from tokensel.selection import select_mask
-from tokensel.strategies import Rarity, Strategy
+from tokensel.select.rule import select_mask
+from tokensel.select.strategies import Rarity, Strategy
 from tokensel.threads import BackgroundWriter, prefetch
 
 
@@ -97,25 +97,6 @@ class CompressSummary:
         self.empty += int((lengths == 0).sum())
         self.shorter_than_k += int(((lengths > 0) & (lengths <= k)).sum())
         self.scored += int((lengths > k).sum())
-
-
-def length_buckets(lengths: list[int], max_batch: int, batch_tokens: int) -> list[list[int]]:
-    """Group row indices into forward batches of similar length (sorted), bounded in rows and padded tokens.
-
-    (Used by training and evaluation; compress uses `forward_batches`, whose widths do not depend on
-    the other items.)
-    """
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches, cur = [], []
-    for i in order:
-        width = lengths[i] + 2
-        if cur and (len(cur) >= max_batch or width * (len(cur) + 1) > batch_tokens):
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        batches.append(cur)
-    return batches
 
 
 # ---------------------------------------------------------------------------------------- batching

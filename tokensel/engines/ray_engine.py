@@ -44,7 +44,7 @@ from tokensel.errors import TokenselError
 from tokensel.io.item_ids import IdCheck
 from tokensel.io.items import build_text, open_parquet
 from tokensel.io.parquet_out import AtomicParquetWriter
-from tokensel.strategies import Rarity, Strategy
+from tokensel.select.strategies import Rarity, Strategy
 
 
 def check_ray() -> None:

@@ -38,12 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokensel.compress import length_buckets
+from tokensel.models.batching import length_buckets
 from tokensel.config import ItemModelConfig, UserModelConfig
 from tokensel.evaluate.metrics import per_user_metrics, rank_users
 from tokensel.io.interactions import Histories
 from tokensel.models.item_llm import ItemLLM
-from tokensel.models.item_readout import BlockInputs, ItemReadout, cache_block_inputs
+from tokensel.models.readout import BlockInputs, ItemReadout, cache_block_inputs
 from tokensel.models.user_model import UserModel, pad_histories
 from tokensel.train.common import embed_tokens, infonce, infonce_logits
 from tokensel.train.stage1 import _trainable_state, _windows, apply_item_tuning
@@ -255,7 +255,7 @@ class TunedItems(TrainableItems):
 
 class ReadoutItems(TrainableItems):
     """item_tuning top: only f's last block trains, over lower-layer states cached once per file
-    (tokensel.models.item_readout); a step costs ~1/25 of a LoRA step, so it runs on a CPU."""
+    (tokensel.models.readout); a step costs ~1/25 of a LoRA step, so it runs on a CPU."""
 
     def __init__(self, llm: ItemLLM, cache: BlockInputs, center: bool, device: torch.device):
         self.cache, self.center, self.device = cache, center, device

@@ -36,7 +36,7 @@ from tokensel.io.item_ids import IdCheck
 from tokensel.io.items import open_parquet
 from tokensel.io.parquet_out import read_metadata
 from tokensel.models.item_llm import DEFAULT_MODEL, ItemLLM, resolve_model_path
-from tokensel.models.item_readout import check_top_tunable
+from tokensel.models.readout import check_top_tunable
 from tokensel.train.pipeline import file_digest
 
 METRICS = tuple(f"{m}@{k}" for m in ("R", "N") for k in KS)  # R@5 R@10 R@50 N@5 N@10 N@50

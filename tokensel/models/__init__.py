@@ -1,1 +1,1 @@
-"""Models: the item LLM f, the user model g (the policy head lives in tokensel.policy)."""
+"""Models: the item LLM f and its top readout, the user model g, the policy head, and the bundle that saves them."""

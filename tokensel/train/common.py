@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from tokensel.compress import length_buckets
+from tokensel.models.batching import length_buckets
 from tokensel.models.item_llm import ItemLLM
 
 

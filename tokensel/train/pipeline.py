@@ -15,10 +15,10 @@ from tokensel.errors import TokenselError
 from tokensel.io.interactions import read_histories
 from tokensel.io.items import read_items
 from tokensel.models.item_llm import ItemLLM
-from tokensel.models.item_readout import check_top_tunable
+from tokensel.models.readout import check_top_tunable
 from tokensel.models.user_model import UserModel
-from tokensel.policy.bundle import Bundle, BundleConfig
-from tokensel.policy.head import PolicyHead
+from tokensel.models.bundle import Bundle, BundleConfig
+from tokensel.models.head import PolicyHead
 from tokensel.train.common import Catalogue, embed_tokens
 from tokensel.train.stage1 import train_stage1
 from tokensel.train.stage2 import REWARDS, stage2_warnings, train_stage2

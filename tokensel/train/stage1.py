@@ -1,7 +1,7 @@
 """Stage 1: pretrain the recommender (item LLM f + user model g) with InfoNCE (paper eq. 1).
 
 tuning="none" keeps f frozen (its [ITEM] states are computed once) and trains g: minutes on a CPU.
-tuning="top" also trains f's last block, over lower-layer states cached once (models/item_readout.py):
+tuning="top" also trains f's last block, over lower-layer states cached once (models/readout.py):
 a trained [ITEM] readout at a few minutes per epoch on a CPU; the block is written back into f.
 tuning="lora" / "full" also trains f, re-encoding the batch's items every step (a GPU setting).
 The best epoch on validation NDCG@10 is kept.
@@ -20,7 +20,7 @@ from tokensel.config import ItemModelConfig, Stage1Config
 from tokensel.evaluate.metrics import per_user_metrics, rank_users
 from tokensel.io.interactions import Histories
 from tokensel.models.item_llm import ItemLLM
-from tokensel.models.item_readout import ItemReadout, cache_block_inputs, last_block
+from tokensel.models.readout import ItemReadout, cache_block_inputs, last_block
 from tokensel.models.user_model import UserModel, pad_histories
 from tokensel.train.common import embed_tokens, infonce, infonce_logits
 

@@ -28,8 +28,8 @@ from tokensel.evaluate.recommenders import history_means, mean_pool_tokens
 from tokensel.io.interactions import Histories
 from tokensel.models.item_llm import ItemLLM
 from tokensel.models.user_model import UserModel, pad_histories
-from tokensel.policy.head import PolicyHead
-from tokensel.selection import chunk_sums, select_mask
+from tokensel.models.head import PolicyHead
+from tokensel.select.rule import chunk_sums, select_mask
 from tokensel.train.common import Catalogue, embed_tokens, infonce, infonce_logits
 from tokensel.train.stage1 import validate
 

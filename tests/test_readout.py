@@ -7,7 +7,7 @@ import torch
 
 from tokensel.errors import TokenselError
 from tokensel.models.item_llm import ItemLLM
-from tokensel.models.item_readout import ItemReadout, cache_block_inputs
+from tokensel.models.readout import ItemReadout, cache_block_inputs
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_non_bert_models_are_refused(tiny_llama, texts):
 
 
 def test_a_cache_too_large_for_memory_is_refused(llm, texts, monkeypatch):
-    from tokensel.models import item_readout
+    from tokensel.models import readout as item_readout
 
     monkeypatch.setattr(item_readout, "_physical_memory", lambda: 1 << 16)  # a 64 KiB machine
     with pytest.raises(TokenselError, match="use item tuning lora"):
@@ -91,7 +91,7 @@ def test_top_tuning_is_refused_up_front_from_the_config_alone(tiny_bert, tiny_ll
     from tokensel.config import ItemModelConfig, Stage1Config
     from tokensel.evaluate.recommenders import TrainConfig
     from tokensel.evaluate.runner import evaluate_detailed
-    from tokensel.models.item_readout import check_top_tunable
+    from tokensel.models.readout import check_top_tunable
     from tokensel.train.pipeline import train
 
     from conftest import INTERACTIONS, ITEMS

@@ -19,8 +19,8 @@ from collections.abc import Iterable
 import torch
 
 from tokensel.models.item_llm import Encoded
-from tokensel.policy.head import PolicyHead
-from tokensel.selection import chunk_means, chunk_sums, n_chunks
+from tokensel.models.head import PolicyHead
+from tokensel.select.rule import chunk_means, chunk_sums, n_chunks
 
 STRATEGIES = ("policy", "item-align", "first-k", "random", "rarity", "topk-logits")
 BUNDLE_STRATEGIES = ("policy", "item-align")  # the ones that read a trained bundle

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tokensel.compress import length_buckets
+from tokensel.models.batching import length_buckets
 from tokensel.errors import TokenselError
 from tokensel.models.item_llm import ItemLLM
 

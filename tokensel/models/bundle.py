@@ -35,9 +35,9 @@ from tokensel.config import (
 )
 from tokensel.errors import TokenselError
 from tokensel.models.item_llm import ItemLLM
-from tokensel.models.item_readout import last_block
+from tokensel.models.readout import last_block
 from tokensel.models.user_model import UserModel
-from tokensel.policy.head import PolicyHead
+from tokensel.models.head import PolicyHead
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "default_bundle"
 

@@ -1,0 +1,1 @@
+"""Which tokens to keep: the pure budget rule (rule.py) and the strategies that score chunks (strategies.py)."""
