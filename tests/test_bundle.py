@@ -82,7 +82,7 @@ def test_round_trip_gives_identical_compress_output(tiny_bundle_trained, tmp_pat
     path, trained = tiny_bundle_trained
     from_disk = compress_policy(tmp_path, path, "disk.parquet")
     in_memory = tmp_path / "memory.parquet"
-    compress_file(ITEMS, in_memory, trained.item_llm, Policy(trained.policy), TextConfig(),
+    compress_file(ITEMS, {K: in_memory}, trained.item_llm, Policy(trained.policy), TextConfig(),
                   CompressOptions(k=K, chunk=CHUNK, prefix=PREFIX), {"model": "x"})
     a, b = pq.read_table(from_disk), pq.read_table(in_memory)
     for col in ("item_id", "text", "token_ids", "positions", "n_tokens", "n_kept"):

@@ -151,11 +151,15 @@ def test_template_is_not_part_of_the_output(tmp_path, tiny_bert):
     assert read_metadata(tmp_path / "templ.parquet")["template"] == "Compress this item: "
 
 
-def test_default_output_path(tmp_path, tiny_bert, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    summary = api.compress(ITEMS, None, k=K, strategy="first-k", model=tiny_bert, device="cpu")
-    assert (tmp_path / f"items.k{K}-first-k.parquet").exists()
-    assert summary.out == str(tmp_path / f"items.k{K}-first-k.parquet")
+def test_default_output_lands_beside_the_input_not_in_the_current_folder(tmp_path, tiny_bert, monkeypatch):
+    data, elsewhere = tmp_path / "data", tmp_path / "cwd"
+    data.mkdir(), elsewhere.mkdir()
+    items = data / "items.parquet"
+    items.write_bytes(ITEMS.read_bytes())
+    monkeypatch.chdir(elsewhere)
+    summary = api.compress(items, None, k=K, strategy="first-k", model=tiny_bert, device="cpu")
+    assert summary.out == str(data / f"items.k{K}-first-k.parquet") and (data / f"items.k{K}-first-k.parquet").exists()
+    assert not list(elsewhere.iterdir())
 
 
 def test_output_must_not_overwrite_input(tmp_path, tiny_bert):

@@ -8,6 +8,7 @@ random (not identity) policy head, so chunk scores are varied and near-ties are 
 from __future__ import annotations
 
 import random
+import sqlite3
 
 import numpy as np
 import pyarrow as pa
@@ -299,22 +300,49 @@ def test_a_changed_catalogue_recomputes_only_the_changed_items(tmp_path, items, 
     fresh = tmp_path / "fresh.parquet"
     compress(edited, fresh, bundle_dir)
     assert pq.read_table(out).equals(pq.read_table(fresh))
-    from tokensel.cache import SelectionCache
-
-    import sqlite3
-
-    with sqlite3.connect(cache) as db:  # pruned: this configuration keeps only what the last run used
-        assert db.execute("SELECT COUNT(*) FROM selection").fetchone()[0] == first.scored
-    assert SelectionCache  # imported for the module's docs
+    with sqlite3.connect(cache) as db:  # pruned: this scorer keeps only what the last run used
+        assert db.execute("SELECT COUNT(*) FROM scores").fetchone()[0] == first.scored
 
 
-def test_the_cache_is_keyed_by_the_settings(tmp_path, items, bundle_dir):
+def test_another_budget_prefix_or_chunk_runs_no_model_and_equals_a_fresh_run(tmp_path, items, bundle_dir):
+    """The cache holds token scores, not selections: k, prefix and chunk are chosen after the model."""
+    cache = tmp_path / "scores.sqlite"
+    first = compress(items, tmp_path / "o.parquet", bundle_dir, cache=cache, k=K - 8)  # scores every item any later k needs
+    assert first.forward_batches > 0
+    for change in ({"k": K}, {"k": K + 4, "prefix": PREFIX // 2}, {"chunk": CHUNK * 2}, {"k": K, "chunk": 1}):
+        out, fresh = tmp_path / "again.parquet", tmp_path / "fresh.parquet"
+        s = compress(items, out, bundle_dir, cache=cache, **change)
+        assert (s.forward_batches, s.computed) == (0, 0) and s.reused == s.scored > 0, change
+        compress(items, fresh, bundle_dir, cache=False, **change)
+        assert pq.read_table(out).equals(pq.read_table(fresh)), change
+
+
+def test_the_cache_is_keyed_by_the_scorer(tmp_path, items, bundle_dir):
     out, cache = tmp_path / "o.parquet", tmp_path / "sel.sqlite"
     compress(items, out, bundle_dir, cache=cache)
-    s = compress(items, out, bundle_dir, cache=cache, k=K + 4)
-    assert s.reused == 0 and s.computed == s.scored
-    s = compress(items, out, bundle_dir, cache=cache, chunk=CHUNK * 2)
-    assert s.reused == 0
+    s = compress(items, out, bundle_dir, cache=cache, max_len=48)
+    assert s.reused == 0 and s.computed == s.scored > 0
+    s = compress(items, out, bundle_dir, cache=cache, strategy="item-align")
+    assert s.reused == 0 and s.computed == s.scored > 0
+
+
+def test_several_budgets_from_one_model_pass_equal_single_budget_runs(tmp_path, items, bundle_dir):
+    ks = [K - 8, K, K + 16]
+    summaries = compress(items, str(tmp_path / "multi.k{k}.parquet"), bundle_dir, k=ks, cache=False)
+    assert [s.k for s in summaries] == ks
+    longest = summaries[0]
+    assert longest.computed == longest.scored and all(s.forward_batches == longest.forward_batches for s in summaries)
+    for k in ks:
+        single = tmp_path / f"single{k}.parquet"
+        compress(items, single, bundle_dir, k=k, cache=False)
+        assert pq.read_table(tmp_path / f"multi.k{k}.parquet").equals(pq.read_table(single)), k
+        assert read_metadata(tmp_path / f"multi.k{k}.parquet") == read_metadata(single)
+
+
+def test_several_budgets_need_a_k_placeholder_in_the_output_name(tmp_path, items, bundle_dir):
+    with pytest.raises(TokenselError, match=r"must contain \{k\}"):
+        compress(items, tmp_path / "o.parquet", bundle_dir, k=[K, K + 8])
+    assert not list(tmp_path.iterdir())
 
 
 # ---------------------------------------------------------------------------------------- ray

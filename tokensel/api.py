@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def compress(
     items: str | Path,
     out: str | Path | None = None,
     *,
-    k: int = 64,
+    k: int | Sequence[int] = 64,
     chunk: int = 8,
     prefix: int = 16,
     strategy: str = "policy",
@@ -75,18 +76,24 @@ def compress(
     workers: int = 2,
     pipeline: bool | None = None,
     on_progress=None,
-) -> CompressSummary:
+) -> CompressSummary | list[CompressSummary]:
     """Compress an items file; text settings default to the bundle's (for `policy`) or TextConfig().
 
-    cache: the selection cache that makes runs resumable and incremental (tokensel.cache). True (the
-    default) uses `<out>.cache.sqlite`; a path uses that file; False/None disables it. Only strategies
-    with a forward pass (policy, topk-logits) use it.
+    k: one budget, or several (one file each, from one model pass; a list of summaries is returned).
+    out: the output file; with several budgets it must contain `{k}`. Default: beside the items file,
+    `<items>.k<k>-<strategy>.parquet`.
+    cache: the score cache that makes runs resumable, incremental and free for a new budget
+    (tokensel.cache). True (the default) uses `<items>.cache.sqlite` in the output's folder; a path
+    uses that file; False/None disables it. Only strategies with a forward pass use it.
     engine: "local" (this process) or "ray" (Ray Data with `workers` model actors; pip install tokensel[ray]).
     batch_rows / batch_tokens: rows per window and padded tokens per forward pass (defaults scale
     with the device: larger on CUDA). The selection does not depend on them.
     """
-    if k < 1 or chunk < 1 or prefix < 0:
+    ks = sorted(set([k] if isinstance(k, int) else k))
+    if not ks or ks[0] < 1 or chunk < 1 or prefix < 0:
         raise TokenselError(f"need --k >= 1, --chunk >= 1, --prefix >= 0 (got k={k}, chunk={chunk}, prefix={prefix})")
+    if len(ks) > 1 and engine == "ray":
+        raise TokenselError("--engine ray compresses one budget per run; give one --k, or use the local engine")
     if engine not in ("local", "ray"):
         raise TokenselError(f"unknown engine {engine!r}; choose local or ray")
     items = Path(items)
@@ -106,23 +113,24 @@ def compress(
         labels=text.labels if labels is None else labels,
     )
     llm.set_template(text.template)
-    out = Path(out) if out else Path.cwd() / f"{items.stem}.k{k}-{strategy}.parquet"
+    outs = output_paths(items, out, ks, strategy)
     opts = CompressOptions.for_device(
-        llm.device, k=k, chunk=chunk, prefix=prefix, batch_rows=batch_rows, batch_tokens=batch_tokens,
+        llm.device, k=ks[0], chunk=chunk, prefix=prefix, batch_rows=batch_rows, batch_tokens=batch_tokens,
         passthrough=list(passthrough), limit=limit, pipeline=pipeline,
     )
-    cache_path = (out.with_name(out.name + ".cache.sqlite") if cache is True else Path(cache)) if cache else None
+    first = outs[ks[0]]
+    cache_path = (first.with_name(f"{items.stem}.cache.sqlite") if cache is True else Path(cache)) if cache else None
     if engine == "ray":
         from tokensel.engines.ray_engine import compress_file_ray
 
-        run = lambda tick: compress_file_ray(  # noqa: E731
-            items, out, sel, text, opts, prov, strategy_name=strategy, policy=policy, model=model, seed=seed,
+        run = lambda tick: [compress_file_ray(  # noqa: E731
+            items, first, sel, text, opts, prov, strategy_name=strategy, policy=policy, model=model, seed=seed,
             device=device, dtype=dtype, workers=workers, llm=llm, on_progress=tick,
-        )
+        )]
     else:
-        run = lambda tick: compress_file(items, out, llm, sel, text, opts, prov, on_progress=tick, cache=cache_path)  # noqa: E731
+        run = lambda tick: compress_file(items, outs, llm, sel, text, opts, prov, on_progress=tick, cache=cache_path)  # noqa: E731
     if not progress:
-        return run(on_progress)
+        return unwrap(run(on_progress), k)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     total = open_parquet(items).metadata.num_rows
@@ -138,7 +146,21 @@ def compress(
             if on_progress:
                 on_progress(n)
 
-        return run(tick)
+        return unwrap(run(tick), k)
+
+
+def output_paths(items: Path, out: str | Path | None, ks: list[int], strategy: str) -> dict[int, Path]:
+    """k -> output file. Default: beside the items; several budgets need `{k}` in an explicit name."""
+    if out is None:
+        return {k: items.with_name(f"{items.stem}.k{k}-{strategy}.parquet") for k in ks}
+    out = str(out)
+    if len(ks) > 1 and "{k}" not in out:
+        raise TokenselError(f"--out {out}: with several budgets the output name must contain {{k}}, e.g. items.k{{k}}.parquet")
+    return {k: Path(out.replace("{k}", str(k))) for k in ks}
+
+
+def unwrap(summaries: list[CompressSummary], k) -> CompressSummary | list[CompressSummary]:
+    return summaries[0] if isinstance(k, int) else summaries
 
 
 __all__ = ["compress", "train", "load_selector", "DEFAULT_BUNDLE"]

@@ -1,20 +1,22 @@
-"""The selection cache: what makes `compress` resumable and incremental.
+"""The score cache: what makes `compress` resumable, incremental, and cheap across budgets.
 
-One SQLite file (default `<out>.cache.sqlite`, beside the output) maps
+It stores what the model computes, not what is selected from it. One SQLite file (default
+`<out>.cache.sqlite`, beside the output) maps
 
-    (configuration hash, item key) -> (n_tokens, kept positions)
+    (scorer hash, item key) -> (n_tokens, float32 score of every token)
 
-where the item key is a 128-bit hash of the item id and its built text, and the configuration hash
-covers everything else the selection depends on: tokensel version, strategy, model identity and a
-weight fingerprint, policy bundle hash, k, chunk, prefix, max_len, template, text columns, dtype,
-device type and the forward-batch geometry. Only items that need scoring (more than k tokens) are
-stored; the rest pass through without a forward pass anyway.
+where the item key is a 128-bit hash of the item id and its built text, and the scorer hash covers
+everything the token scores depend on: tokensel version, strategy, model identity and a weight
+fingerprint, the policy head's fingerprint, max_len, template, text columns, dtype, device type and
+the forward-batch geometry. Budget, prefix and chunk are not in it: the selection is a pure function
+of the token scores (tokensel.select), so a run with another k, prefix or chunk reuses every entry
+and runs no model. Only items that need scoring (more than k tokens) are stored.
 
-Each window of items is committed in one transaction as soon as it has been scored, so a run that
-is interrupted keeps everything it finished, and the next run with the same configuration reuses
-it. A changed text changes the key, so only changed (or new) items are scored again. After a
-complete run (no --limit) entries of this configuration that the run did not use are deleted, so the
-file stays about the size of one catalogue per configuration.
+Scored items are committed every few seconds of scoring, so a run that is killed loses at most that
+much work, and the next run with the same scorer reuses the rest. A changed text changes the key,
+so only changed (or new) items are scored again. After a complete run (no --limit) entries of this
+scorer that the run did not use are deleted, so the file stays about the size of one catalogue per
+scorer.
 
 Lookups go to disk through SQLite's bounded page cache: memory does not grow with the catalogue.
 """
@@ -33,15 +35,16 @@ import torch
 from tokensel.errors import TokenselError
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS selection (
+CREATE TABLE IF NOT EXISTS scores (
     cfg TEXT NOT NULL,
     key BLOB NOT NULL,
     n_tokens INTEGER NOT NULL,
-    positions BLOB NOT NULL,
+    scores BLOB NOT NULL,
     run INTEGER NOT NULL,
     PRIMARY KEY (cfg, key)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS config (cfg TEXT PRIMARY KEY, json TEXT NOT NULL, created REAL NOT NULL);
+DROP TABLE IF EXISTS selection;
 """
 
 _CHUNK = 900  # parameters per statement (SQLite's historic limit is 999)
@@ -73,8 +76,8 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-class SelectionCache:
-    """Kept positions of scored items, keyed by configuration and item; see the module docstring."""
+class ScoreCache:
+    """Token scores of scored items, keyed by scorer and item; see the module docstring."""
 
     def __init__(self, path: str | Path, config: dict):
         self.path = Path(path)
@@ -91,40 +94,42 @@ class SelectionCache:
                 "INSERT OR IGNORE INTO config VALUES (?, ?, ?)", (self.cfg, json.dumps(config, sort_keys=True, default=str), time.time())
             )
         except sqlite3.DatabaseError as exc:
-            raise TokenselError(f"{self.path}: cannot use the selection cache ({exc}); delete it or pass --no-cache") from None
-        self.dtype = np.uint16 if int(config.get("max_len") or 0) < 65536 else np.int32
+            raise TokenselError(f"{self.path}: cannot use the score cache ({exc}); delete it or pass --no-cache") from None
         self._pending: list[tuple] = []
         self._touched: list[bytes] = []
 
     def entries(self) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM selection WHERE cfg = ?", (self.cfg,)).fetchone()[0]
+        return self.db.execute("SELECT COUNT(*) FROM scores WHERE cfg = ?", (self.cfg,)).fetchone()[0]
 
     def get_many(self, keys: list[bytes]) -> dict[bytes, tuple[int, np.ndarray]]:
-        """Cached (n_tokens, positions) for the keys that are present."""
+        """Cached (n_tokens, float32 token scores) for the keys that are present and intact."""
         found: dict[bytes, tuple[int, np.ndarray]] = {}
         for s in range(0, len(keys), _CHUNK):
             part = keys[s : s + _CHUNK]
-            q = f"SELECT key, n_tokens, positions FROM selection WHERE cfg = ? AND key IN ({','.join('?' * len(part))})"
+            q = f"SELECT key, n_tokens, scores FROM scores WHERE cfg = ? AND key IN ({','.join('?' * len(part))})"
             for key, n, blob in self.db.execute(q, (self.cfg, *part)):
-                found[key] = (n, np.frombuffer(blob, dtype=self.dtype))
+                if len(blob) == 4 * n:
+                    found[key] = (n, np.frombuffer(blob, dtype=np.float32))
         return found
 
-    def put(self, key: bytes, n_tokens: int, positions: np.ndarray) -> None:
-        self._pending.append((self.cfg, key, int(n_tokens), positions.astype(self.dtype).tobytes(), self.run))
+    def put(self, key: bytes, scores: np.ndarray) -> None:
+        """Queue one item's token scores (float32, one per token) for the next commit."""
+        scores = np.ascontiguousarray(scores, dtype=np.float32)
+        self._pending.append((self.cfg, key, len(scores), scores.tobytes(), self.run))
 
     def touch(self, keys: list[bytes]) -> None:
         self._touched.extend(keys)
 
     def commit(self) -> None:
-        """Store this window's new entries and mark its reused ones, atomically."""
+        """Store the queued entries and mark the reused ones, in one transaction."""
         if not self._pending and not self._touched:
             return
         self.db.execute("BEGIN")
         try:
             if self._pending:
-                self.db.executemany("INSERT OR REPLACE INTO selection VALUES (?, ?, ?, ?, ?)", self._pending)
+                self.db.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?, ?)", self._pending)
             if self._touched:
-                self.db.executemany("UPDATE selection SET run = ? WHERE cfg = ? AND key = ?", [(self.run, self.cfg, k) for k in self._touched])
+                self.db.executemany("UPDATE scores SET run = ? WHERE cfg = ? AND key = ?", [(self.run, self.cfg, k) for k in self._touched])
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -133,11 +138,16 @@ class SelectionCache:
         self._touched.clear()
 
     def prune(self) -> int:
-        """After a complete run: drop this configuration's entries the run did not use."""
-        cur = self.db.execute("DELETE FROM selection WHERE cfg = ? AND run <> ?", (self.cfg, self.run))
+        """After a complete run: drop this scorer's entries the run did not use."""
+        cur = self.db.execute("DELETE FROM scores WHERE cfg = ? AND run <> ?", (self.cfg, self.run))
         return cur.rowcount
 
     def close(self) -> None:
+        """Commit what is queued (also after a failed run: scored items are valid) and close."""
+        try:
+            self.commit()
+        except sqlite3.DatabaseError:
+            pass
         try:
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.DatabaseError:

@@ -24,13 +24,14 @@ tokensel.engines.ray_engine); `compress_file` streams a file through it and writ
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,13 +39,14 @@ import pyarrow as pa
 import torch
 
 from tokensel import __version__
+from tokensel.cache import ScoreCache, item_key, weights_fingerprint
 from tokensel.config import TextConfig
 from tokensel.errors import TokenselError
 from tokensel.io.items import ItemBatch, check_columns, iter_item_batches, open_parquet
 from tokensel.io.parquet_out import AtomicParquetWriter
 from tokensel.models.item_llm import ItemLLM
 from tokensel.select.rule import select_mask
-from tokensel.select.strategies import Rarity, Strategy
+from tokensel.select.strategies import ForwardStrategy, Rarity, Strategy
 from tokensel.threads import BackgroundWriter, prefetch
 
 
@@ -79,12 +81,14 @@ class CompressSummary:
     empty: int = 0
     shorter_than_k: int = 0
     scored: int = 0  # items with more than k tokens (they need the strategy's scores)
-    computed: int = 0  # ... scored in this run
-    reused: int = 0  # ... taken from the selection cache
+    computed: int = 0  # items scored in this run (for every budget of the run at once)
+    reused: int = 0  # ... whose scores came from the cache
+    forward_batches: int = 0  # forward passes of the item LLM in this run (0: no model ran)
     seconds: float = 0.0
     out: str = ""
     cache: str | None = None
     engine: str = "local"
+    k: int = 0
 
     @property
     def ratio(self) -> float:
@@ -151,20 +155,35 @@ def dummy_rows(llm: ItemLLM, width: int, rows: int, opts: CompressOptions) -> li
 
 # ---------------------------------------------------------------------------------------- selection
 @torch.inference_mode()
+def score_tokens(llm: ItemLLM, strategy: ForwardStrategy, toks: list[list[int]], width: int, opts: CompressOptions) -> np.ndarray:
+    """[B, width] float32 token scores of one forward batch (filler rows added and dropped here)."""
+    filler = dummy_rows(llm, width, len(toks), opts)
+    enc = llm.encode(toks + filler, width=width)
+    return strategy.token_scores(enc)[: len(toks)].cpu().numpy()  # the one device-to-host copy of the batch
+
+
+def select_scored(strategy: ForwardStrategy, scores: list[np.ndarray], width: int, k: int, prefix: int, chunk: int) -> np.ndarray:
+    """[B, width] keep mask from each item's token scores (items with more than k tokens).
+
+    Always computed on the CPU from the float32 scores, so a selection from cached scores is the
+    selection from fresh ones, bit for bit, on any device."""
+    lengths = [len(r) for r in scores]
+    table = np.zeros((len(scores), width), dtype=np.float32)
+    for r, row in enumerate(scores):
+        table[r, : len(row)] = row
+    n = torch.tensor(lengths, dtype=torch.long)
+    chunk_scores = strategy.chunk_scores_from(torch.from_numpy(table), n, min(prefix, k), chunk)
+    return select_mask(chunk_scores, n, k=k, prefix=prefix, chunk=chunk, width=width).numpy()
+
+
 def score_batch(llm: ItemLLM, strategy: Strategy, toks: list[list[int]], keys: list, width: int, opts: CompressOptions) -> np.ndarray:
     """[B, width] keep mask (numpy bool) for items that all have more than k tokens."""
-    prefix = min(opts.prefix, opts.k)
-    lengths = [len(t) for t in toks]
-    if strategy.needs_forward:
-        filler = dummy_rows(llm, width, len(toks), opts)
-        batch = toks + filler
-        enc = llm.encode(batch, width=width)
-        scores = strategy.chunk_scores(batch, list(keys) + [None] * len(filler), enc, prefix, opts.chunk)[: len(toks)]
-    else:
-        scores = strategy.chunk_scores(toks, list(keys), None, prefix, opts.chunk)
-    n = torch.tensor(lengths, dtype=torch.long).to(scores.device, non_blocking=True)
-    mask = select_mask(scores, n, k=opts.k, prefix=opts.prefix, chunk=opts.chunk, width=width)
-    return mask.cpu().numpy()  # the one device-to-host copy of the batch
+    if isinstance(strategy, ForwardStrategy):
+        scores = score_tokens(llm, strategy, toks, width, opts)
+        return select_scored(strategy, [row[: len(t)] for row, t in zip(scores, toks)], width, opts.k, opts.prefix, opts.chunk)
+    scores = strategy.chunk_scores(toks, list(keys), None, min(opts.prefix, opts.k), opts.chunk)
+    n = torch.tensor([len(t) for t in toks], dtype=torch.long)
+    return select_mask(scores, n, k=opts.k, prefix=opts.prefix, chunk=opts.chunk, width=width).numpy()
 
 
 def token_offsets(lengths: np.ndarray) -> np.ndarray:
@@ -173,31 +192,32 @@ def token_offsets(lengths: np.ndarray) -> np.ndarray:
     return offs
 
 
-def select_keep(
-    llm: ItemLLM,
-    strategy: Strategy,
-    token_lists: list[list[int]],
-    keys: list,
-    opts: CompressOptions,
-    rows: np.ndarray | None = None,
-    keep: np.ndarray | None = None,
-) -> np.ndarray:
-    """The per-batch function: a flat keep mask over all tokens of `token_lists` (concatenated).
-
-    Items with n <= k keep everything; items in `rows` (default: all with n > k) are scored and
-    selected; items with n > k outside `rows` keep what `keep` already says (e.g. from a cache).
-    """
+def select_keep(llm: ItemLLM, strategy: Strategy, token_lists: list[list[int]], keys: list, opts: CompressOptions) -> np.ndarray:
+    """The per-batch function of one budget (opts.k): a flat keep mask over all tokens of `token_lists`."""
     lengths = np.fromiter(map(len, token_lists), dtype=np.int64, count=len(token_lists))
     offs = token_offsets(lengths)
-    if keep is None:
-        keep = np.repeat(lengths <= opts.k, lengths)
-    todo = np.flatnonzero(lengths > opts.k) if rows is None else np.asarray(rows, dtype=np.int64)
-    if not len(todo):
-        return keep
+    keep = np.repeat(lengths <= opts.k, lengths)
+    todo = np.flatnonzero(lengths > opts.k)
     plan = forward_batches(lengths[todo], llm, opts) if strategy.needs_forward else plain_batches(lengths[todo])
     for width, sub in plan:
         idx = todo[sub]
         mask = score_batch(llm, strategy, [token_lists[i] for i in idx], [keys[i] for i in idx], width, opts)
+        r, c = np.nonzero(mask)
+        keep[offs[idx[r]] + c] = True
+    return keep
+
+
+def keep_from_scores(strategy: ForwardStrategy, llm: ItemLLM, lengths: np.ndarray, scores: dict[int, np.ndarray], k: int, opts: CompressOptions) -> np.ndarray:
+    """A flat keep mask at budget k from token scores of every item with more than k tokens.
+
+    Items are grouped by their forward width (a function of the item alone), so the arithmetic is
+    the same whether the scores were just computed or read from the cache."""
+    offs = token_offsets(lengths)
+    keep = np.repeat(lengths <= k, lengths)
+    todo = np.flatnonzero(lengths > k)
+    for width, sub in forward_batches(lengths[todo], llm, opts):
+        idx = todo[sub]
+        mask = select_scored(strategy, [scores[i] for i in idx.tolist()], width, k, opts.prefix, opts.chunk)
         r, c = np.nonzero(mask)
         keep[offs[idx[r]] + c] = True
     return keep
@@ -312,10 +332,10 @@ def fit_rarity(items: Path, llm: ItemLLM, text: TextConfig, opts: CompressOption
     return Rarity(Counter(dict(zip(nz.tolist(), df[nz].tolist()))), n_docs)
 
 
-def compress_meta(strategy: Strategy, text: TextConfig, opts: CompressOptions, provenance: dict) -> dict:
+def compress_meta(strategy: Strategy, text: TextConfig, opts: CompressOptions, provenance: dict, k: int) -> dict:
     return {
         "version": __version__,
-        "k": opts.k,
+        "k": k,
         "chunk": opts.chunk,
         "prefix": opts.prefix,
         "max_len": text.max_len,
@@ -329,10 +349,8 @@ def compress_meta(strategy: Strategy, text: TextConfig, opts: CompressOptions, p
     }
 
 
-def cache_config(llm: ItemLLM, strategy: Strategy, text: TextConfig, opts: CompressOptions, provenance: dict) -> dict:
-    """Everything a cached selection depends on besides the item's id and text."""
-    from tokensel.cache import weights_fingerprint
-
+def scorer_config(llm: ItemLLM, strategy: Strategy, text: TextConfig, opts: CompressOptions, provenance: dict) -> dict:
+    """Everything an item's cached token scores depend on besides its id and text (not k, prefix, chunk)."""
     head = getattr(strategy, "head", None)
     identity = {k: v for k, v in llm.identity().items() if k != "name"}  # where files live does not matter
     return {
@@ -342,9 +360,6 @@ def cache_config(llm: ItemLLM, strategy: Strategy, text: TextConfig, opts: Compr
         "identity": identity,
         "weights": weights_fingerprint(llm.model),
         "head": weights_fingerprint(head) if isinstance(head, torch.nn.Module) else None,
-        "k": opts.k,
-        "chunk": opts.chunk,
-        "prefix": opts.prefix,
         "max_len": text.max_len,
         "template": text.template,
         "text_cols": text.text_cols,
@@ -356,10 +371,11 @@ def cache_config(llm: ItemLLM, strategy: Strategy, text: TextConfig, opts: Compr
     }
 
 
-def preflight(items: Path, out: Path, text: TextConfig, opts: CompressOptions) -> pa.Schema:
-    """Checks every engine makes before any work: output is not the input, the file opens, the columns exist."""
-    if out.resolve() == items.resolve():
-        raise TokenselError(f"{out}: the output would overwrite the input")
+def preflight(items: Path, outs: list[Path], text: TextConfig, opts: CompressOptions) -> pa.Schema:
+    """Checks every engine makes before any work: no output is the input, the file opens, the columns exist."""
+    for out in outs:
+        if out.resolve() == items.resolve():
+            raise TokenselError(f"{out}: the output would overwrite the input")
     schema_in = open_parquet(items).schema_arrow
     check_columns(items, schema_in, text.id_col, text.text_cols, opts.passthrough)
     return schema_in
@@ -367,7 +383,7 @@ def preflight(items: Path, out: Path, text: TextConfig, opts: CompressOptions) -
 
 def compress_file(
     items: str | Path,
-    out: str | Path,
+    outs: dict[int, Path],
     llm: ItemLLM,
     strategy: Strategy,
     text: TextConfig,
@@ -375,29 +391,29 @@ def compress_file(
     provenance: dict,
     on_progress: Callable[[int], None] | None = None,
     cache: str | Path | None = None,
-) -> CompressSummary:
-    """Stream `items` through the strategy and write `out` atomically (temporary file, then rename).
+) -> list[CompressSummary]:
+    """Stream `items` through the strategy once and write one file per budget (`outs`: k -> path).
 
-    `cache`: a selection cache file (tokensel.cache) for resumable, incremental runs; used only by
+    Each file is written atomically (temporary file, then rename). `cache`: a score cache file
+    (tokensel.cache) for resumable, incremental runs and for budgets scored before; used only by
     strategies with a forward pass (the others cost less than the lookups).
     """
-    items, out = Path(items), Path(out)
+    items = Path(items)
+    ks = sorted(outs)
     t0 = time.perf_counter()
-    schema_in = preflight(items, out, text, opts)
+    schema_in = preflight(items, [Path(outs[k]) for k in ks], text, opts)
     if isinstance(strategy, Rarity) and strategy.n_docs == 0:
         fitted = fit_rarity(items, llm, text, opts)
         strategy.doc_freq, strategy.n_docs, strategy._cache = fitted.doc_freq, fitted.n_docs, {}
     pass_schema = pa.schema([schema_in.field(c) for c in opts.passthrough]) if opts.passthrough else None
     schema = output_schema(text.id_col, schema_in.field(text.id_col).type, pass_schema)
-    meta = compress_meta(strategy, text, opts, provenance)
-    summary = CompressSummary(out=str(out))
+    summaries = [CompressSummary(out=str(outs[k]), k=k) for k in ks]
+    run = RunCounters()
     store = None
     if cache is not None and strategy.needs_forward:
-        from tokensel.cache import SelectionCache
-
-        store = SelectionCache(cache, cache_config(llm, strategy, text, opts, provenance))
-        summary.cache = str(store.path)
+        store = ScoreCache(cache, scorer_config(llm, strategy, text, opts, provenance))
     pipeline = auto_pipeline(llm, strategy) if opts.pipeline is None else opts.pipeline
+    tick = on_progress or (lambda n: None)
 
     def read() -> Iterator[Window]:
         for batch in iter_item_batches(items, text, opts.batch_rows, opts.passthrough, limit=opts.limit):
@@ -405,24 +421,26 @@ def compress_file(
             yield Window(batch, toks, np.fromiter(map(len, toks), dtype=np.int64, count=len(toks)))
 
     try:
-        with AtomicParquetWriter(out, schema, meta, row_group_rows=opts.row_group_rows) as writer:
+        with contextlib.ExitStack() as stack:
+            writers = [
+                stack.enter_context(AtomicParquetWriter(outs[k], schema, compress_meta(strategy, text, opts, provenance, k), row_group_rows=opts.row_group_rows))
+                for k in ks
+            ]
 
-            def write(job: tuple[Window, np.ndarray]) -> None:
-                w, keep = job
-                cols = output_columns(llm, w.toks, keep)
-                writer.write(output_table(schema, text.id_col, w.batch.ids, cols, w.batch.passthrough))
+            def write(job: tuple[Window, list[np.ndarray]]) -> None:
+                w, keeps = job
+                for writer, keep in zip(writers, keeps):
+                    cols = output_columns(llm, w.toks, keep)
+                    writer.write(output_table(schema, text.id_col, w.batch.ids, cols, w.batch.passthrough))
 
             sink = BackgroundWriter(write, enabled=pipeline)
             windows = prefetch(read(), 2) if pipeline else read()
             try:
                 for w in windows:
-                    keep = select_window(llm, strategy, w, opts, store, summary)
-                    if store is not None:
-                        store.commit()  # from here on this window survives an interruption
-                    sink.submit((w, keep))
-                    summary.add(w.lengths, kept_counts(keep, w.lengths), opts.k)
-                    if on_progress:
-                        on_progress(len(w.toks))
+                    keeps = window_keeps(llm, strategy, w, opts, ks, store, run, tick)
+                    sink.submit((w, keeps))
+                    for summary, keep, k in zip(summaries, keeps, ks):
+                        summary.add(w.lengths, kept_counts(keep, w.lengths), k)
             except BaseException:
                 sink.close(raise_error=False)
                 raise
@@ -433,36 +451,66 @@ def compress_file(
             store.prune()
     finally:
         if store is not None:
-            store.close()
-    summary.seconds = time.perf_counter() - t0
-    return summary
+            store.close()  # commits what was scored, also when the run failed
+    for summary in summaries:
+        summary.computed, summary.reused, summary.forward_batches = run.computed, run.reused, run.forward_batches
+        summary.cache = str(store.path) if store is not None else None
+        summary.seconds = time.perf_counter() - t0
+    return summaries
 
 
-def select_window(llm: ItemLLM, strategy: Strategy, w: Window, opts: CompressOptions, store, summary: CompressSummary) -> np.ndarray:
-    """The keep mask of one window: cached selections where the cache has them, scored otherwise."""
+@dataclass
+class RunCounters:
+    computed: int = 0  # items the model scored in this run
+    reused: int = 0  # ... whose scores came from the cache
+    forward_batches: int = 0  # forward passes run (0: the model never ran)
+
+
+def window_keeps(llm, strategy: Strategy, w: Window, opts: CompressOptions, ks: list[int], store, run: RunCounters, tick) -> list[np.ndarray]:
+    """One flat keep mask per budget for a window: the model scores each item at most once for all of them."""
+    if not isinstance(strategy, ForwardStrategy):
+        run.computed += int((w.lengths > ks[0]).sum())
+        keeps = [select_keep(llm, strategy, w.toks, w.batch.ids, replace(opts, k=k)) for k in ks]
+        tick(len(w.toks))
+        return keeps
+    need = np.flatnonzero(w.lengths > ks[0])
+    tick(len(w.toks) - len(need))
+    scores = window_scores(llm, strategy, w, need, opts, store, run, tick)
+    return [keep_from_scores(strategy, llm, w.lengths, scores, k, opts) for k in ks]
+
+
+def window_scores(llm, strategy: ForwardStrategy, w: Window, need: np.ndarray, opts, store, run: RunCounters, tick) -> dict[int, np.ndarray]:
+    """Token scores of the items in `need`: from the cache where it has them, else from the model.
+
+    Each forward batch is committed to the cache as soon as it is scored, so a kill loses at most
+    the batch in flight."""
     lengths, ids = w.lengths, w.batch.ids
-    need = np.flatnonzero(lengths > opts.k)
-    if store is None or not len(need):
-        summary.computed += len(need)
-        return select_keep(llm, strategy, w.toks, ids, opts)
-    from tokensel.cache import item_key
-
-    offs = token_offsets(lengths)
-    keep = np.repeat(lengths <= opts.k, lengths)
-    keys = {int(i): item_key(ids[i], w.batch.texts[i]) for i in need}
-    hits = store.get_many(list(keys.values()))
-    miss, touched = [], []
-    for i, key in keys.items():
-        hit = hits.get(key)
-        if hit is not None and hit[0] == lengths[i] and (len(hit[1]) == 0 or int(hit[1].max()) < lengths[i]):
-            keep[offs[i] + hit[1].astype(np.int64)] = True
-            touched.append(key)
-        else:
-            miss.append(i)
-    keep = select_keep(llm, strategy, w.toks, ids, opts, rows=np.array(miss, dtype=np.int64), keep=keep)
-    for i in miss:
-        store.put(keys[i], lengths[i], np.flatnonzero(keep[offs[i] : offs[i + 1]]))
-    store.touch(touched)
-    summary.reused += len(touched)
-    summary.computed += len(miss)
-    return keep
+    scores: dict[int, np.ndarray] = {}
+    keys: dict[int, bytes] = {}
+    if store is not None:
+        # every item's entry is looked up, not only those this run needs: the ones kept whole at
+        # these budgets are touched too, so pruning keeps what a smaller budget will want
+        keys = {int(i): item_key(ids[i], w.batch.texts[i]) for i in np.flatnonzero(lengths > 0)}
+        hits = store.get_many(list(keys.values()))
+        present = [i for i, key in keys.items() if key in hits and hits[key][0] == lengths[i]]
+        store.touch([keys[i] for i in present])
+        wanted = set(need.tolist())
+        scores = {i: hits[keys[i]][1] for i in present if i in wanted}
+        run.reused += len(scores)
+        tick(len(scores))
+    miss = np.array([i for i in need.tolist() if i not in scores], dtype=np.int64)
+    for width, sub in forward_batches(lengths[miss], llm, opts):
+        idx = miss[sub].tolist()
+        table = score_tokens(llm, strategy, [w.toks[i] for i in idx], width, opts)
+        for r, i in enumerate(idx):
+            scores[i] = table[r, : lengths[i]].copy()
+            if store is not None:
+                store.put(keys[i], scores[i])
+        if store is not None:
+            store.commit()
+        run.computed += len(idx)
+        run.forward_batches += 1
+        tick(len(idx))
+    if store is not None:
+        store.commit()  # the reused entries' marks
+    return scores

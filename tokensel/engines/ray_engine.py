@@ -134,7 +134,7 @@ def compress_file_ray(
     strategy_name = strategy_name or strategy.name
     items, out = Path(items), Path(out)
     t0 = time.perf_counter()
-    schema_in = preflight(items, out, text, opts)
+    schema_in = preflight(items, [out], text, opts)
     def local(p):  # workers may run elsewhere: hand them absolute paths for local files
         return str(Path(p).resolve()) if p is not None and Path(p).exists() else (str(p) if p is not None else None)
 
@@ -150,7 +150,7 @@ def compress_file_ray(
         spec["doc_freq"], spec["n_docs"] = strategy.doc_freq, strategy.n_docs
     pass_schema = pa.schema([schema_in.field(c) for c in opts.passthrough]) if opts.passthrough else None
     schema = output_schema(text.id_col, schema_in.field(text.id_col).type, pass_schema)
-    meta = {**compress_meta(strategy, text, opts, provenance), "engine": "ray"}
+    meta = {**compress_meta(strategy, text, opts, provenance, opts.k), "engine": "ray"}
 
     started = False
     if not ray.is_initialized():
@@ -164,7 +164,7 @@ def compress_file_ray(
     gpu = str(device).startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     res = {"num_gpus": 1} if gpu else {"num_cpus": 0.5}
     columns = list(dict.fromkeys([text.id_col, *text.text_cols, *opts.passthrough]))
-    summary = CompressSummary(out=str(out), engine="ray")
+    summary = CompressSummary(out=str(out), engine="ray", k=opts.k)
     try:
         # blocks of about batch_rows rows, so every actor gets work even from a file with one row group
         md = open_parquet(items).metadata

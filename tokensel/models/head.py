@@ -29,8 +29,16 @@ class PolicyHead(nn.Module):
 
     def log_probs(self, hidden: torch.Tensor, item: torch.Tensor, n_tokens: torch.Tensor, prefix: int) -> torch.Tensor:
         """[B, L] log p_i over each item's candidate tokens (positions prefix..n-1); 0 elsewhere."""
-        scores = self.info(hidden, item).float()
-        pos = torch.arange(scores.shape[1], device=scores.device)[None]
-        cand = (pos >= prefix) & (pos < n_tokens[:, None])
-        logp = torch.log_softmax(scores.masked_fill(~cand, -math.inf), dim=1)
-        return logp.masked_fill(~cand, 0.0)
+        return candidate_log_probs(self.info(hidden, item).float(), n_tokens, prefix)
+
+
+def candidate_log_probs(info: torch.Tensor, n_tokens: torch.Tensor, prefix: int) -> torch.Tensor:
+    """[B, L] token informativeness -> log p_i over each item's candidates (positions prefix..n-1); 0 elsewhere.
+
+    Separate from the head so that compress can cache `info` (which depends on neither the budget nor
+    the prefix) and normalise it for any prefix later, with the same arithmetic as here.
+    """
+    pos = torch.arange(info.shape[1], device=info.device)[None]
+    cand = (pos >= prefix) & (pos < n_tokens[:, None])
+    logp = torch.log_softmax(info.masked_fill(~cand, -math.inf), dim=1)
+    return logp.masked_fill(~cand, 0.0)

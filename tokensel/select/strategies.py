@@ -19,7 +19,7 @@ from collections.abc import Iterable
 import torch
 
 from tokensel.models.item_llm import Encoded
-from tokensel.models.head import PolicyHead
+from tokensel.models.head import PolicyHead, candidate_log_probs
 from tokensel.select.rule import chunk_means, chunk_sums, n_chunks
 
 STRATEGIES = ("policy", "item-align", "first-k", "random", "rarity", "topk-logits")
@@ -41,6 +41,27 @@ class Strategy:
 
     def chunk_scores(self, token_lists: list[list[int]], keys: list, enc: Encoded | None, prefix: int, chunk: int) -> torch.Tensor:
         raise NotImplementedError
+
+
+class ForwardStrategy(Strategy):
+    """A strategy scored by the item LLM, in two steps so the costly one can be cached:
+
+    token_scores: the forward pass's [B, L] float32 score of every token; it depends on the model and
+                  the text alone, not on the budget, prefix or chunk;
+    chunk_scores_from: [B, L] token scores -> [B, C] chunk scores for one prefix and chunk (cheap).
+    """
+
+    needs_forward = True
+
+    def token_scores(self, enc: Encoded) -> torch.Tensor:
+        raise NotImplementedError
+
+    def chunk_scores_from(self, token_scores: torch.Tensor, n_tokens: torch.Tensor, prefix: int, chunk: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def chunk_scores(self, token_lists, keys, enc, prefix, chunk):
+        assert enc is not None
+        return self.chunk_scores_from(self.token_scores(enc), enc.n_tokens, prefix, chunk)
 
 
 class FirstK(Strategy):
@@ -103,26 +124,28 @@ class Rarity(Strategy):
         return chunk_means(self.token_weights(ids), n, prefix, chunk)
 
 
-class TopkLogits(Strategy):
+class TopkLogits(ForwardStrategy):
     name = "topk-logits"
-    needs_forward = True
 
-    def chunk_scores(self, token_lists, keys, enc, prefix, chunk):
-        assert enc is not None and enc.token_logits is not None
-        return chunk_means(enc.token_logits, enc.n_tokens, prefix, chunk)
+    def token_scores(self, enc):
+        assert enc.token_logits is not None
+        return enc.token_logits.float()
+
+    def chunk_scores_from(self, token_scores, n_tokens, prefix, chunk):
+        return chunk_means(token_scores, n_tokens, prefix, chunk)
 
 
-class Policy(Strategy):
+class Policy(ForwardStrategy):
     name = "policy"
-    needs_forward = True
 
     def __init__(self, head: PolicyHead):
         self.head = head
 
-    def chunk_scores(self, token_lists, keys, enc, prefix, chunk):
-        assert enc is not None
-        logp = self.head.log_probs(enc.hidden, enc.item, enc.n_tokens, prefix)
-        return chunk_sums(logp, prefix, chunk)
+    def token_scores(self, enc):
+        return self.head.info(enc.hidden, enc.item).float()
+
+    def chunk_scores_from(self, token_scores, n_tokens, prefix, chunk):
+        return chunk_sums(candidate_log_probs(token_scores, n_tokens, prefix), prefix, chunk)
 
 
 class ItemAlign(Policy):
