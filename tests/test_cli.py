@@ -162,3 +162,17 @@ def test_cli_train_prints_stage2_warnings_then_item_align_uses_the_bundle(tmp_pa
     r = invoke("compress", ITEMS, "-o", tmp_path / "a.parquet", "--strategy", "item-align", "--policy", out, "--k", "24", "--chunk", "4", "--prefix", "4")
     assert r.exit_code == 0, r.output
     assert read_metadata(tmp_path / "a.parquet")["strategy"] == "item-align"
+
+
+def test_cli_several_budgets_write_one_file_each_and_a_column_each(tmp_path, tiny_bert):
+    pattern = tmp_path / "items.k{k}.parquet"
+    r = invoke("compress", ITEMS, "-o", pattern, "--model", tiny_bert, "--strategy", "first-k", "--k", "16,32", "--chunk", "4")
+    assert r.exit_code == 0, r.output
+    assert "k = 16" in r.output and "k = 32" in r.output
+    for k in (16, 32):
+        check_contract(tmp_path / f"items.k{k}.parquet", ITEMS, tiny_bert, k)
+        assert f"wrote {tmp_path / f'items.k{k}.parquet'}" in r.output.replace("\n", "")
+    bad = invoke("compress", ITEMS, "-o", tmp_path / "x.parquet", "--model", tiny_bert, "--strategy", "first-k", "--k", "16,x")
+    assert bad.exit_code == 2 and "--k 16,x" in bad.output
+    bad = invoke("compress", ITEMS, "-o", tmp_path / "x.parquet", "--model", tiny_bert, "--strategy", "first-k", "--k", "16,32")
+    assert bad.exit_code == 2 and "{k}" in bad.output and not (tmp_path / "x.parquet").exists()

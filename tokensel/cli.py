@@ -24,11 +24,21 @@ def _cols(value: str) -> list[str]:
     return [c.strip() for c in value.split(",") if c.strip()]
 
 
+def _budgets(value: str) -> int | list[int]:
+    try:
+        ks = [int(v) for v in _cols(value)]
+    except ValueError:
+        fail(console, TokenselError(f"--k {value}: give a whole number of tokens, or several separated by commas (32,64,128)"))
+    if not ks:
+        fail(console, TokenselError("--k: give at least one budget"))
+    return ks[0] if len(ks) == 1 else ks
+
+
 @app.command()
 def compress(
     items: Annotated[Path, typer.Argument(help="Items Parquet: an id column and text columns.")],
     out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output Parquet (default: ./<items>.k<K>-<strategy>.parquet).")] = None,
-    k: Annotated[int, typer.Option(help="Tokens kept per item (the budget).")] = 64,
+    k: Annotated[str, typer.Option(help="Tokens kept per item (the budget); several as 32,64,128 write one file each from one model pass (-o must then contain {k}).")] = "64",
     chunk: Annotated[int, typer.Option(help="Selection chunk size in tokens.")] = 8,
     prefix: Annotated[int, typer.Option(help="Leading tokens always kept.")] = 16,
     strategy: Annotated[str, typer.Option(help="policy | item-align (the policy rule with W_Q = W_K = I: needs only stage 1) | first-k | random | rarity | topk-logits")] = "policy",
@@ -61,7 +71,7 @@ def compress(
 
     try:
         summary = api.compress(
-            items, out, k=k, chunk=chunk, prefix=prefix, strategy=strategy, policy=policy, model=model,
+            items, out, k=_budgets(k), chunk=chunk, prefix=prefix, strategy=strategy, policy=policy, model=model,
             id_col=id_col, text_cols=_cols(text_cols) if text_cols else None, max_len=max_len, template=template, labels=labels,
             passthrough=_cols(passthrough), seed=seed, batch_rows=batch_rows, batch_tokens=batch_tokens, limit=limit,
             device=device, dtype=dtype, progress=True, cache=False if no_cache else (cache or True), engine=engine,
@@ -69,20 +79,33 @@ def compress(
         )
     except TokenselError as exc:
         fail(console, exc)
-    t = Table(title=f"tokensel compress: {escape(str(summary.out))}", show_header=False)
-    t.add_row("items", f"{summary.items:,}")
-    t.add_row("empty texts (written as empty rows)", f"{summary.empty:,}")
-    t.add_row("texts with <= k tokens (kept whole)", f"{summary.shorter_than_k:,}")
-    t.add_row("texts with > k tokens (selected)", f"{summary.scored:,}")
-    if summary.cache:
-        t.add_row("  scored in this run", f"{summary.computed:,}")
-        t.add_row("  reused from the cache", f"{summary.reused:,} ({escape(str(summary.cache))})")
-    t.add_row("tokens in", f"{summary.tokens_in:,}")
-    t.add_row("tokens out", f"{summary.tokens_out:,}")
-    t.add_row("ratio out/in", f"{summary.ratio:.3f}")
-    t.add_row("engine", summary.engine)
-    t.add_row("time", f"{summary.seconds:.1f} s ({summary.items / max(summary.seconds, 1e-9):.1f} items/s)")
+    print_summary(summary if isinstance(summary, list) else [summary])
+
+
+def print_summary(summaries: list) -> None:
+    """One column per budget; the run's shared counts once; paths printed whole (never clipped)."""
+    first = summaries[0]
+    t = Table(title="tokensel compress", show_header=len(summaries) > 1)
+    t.add_column("")
+    for s in summaries:
+        t.add_column(f"k = {s.k}", justify="right")
+    row = lambda label, f: t.add_row(label, *[f(s) for s in summaries])  # noqa: E731
+    row("items", lambda s: f"{s.items:,}")
+    row("empty texts (written as empty rows)", lambda s: f"{s.empty:,}")
+    row("texts with <= k tokens (kept whole)", lambda s: f"{s.shorter_than_k:,}")
+    row("texts with > k tokens (selected)", lambda s: f"{s.scored:,}")
+    row("tokens out", lambda s: f"{s.tokens_out:,}")
+    row("ratio out/in", lambda s: f"{s.ratio:.3f}")
     out_console.print(t)
+    lines = [f"tokens in {first.tokens_in:,}; engine {first.engine}; "
+             f"{first.seconds:.1f} s ({first.items / max(first.seconds, 1e-9):.1f} items/s)"]
+    if first.cache:
+        lines.append(f"scored by the model in this run {first.computed:,}, reused from the cache {first.reused:,} "
+                     f"({first.forward_batches:,} forward batches)")
+        lines.append(f"cache: {first.cache}")
+    lines += [f"wrote {s.out}" for s in summaries]
+    for line in lines:
+        out_console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
