@@ -413,7 +413,7 @@ def compress_file(
     if cache is not None and strategy.needs_forward:
         store = ScoreCache(cache, scorer_config(llm, strategy, text, opts, provenance))
     pipeline = auto_pipeline(llm, strategy) if opts.pipeline is None else opts.pipeline
-    tick = on_progress or (lambda n: None)
+    tick = (lambda n: n and on_progress(n)) if on_progress else (lambda n: None)  # no empty ticks
 
     def read() -> Iterator[Window]:
         for batch in iter_item_batches(items, text, opts.batch_rows, opts.passthrough, limit=opts.limit):
