@@ -175,7 +175,7 @@ def test_null_and_empty_texts_are_counted_and_written_empty(tmp_path, out, tiny_
 def test_all_texts_empty(tmp_path, out, tiny_bert):
     path = write_items(tmp_path / "allempty.parquet", [{"item_id": "a", "title": None, "description": None}, {"item_id": "b", "title": "", "description": ""}])
     for strategy in ("first-k", "rarity", "random"):
-        summary = api.compress(path, out, k=16, strategy=strategy, model=tiny_bert, device="cpu")
+        summary = api.compress(path, out, k=16, prefix=4, strategy=strategy, model=tiny_bert, device="cpu")
         assert summary.empty == 2
         assert pq.read_table(out).column("n_tokens").to_pylist() == [0, 0]
 

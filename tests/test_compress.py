@@ -240,3 +240,16 @@ def test_rarity_document_frequencies_come_from_the_whole_file(tmp_path, tiny_ber
     expect = compress_tokens(llm, rar, toks, list(range(len(toks))), CompressOptions(k=K, chunk=CHUNK, prefix=PREFIX))
     assert pq.read_table(out).column("positions").to_pylist() == expect
     assert Counter(len(p) for p in expect)[K] > 400
+
+
+@pytest.mark.parametrize("strategy", ["rarity", "random"])
+def test_settings_under_which_a_selection_selects_nothing_are_refused(tmp_path, tiny_bert, strategy):
+    """--prefix >= k would write first-k labelled with the strategy; k >= max_len keeps every text whole."""
+    with pytest.raises(TokenselError, match=r"--prefix 32 >= --k 16"):
+        api.compress(ITEMS, tmp_path / "a.parquet", k=16, prefix=32, strategy=strategy, model=tiny_bert, device="cpu")
+    with pytest.raises(TokenselError, match=r"--k 300 >= --max-len 256"):
+        api.compress(ITEMS, tmp_path / "b.parquet", k=300, strategy=strategy, model=tiny_bert, device="cpu")
+    assert not list(tmp_path.iterdir())
+    # first-k has nothing to select: the same settings are its whole-text baseline
+    s = api.compress(ITEMS, tmp_path / "c.parquet", k=300, prefix=32, strategy="first-k", model=tiny_bert, device="cpu")
+    assert s.tokens_out == s.tokens_in

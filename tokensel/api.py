@@ -112,6 +112,7 @@ def compress(
         template=text.template if template is None else template,
         labels=text.labels if labels is None else labels,
     )
+    check_budgets(ks, prefix, text.max_len, strategy)
     llm.set_template(text.template)
     outs = output_paths(items, out, ks, strategy)
     opts = CompressOptions.for_device(
@@ -147,6 +148,21 @@ def compress(
                 on_progress(n)
 
         return unwrap(run(tick), k)
+
+
+def check_budgets(ks: list[int], prefix: int, max_len: int, strategy: str) -> None:
+    """Refuse settings under which a selecting strategy would silently select nothing."""
+    if strategy == "first-k":
+        return
+    if prefix >= ks[0]:
+        raise TokenselError(
+            f"--prefix {prefix} >= --k {ks[0]}: every kept token would be prefix, which is --strategy first-k; lower --prefix or raise --k"
+        )
+    if ks[-1] >= max_len:
+        raise TokenselError(
+            f"--k {ks[-1]} >= --max-len {max_len}: every text fits the budget and is kept whole, so nothing is selected; "
+            "lower --k or raise --max-len (or use --strategy first-k for the whole texts)"
+        )
 
 
 def output_paths(items: Path, out: str | Path | None, ks: list[int], strategy: str) -> dict[int, Path]:
