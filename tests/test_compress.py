@@ -253,3 +253,12 @@ def test_settings_under_which_a_selection_selects_nothing_are_refused(tmp_path, 
     # first-k has nothing to select: the same settings are its whole-text baseline
     s = api.compress(ITEMS, tmp_path / "c.parquet", k=300, prefix=32, strategy="first-k", model=tiny_bert, device="cpu")
     assert s.tokens_out == s.tokens_in
+
+
+def test_metadata_names_the_model_and_its_revision(tmp_path, tiny_bert):
+    out, _ = run(tmp_path, tiny_bert, "first-k")
+    meta = read_metadata(out)
+    assert meta["model"] == tiny_bert and meta["model_name"] == tiny_bert
+    assert meta["model_revision"].startswith("weights:")  # a local folder: a fingerprint of its weights
+    again, _ = run(tmp_path, tiny_bert, "first-k", name="again.parquet")
+    assert read_metadata(again)["model_revision"] == meta["model_revision"]

