@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -84,7 +85,14 @@ class ScoreCache:
         self.config = config
         self.cfg = config_hash(config)
         self.run = time.time_ns()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.created = not self.path.exists()  # a file this run made goes again if the run stores nothing
+        self.stored = 0
+        folder = self.path.parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise TokenselError(
+                f"{self.path}: cannot create the score cache: the folder {folder} is missing or not writable; "
+                "pass --cache FILE in a writable folder, or --no-cache"
+            )
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
@@ -94,6 +102,7 @@ class ScoreCache:
                 "INSERT OR IGNORE INTO config VALUES (?, ?, ?)", (self.cfg, json.dumps(config, sort_keys=True, default=str), time.time())
             )
         except sqlite3.DatabaseError as exc:
+            self._remove_if_created()
             raise TokenselError(f"{self.path}: cannot use the score cache ({exc}); delete it or pass --no-cache") from None
         self._pending: list[tuple] = []
         self._touched: list[bytes] = []
@@ -134,6 +143,7 @@ class ScoreCache:
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
+        self.stored += len(self._pending)
         self._pending.clear()
         self._touched.clear()
 
@@ -143,7 +153,10 @@ class ScoreCache:
         return cur.rowcount
 
     def close(self) -> None:
-        """Commit what is queued (also after a failed run: scored items are valid) and close."""
+        """Commit what is queued (also after a failed run: scored items are valid) and close.
+
+        A cache file this run created and stored nothing in (the run failed first) is removed, with
+        its -wal and -shm files: a failed run leaves nothing behind that it did not pay for."""
         try:
             self.commit()
         except sqlite3.DatabaseError:
@@ -153,3 +166,10 @@ class ScoreCache:
         except sqlite3.DatabaseError:
             pass
         self.db.close()
+        if self.stored == 0:
+            self._remove_if_created()
+
+    def _remove_if_created(self) -> None:
+        if self.created:
+            for p in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm"), Path(f"{self.path}-journal")):
+                p.unlink(missing_ok=True)

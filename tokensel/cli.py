@@ -12,12 +12,26 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from tokensel import __version__
 from tokensel.errors import TokenselError
 from tokensel.evaluate.command import evaluate_command, fail, headroom_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Keep the most informative tokens of item texts (TSPORec).")
 console = Console(stderr=True)
 out_console = Console()
+
+
+def _version(value: bool) -> None:
+    if value:
+        out_console.print(f"tokensel {__version__}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Keep the most informative tokens of item texts (TSPORec)."""
 
 
 def _cols(value: str) -> list[str]:

@@ -410,8 +410,6 @@ def compress_file(
     summaries = [CompressSummary(out=str(outs[k]), k=k) for k in ks]
     run = RunCounters()
     store = None
-    if cache is not None and strategy.needs_forward:
-        store = ScoreCache(cache, scorer_config(llm, strategy, text, opts, provenance))
     pipeline = auto_pipeline(llm, strategy) if opts.pipeline is None else opts.pipeline
     tick = (lambda n: n and on_progress(n)) if on_progress else (lambda n: None)  # no empty ticks
 
@@ -426,6 +424,8 @@ def compress_file(
                 stack.enter_context(AtomicParquetWriter(outs[k], schema, compress_meta(strategy, text, opts, provenance, k), row_group_rows=opts.row_group_rows))
                 for k in ks
             ]
+            if cache is not None and strategy.needs_forward:  # after the outputs: an unwritable folder is named as such
+                store = ScoreCache(cache, scorer_config(llm, strategy, text, opts, provenance))
 
             def write(job: tuple[Window, list[np.ndarray]]) -> None:
                 w, keeps = job
@@ -454,7 +454,7 @@ def compress_file(
             store.close()  # commits what was scored, also when the run failed
     for summary in summaries:
         summary.computed, summary.reused, summary.forward_batches = run.computed, run.reused, run.forward_batches
-        summary.cache = str(store.path) if store is not None else None
+        summary.cache = str(store.path) if store is not None and store.path.exists() else None
         summary.seconds = time.perf_counter() - t0
     return summaries
 

@@ -3,26 +3,28 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tokensel.io.atomic import AtomicTarget, os_error
 from tokensel.io.items import open_parquet
 
 
 class AtomicParquetWriter:
-    """A ParquetWriter on `.<out>.tmp-<pid>`; `close()` renames it, `abort()` removes it.
+    """A ParquetWriter on `.<out>.tmp-<pid>` (tokensel.io.atomic); `close()` renames it, `abort()` removes it.
 
-    Use as a context manager: an exception removes the partial file, so no half-written output exists.
+    Use as a context manager: an exception -- also one raised by `close()` itself, e.g. a full disk
+    while the footer is written -- removes the partial file, so no half-written output exists.
+    Filesystem errors are TokenselErrors naming the output.
     `row_group_rows`: small tables are buffered and written as row groups of about this many rows
     (bounded memory; without it every `write` call is its own row group).
     """
 
     def __init__(self, path: str | Path, schema: pa.Schema, metadata: dict | None = None, row_group_rows: int | None = None):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.target = AtomicTarget(path)
+        self.path, self.tmp = self.target.path, self.target.tmp
         if metadata is not None:
             schema = schema.with_metadata({b"tokensel": json.dumps(metadata, sort_keys=True).encode()})
         self.schema = schema
@@ -30,19 +32,26 @@ class AtomicParquetWriter:
         self._buffer: list[pa.Table] = []
         self._buffered = 0
         self.rows = 0
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        self._writer = pq.ParquetWriter(self.tmp, schema, compression="zstd")
+        self._writer = None
+        try:
+            self._writer = pq.ParquetWriter(self.tmp, schema, compression="zstd")
+        except OSError as exc:
+            self.target.discard()
+            raise os_error(self.path, exc) from None
 
     def write(self, table: pa.Table) -> None:
         table = table.cast(self.schema)
         self.rows += table.num_rows
-        if not self.row_group_rows:
-            self._writer.write_table(table)
-            return
-        self._buffer.append(table)
-        self._buffered += table.num_rows
-        if self._buffered >= self.row_group_rows:
-            self._flush()
+        try:
+            if not self.row_group_rows:
+                self._writer.write_table(table)
+                return
+            self._buffer.append(table)
+            self._buffered += table.num_rows
+            if self._buffered >= self.row_group_rows:
+                self._flush()
+        except OSError as exc:
+            raise os_error(self.path, exc) from None
 
     def _flush(self) -> None:
         if self._buffer:
@@ -51,16 +60,25 @@ class AtomicParquetWriter:
             self._writer.write_table(table, row_group_size=max(self.row_group_rows or 0, table.num_rows))
 
     def close(self) -> None:
-        self._flush()
-        self._writer.close()
-        os.replace(self.tmp, self.path)
+        try:
+            self._flush()
+            self._writer.close()
+        except OSError as exc:
+            self.abort()
+            raise os_error(self.path, exc) from None
+        except BaseException:
+            self.abort()
+            raise
+        self.target.commit()
 
     def abort(self) -> None:
         self._buffer, self._buffered = [], 0
         try:
             self._writer.close()
+        except (OSError, ValueError):  # closing a writer whose disk is full fails again: the file goes anyway
+            pass
         finally:
-            self.tmp.unlink(missing_ok=True)
+            self.target.discard()
 
     def __enter__(self) -> AtomicParquetWriter:
         return self

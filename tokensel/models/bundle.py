@@ -171,7 +171,7 @@ class Bundle:
         name = model or config.item.base_model
         llm = ItemLLM.from_pretrained(name, item_token=config.item.item_token, lm_head=lm_head, device="cpu", dtype=torch.float32)
         check_identity(config.identity, llm.identity(), path, name)
-        item_tensors = load_file(path / "item.safetensors")
+        item_tensors = read_weights(path / "item.safetensors", ["item_embedding"])
         if config.item.tuning == "full":
             llm.model.load_state_dict({k[6:]: v for k, v in item_tensors.items() if k.startswith("model.")}, strict=False)
         if config.item.tuning == "top":
@@ -187,15 +187,37 @@ class Bundle:
         user = None
         if (path / "user_model.safetensors").exists():
             user = UserModel(llm.hidden_size, config.user)
-            user.load_state_dict(load_file(path / "user_model.safetensors"))
+            load_weights(user, path / "user_model.safetensors")
             user.to(device).eval()
         policy = None
         if (path / "policy.safetensors").exists():
             policy = PolicyHead(llm.hidden_size)
-            w = load_file(path / "policy.safetensors")
+            w = read_weights(path / "policy.safetensors", ["w_q", "w_k"])
             if w["w_q"].shape != (llm.hidden_size, llm.hidden_size):
                 raise TokenselError(f"{path}: policy weights are {tuple(w['w_q'].shape)}, model hidden size is {llm.hidden_size}")
             policy.w_q.weight.data.copy_(w["w_q"])
             policy.w_k.weight.data.copy_(w["w_k"])
             policy.to(device).eval()
         return cls(config, llm, user, policy, path)
+
+
+def read_weights(file: Path, required: list[str] = ()) -> dict[str, torch.Tensor]:
+    """A bundle's safetensors file, or a TokenselError naming it when it is missing, damaged or incomplete."""
+    if not file.exists():
+        raise TokenselError(f"{file}: missing from the bundle; copy the whole bundle folder, or train it again")
+    try:
+        tensors = load_file(file)
+    except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
+        raise TokenselError(f"{file}: damaged or not a safetensors file ({exc}); copy the bundle again, or train it again") from None
+    missing = [k for k in required if k not in tensors]
+    if missing:
+        raise TokenselError(f"{file}: no tensor {missing[0]!r}; the file is not the one this bundle wrote")
+    return tensors
+
+
+def load_weights(module: torch.nn.Module, file: Path) -> None:
+    """Load a module's weights from a bundle file; a mismatch is a TokenselError naming the file."""
+    try:
+        module.load_state_dict(read_weights(file))
+    except RuntimeError as exc:
+        raise TokenselError(f"{file}: the weights do not fit the model in config.json ({str(exc).splitlines()[0]})") from None

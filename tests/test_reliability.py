@@ -1,0 +1,164 @@
+"""Faults a new user's runs hit (issue 16): each ends in exit code 2 and one message naming the file or
+option, with no traceback and nothing left behind (no temporary file, no cache file the run created,
+no partial output). Faults of the machine (a full disk, a read-only folder) are injected as the
+OSError the filesystem would raise, at the writer's own calls."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from tokensel.cli import app
+
+from conftest import ITEMS, write_items
+
+runner = CliRunner()
+
+
+def cli(*args):
+    r = runner.invoke(app, [str(a) for a in args])
+    assert "Traceback" not in r.output, r.output
+    return r
+
+
+def flat(s: str) -> str:
+    return "".join(str(s).split())
+
+
+def leftovers(folder, keep=()):
+    return sorted(p.name for p in folder.iterdir() if p.name not in keep)
+
+
+def policy_cli(items, out, bundle, *extra):
+    return cli("compress", items, "-o", out, "--policy", bundle, "--k", "16", "--chunk", "4", "--prefix", "4", *extra)
+
+
+@pytest.fixture
+def work(tmp_path):
+    items = tmp_path / "items.parquet"
+    shutil.copy(ITEMS, items)
+    return tmp_path, items
+
+
+def Full(real, after: int = 0, err: int = errno.ENOSPC):
+    """`real`, raising the filesystem's OSError from its (after + 1)-th call on: a disk that fills up mid-run."""
+    calls = []
+
+    def failing(*a, **kw):
+        calls.append(1)
+        if len(calls) > after:
+            raise OSError(err, {errno.ENOSPC: "No space left on device", errno.EROFS: "Read-only file system"}[err])
+        return real(*a, **kw)
+
+    return failing
+
+
+@pytest.mark.parametrize("after", [0, 2])
+def test_disk_full_while_writing_rows(work, tiny_bundle, monkeypatch, after):
+    folder, items = work
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", Full(pq.ParquetWriter.write_table, after))
+    r = policy_cli(items, folder / "out.parquet", tiny_bundle, "--batch-rows", "8")
+    assert r.exit_code == 2, r.output
+    assert "out.parquet" in flat(r.output) and "diskisfull" in flat(r.output)
+    assert leftovers(folder, keep={"items.parquet", "items.cache.sqlite"}) == []
+
+
+def test_disk_full_while_the_footer_is_written(work, tiny_bert, monkeypatch):
+    """close() itself fails: before the fix the writer's __exit__ raised before abort() and kept the temp file."""
+    folder, items = work
+    monkeypatch.setattr(pq.ParquetWriter, "close", Full(pq.ParquetWriter.close, 0))
+    r = cli("compress", items, "-o", folder / "out.parquet", "--model", tiny_bert, "--strategy", "first-k", "--k", "16", "--no-cache")
+    assert r.exit_code == 2, r.output
+    assert "out.parquet" in flat(r.output) and "diskisfull" in flat(r.output)
+    assert leftovers(folder, keep={"items.parquet"}) == []
+
+
+def test_read_only_output_folder_is_named_and_not_blamed_on_the_cache(work, tiny_bundle, monkeypatch):
+    folder, items = work
+    monkeypatch.setattr(pq, "ParquetWriter", Full(pq.ParquetWriter, 0, errno.EROFS))
+    for extra in ((), ("--no-cache",)):
+        r = policy_cli(items, folder / "out.parquet", tiny_bundle, *extra)
+        assert r.exit_code == 2, r.output
+        assert "read-only" in r.output and "out.parquet" in flat(r.output) and "cache" not in r.output
+        assert leftovers(folder, keep={"items.parquet"}) == []
+
+
+@pytest.mark.parametrize("bad_row", [3, 9])
+def test_a_failure_after_the_cache_opened_leaves_only_paid_for_work(work, tiny_bundle, bad_row):
+    """A null id in the first window: the run fails before scoring anything, and the cache file it
+    created goes too. In the second window: the first window's scores are kept for the rerun (that
+    work was paid for), and no -wal / -shm / temporary file remains."""
+    folder, items = work
+    rows = [{"item_id": f"i{i}", "title": "solder wick " * 10, "description": "flux " * 40} for i in range(12)]
+    rows[bad_row]["item_id"] = None
+    write_items(items, rows)
+    r = policy_cli(items, folder / "out.parquet", tiny_bundle, "--batch-rows", "8")
+    assert r.exit_code == 2 and f"row{bad_row}" in flat(r.output), r.output
+    assert leftovers(folder, keep={"items.parquet"}) == ([] if bad_row < 8 else ["items.cache.sqlite"])
+    rows[bad_row]["item_id"] = f"i{bad_row}"
+    write_items(items, rows)
+    r = policy_cli(items, folder / "out.parquet", tiny_bundle, "--batch-rows", "8")
+    assert r.exit_code == 0 and f"reused from the cache {8 if bad_row >= 8 else 0}" in r.output, r.output
+
+
+def test_a_cache_that_holds_earlier_work_is_kept_when_a_run_fails(work, tiny_bundle):
+    folder, items = work
+    out = folder / "out.parquet"
+    assert policy_cli(items, out, tiny_bundle).exit_code == 0
+    before = (folder / "items.cache.sqlite").stat().st_size
+    r = policy_cli(items, out, tiny_bundle, "--id-col", "nope")
+    assert r.exit_code == 2
+    assert (folder / "items.cache.sqlite").stat().st_size == before and out.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "missing"])
+@pytest.mark.parametrize("file", ["policy.safetensors", "item.safetensors", "user_model.safetensors"])
+def test_a_damaged_bundle_file_is_named(work, tiny_bundle, damage, file):
+    folder, items = work
+    bundle = folder / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    target = bundle / file
+    if damage == "truncate":
+        target.write_bytes(target.read_bytes()[:40])
+    elif damage == "garbage":
+        target.write_bytes(b"not a safetensors file at all" * 3)
+    else:
+        target.unlink()
+    r = policy_cli(items, folder / "out.parquet", bundle)
+    if damage == "missing" and file == "user_model.safetensors":  # compress does not need g
+        assert r.exit_code == 0, r.output
+        return
+    assert r.exit_code == 2, r.output
+    if damage == "missing" and file == "policy.safetensors":
+        assert "nopolicyyet" in flat(r.output)  # a stage-1 bundle: says what to run
+    else:
+        assert file in flat(r.output)
+    assert leftovers(folder, keep={"items.parquet", "bundle", "out.parquet", "items.cache.sqlite"}) == []
+
+
+@pytest.mark.parametrize("option, value, says", [
+    ("--device", "tpu", "--devicetpu"),
+    ("--device", "cuda", "--devicecuda"),
+    ("--device", "cuda:7", "--devicecuda:7"),
+    ("--dtype", "int8", "--dtypeint8"),
+])
+def test_a_device_or_dtype_this_machine_cannot_use_is_named(work, tiny_bert, option, value, says):
+    folder, items = work
+    torch = pytest.importorskip("torch")
+    if value.startswith("cuda") and torch.cuda.is_available() and value == "cuda":
+        pytest.skip("this machine has a CUDA GPU: --device cuda is valid here")
+    r = cli("compress", items, "-o", folder / "out.parquet", "--model", tiny_bert, "--strategy", "first-k", option, value)
+    assert r.exit_code == 2, r.output
+    assert says in flat(r.output)
+    assert leftovers(folder, keep={"items.parquet"}) == []
+
+
+def test_version():
+    from tokensel import __version__
+
+    r = cli("--version")
+    assert r.exit_code == 0 and __version__ in r.output
