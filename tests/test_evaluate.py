@@ -27,7 +27,7 @@ from tokensel.evaluate.stats import paired_pvalue  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 ITEMS = ROOT / "fixtures" / "items.parquet"
 INTERACTIONS = ROOT / "fixtures" / "interactions.parquet"
-KEYS = {"texts", "recommender", "seeds", "metrics", "std", "p_vs_first"}
+KEYS = {"texts", "recommender", "seeds", "metrics", "std", "p_vs_first", "data"}  # the SPEC contract plus the data counts
 
 
 # ------------------------------------------------------------------------------------------ fixtures

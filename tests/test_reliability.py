@@ -8,13 +8,14 @@ from __future__ import annotations
 import errno
 import shutil
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
 from tokensel.cli import app
 
-from conftest import ITEMS, write_items
+from conftest import INTERACTIONS, ITEMS, write_items
 
 runner = CliRunner()
 
@@ -162,3 +163,71 @@ def test_version():
 
     r = cli("--version")
     assert r.exit_code == 0 and __version__ in r.output
+
+
+# ------------------------------------------------------------------------------------- interactions
+def item_index():
+    from tokensel.config import TextConfig
+    from tokensel.io.items import read_items
+
+    ids, _ = read_items(ITEMS, TextConfig())
+    return {i: n for n, i in enumerate(ids)}
+
+
+def test_interactions_concatenated_with_themselves_give_the_same_histories(tmp_path):
+    """Before: no warning, more users (short histories doubled past 3) and inflated metrics."""
+    from tokensel.io.interactions import read_histories
+
+    t = pq.read_table(INTERACTIONS)
+    doubled = tmp_path / "doubled.parquet"
+    pq.write_table(pa.concat_tables([t, t]), doubled)
+    once, twice = read_histories(INTERACTIONS, item_index()), read_histories(doubled, item_index())
+    assert (twice.users, twice.sequences) == (once.users, once.sequences)
+    assert twice.counts.duplicate_rows == t.num_rows and once.counts.duplicate_rows == 0
+    assert twice.counts.rows == 2 * t.num_rows and twice.counts.users == len(once.users)
+
+
+def test_a_text_order_column_is_refused(tmp_path):
+    """Text sorts '10' before '2': the order (and every metric) would silently change."""
+    from tokensel.errors import TokenselError
+    from tokensel.io.interactions import read_histories
+
+    t = pq.read_table(INTERACTIONS)
+    as_text = tmp_path / "text_ts.parquet"
+    pq.write_table(t.set_column(2, "timestamp", pa.array([str(v) for v in t.column("timestamp").to_pylist()])), as_text)
+    with pytest.raises(TokenselError, match=r"column 'timestamp' is .*text.*'10' sorts before '2'"):
+        read_histories(as_text, item_index())
+
+
+def test_ties_in_the_order_column_keep_file_order_and_are_counted(tmp_path):
+    from tokensel.io.interactions import read_histories
+
+    index = {f"id{i}": i for i in range(5)}
+    data = [{"user_id": "u", "item_id": f"id{i}", "timestamp": t} for i, t in ((3, 1), (1, 0), (4, 1), (0, 2), (2, 1))]
+    path = tmp_path / "ties.parquet"
+    pq.write_table(pa.Table.from_pylist(data), path)
+    hist = read_histories(path, index)
+    assert hist.sequences == [[1, 3, 4, 2, 0]] and hist.counts.order_ties == 3
+
+
+def test_evaluate_and_headroom_report_what_they_skipped_and_dropped(tmp_path, tiny_bert):
+    import json
+
+    t = pq.read_table(INTERACTIONS)
+    ghost = pa.table({"user_id": [t.column("user_id")[0].as_py()], "item_id": ["ghost"], "timestamp": pa.array([10**6], t.schema.field("timestamp").type)})
+    inter = tmp_path / "inter.parquet"
+    pq.write_table(pa.concat_tables([t, t.slice(0, 5), ghost.cast(t.schema)]), inter)
+    texts = tmp_path / "first.parquet"
+    assert cli("compress", ITEMS, "-o", texts, "--model", tiny_bert, "--strategy", "first-k", "--k", "16").exit_code == 0
+    out = tmp_path / "ev.json"
+    r = cli("evaluate", ITEMS, inter, "--texts", texts, "--recommender", "text-sim", "--model", tiny_bert, "--device", "cpu", "--out", out)
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())[0]["data"]
+    assert (data["duplicate_rows"], data["unknown_item_rows"]) == (5, 1)
+    screen = flat(r.output)
+    assert "dropped5duplicaterows" in screen and "skipped1withunknownitems" in screen
+    assert "bestepoch" not in screen and "seeds[" not in screen  # text-sim: untrained, deterministic, one run
+    hout = tmp_path / "head.json"
+    r = cli("headroom", ITEMS, inter, "--ks", "8", "--model", tiny_bert, "--device", "cpu", "-o", hout)
+    assert r.exit_code == 0, r.output
+    assert json.loads(hout.read_text())[0]["data"]["duplicate_rows"] == 5 and "dropped5duplicaterows" in flat(r.output)

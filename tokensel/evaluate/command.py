@@ -136,7 +136,7 @@ def headroom_command(
         fail(err, exc)
     from rich.table import Table
 
-    t = Table(title=f"tokensel headroom: {escape(str(items))}, {recommender}", caption=f"long = the first {factor}k tokens; ratio = long over first-k; p = paired {paired_test_name(test)} on per-user metrics over {rows[0].users:,} test users", caption_justify="left")
+    t = Table(title=f"tokensel headroom: {escape(str(items))}, {recommender}", caption=f"long = the first {factor}k tokens; ratio = long over first-k; p = paired {paired_test_name(test)} on per-user metrics over {rows[0].users:,} test users\ndata: {rows[0].data.note()}", caption_justify="left")
     for c in ("k", "long", "texts > k", "N@10 first-k", "N@10 long", "N@10 ratio (p)", "R@10 first-k", "R@10 long", "R@10 ratio (p)"):
         t.add_column(c, justify="right")
     t.add_column("verdict", overflow="fold", min_width=30)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tokensel import api
@@ -25,6 +25,7 @@ from tokensel.errors import TokenselError
 from tokensel.evaluate.recommenders import TrainConfig, make_recommender
 from tokensel.evaluate.runner import VectorCache, evaluate_detailed
 from tokensel.evaluate.stats import TESTS, paired_pvalues
+from tokensel.io.interactions import DataCounts
 
 ALPHA = 0.05
 FEW_LONG = 0.05  # below this share of texts longer than k, there is almost nothing to select from
@@ -43,6 +44,7 @@ class Headroom:
     first_long: dict[str, float]
     ratio: dict[str, float]  # first_long / first_k for N@10 and R@10
     p: dict[str, float]  # paired test, first_long vs first_k
+    data: DataCounts = field(default_factory=DataCounts)  # what reading the interactions kept, dropped, skipped
 
     @property
     def verdict(self) -> str:
@@ -129,5 +131,5 @@ def headroom(
         a, b = by_file[f"first-{k}.parquet"], by_file[f"first-{factor * k}.parquet"]
         p = paired_pvalues(b.per_user, a.per_user, test)
         ratio = {m: b.metrics[m] / a.metrics[m] if a.metrics[m] else float("nan") for m in ("N@10", "R@10")}
-        rows.append(Headroom(k, factor * k, recommender, ev.n_users, share[k], a.metrics, b.metrics, ratio, {m: p[m] for m in ("N@10", "R@10")}))
+        rows.append(Headroom(k, factor * k, recommender, ev.n_users, share[k], a.metrics, b.metrics, ratio, {m: p[m] for m in ("N@10", "R@10")}, ev.data))
     return rows

@@ -18,7 +18,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ from tokensel.errors import TokenselError
 from tokensel.evaluate.metrics import KS, per_user_metrics
 from tokensel.evaluate.recommenders import Recommender, TrainConfig, make_recommender
 from tokensel.evaluate.stats import paired_pvalues, paired_test_name
-from tokensel.io.interactions import Histories, read_histories
+from tokensel.io.interactions import DataCounts, first_users, read_histories
 from tokensel.io.item_ids import IdCheck
 from tokensel.io.items import open_parquet
 from tokensel.io.parquet_out import read_metadata
@@ -42,14 +42,16 @@ from tokensel.train.pipeline import file_digest
 METRICS = tuple(f"{m}@{k}" for m in ("R", "N") for k in KS)  # R@5 R@10 R@50 N@5 N@10 N@50
 
 
-def protocol_note(test: str = "ttest", n_users: int | None = None, n_items: int | None = None) -> str:
+def protocol_note(test: str = "ttest", n_users: int | None = None, n_items: int | None = None, trained: bool = True) -> str:
+    """The caption of the results. A deterministic, untrained scorer (text-sim) has no epochs and no seeds to average."""
     users = f"{n_users:,} users" if n_users is not None else "all users"
     items = f"all {n_items:,} items" if n_items is not None else "all items"
+    how = "best epoch on validation NDCG@10; " if trained else "untrained and deterministic (one run); "
+    over = " (averaged over seeds)" if trained else ""
     return (
         f"leave-one-out test over {users} (last interaction = test, the one before = validation); "
         f"full ranking over {items} with the user's history masked (a repeat of the target is not masked); "
-        f"percent; best epoch on validation NDCG@10; p = paired {paired_test_name(test)} "
-        "on per-user metrics (averaged over seeds) against the first file"
+        f"percent; {how}p = paired {paired_test_name(test)} on per-user metrics{over} against the first file"
     )
 
 
@@ -88,13 +90,16 @@ class Evaluation:
     n_items: int
     test: str
     config: dict
+    data: DataCounts = field(default_factory=DataCounts)
 
     @property
     def protocol(self) -> str:
-        return protocol_note(self.test, self.n_users, self.n_items)
+        trained = not make_recommender(self.recommender).deterministic
+        return protocol_note(self.test, self.n_users, self.n_items, trained) + "\ndata: " + self.data.note()
 
     def to_list(self) -> list[dict]:
-        return [f.as_dict() for f in self.files]
+        """The SPEC's evaluate contract, each object with the data counts (`data`) added."""
+        return [{**f.as_dict(), "data": asdict(self.data)} for f in self.files]
 
 
 # ---------------------------------------------------------------------------------------- inputs
@@ -187,12 +192,6 @@ class VectorCache:
         return out
 
 
-def _subset(hist: Histories, max_users: int | None) -> Histories:
-    if max_users is None or max_users >= len(hist.users):
-        return hist
-    return replace(hist, users=hist.users[:max_users], sequences=hist.sequences[:max_users])
-
-
 # ---------------------------------------------------------------------------------------- evaluation
 def evaluate_detailed(
     items: str | Path,
@@ -238,7 +237,7 @@ def evaluate_detailed(
         _check_model(p, meta, model)
     col = id_col or metas[0].get("id_col") or "item_id"
     item_ids = read_item_ids(items, col)
-    hist = _subset(read_histories(interactions, {str(i): n for n, i in enumerate(item_ids)}, user_col, item_col, order_col), max_users)
+    hist = first_users(read_histories(interactions, {str(i): n for n, i in enumerate(item_ids)}, user_col, item_col, order_col), max_users)
     rec = make_recommender(recommender, cfg, dev, log)
     llm = ItemLLM.from_pretrained(model, device=dev, dtype=pick_dtype(dev, dtype))
     vocab = len(llm.tokenizer)
@@ -284,7 +283,7 @@ def evaluate_detailed(
         ]
         results.append(FileResult(str(path), recommender, seed_list, metrics, std, p, per_user, per_seed, embed_s, train_s, meta))
         log({"texts": str(path), "stage": "train+test", "seconds": round(train_s, 1), "N@10": round(metrics["N@10"], 3), "R@10": round(metrics["R@10"], 3)})
-    return Evaluation(results, recommender, model, len(hist.users), len(item_ids), test, {"train": cfg.__dict__, "device": str(dev), "dtype": dtype})
+    return Evaluation(results, recommender, model, len(hist.users), len(item_ids), test, {"train": cfg.__dict__, "device": str(dev), "dtype": dtype}, hist.counts)
 
 
 def evaluate(
@@ -333,7 +332,8 @@ def results_table(ev: Evaluation, title: str | None = None):
     from rich.table import Table
 
     multi = len(ev.files[0].seeds) > 1 and not make_recommender(ev.recommender).deterministic
-    t = Table(title=title or f"tokensel evaluate: {ev.recommender}, seeds {ev.files[0].seeds}", caption=ev.protocol, caption_justify="left")
+    seeds = f", seeds {ev.files[0].seeds}" if not make_recommender(ev.recommender).deterministic else ""
+    t = Table(title=title or f"tokensel evaluate: {ev.recommender}{seeds}", caption=ev.protocol, caption_justify="left")
     t.add_column("texts", overflow="fold")
     for m in METRICS:
         t.add_column(m, justify="right")

@@ -91,7 +91,7 @@ def train(
     index = {i: n for n, i in enumerate(ids)}
     hist = read_histories(interactions, index, *columns)
     tokens = llm.tokenize(texts, text.max_len)
-    log({"items": len(ids), "users": len(hist.users), "skipped interactions with unknown items": hist.skipped_unknown, "skipped users with < 3 interactions": hist.skipped_short, "empty texts": sum(1 for t in tokens if not t)})
+    log({"items": len(ids), "users": len(hist.users), "skipped interactions with unknown items": hist.skipped_unknown, "skipped users with < 3 interactions": hist.skipped_short, "dropped duplicate interaction rows": hist.counts.duplicate_rows, "interaction rows tied in the order column": hist.counts.order_ties, "empty texts": sum(1 for t in tokens if not t)})
     config = BundleConfig(
         identity=llm.identity(),
         text=text,
