@@ -125,11 +125,22 @@ def test_help_shows_every_bracketed_word(command):
         assert "tokensel[ray]" in shown
 
 
-def test_info(tiny_bundle):
+def test_info_is_a_short_summary_and_json_on_request(tiny_bundle):
     r = invoke("info", tiny_bundle)
     assert r.exit_code == 0, r.output
     assert bundle_hash(tiny_bundle) in r.output
-    assert '"model_type": "bert"' in r.output
+    assert len(r.output.splitlines()) < 60 and '"model_type"' not in r.output
+    flat_out = "".join(r.output.split())
+    assert "(bert,hidden32)" in flat_out and "stage-2warnings" in flat_out and "objectivebounded" in flat_out
+    r = invoke("info", tiny_bundle, "--json")
+    assert r.exit_code == 0 and '"model_type": "bert"' in r.output and bundle_hash(tiny_bundle) in r.output
+
+
+def test_info_on_the_shipped_bundle_shows_its_stage_2_warnings():
+    """The README's logs.stage2.warnings: the shipped bundle predates the key, so info derives them from its log."""
+    r = invoke("info")
+    flat_out = "".join(r.output.split())
+    assert r.exit_code == 0 and "derivedfromthetraininglog" in flat_out and "validationNDCG@10fellfrom" in flat_out
 
 
 def test_info_on_a_folder_that_is_not_a_bundle(tmp_path):

@@ -231,3 +231,38 @@ def test_evaluate_and_headroom_report_what_they_skipped_and_dropped(tmp_path, ti
     r = cli("headroom", ITEMS, inter, "--ks", "8", "--model", tiny_bert, "--device", "cpu", "-o", hout)
     assert r.exit_code == 0, r.output
     assert json.loads(hout.read_text())[0]["data"]["duplicate_rows"] == 5 and "dropped5duplicaterows" in flat(r.output)
+
+
+def test_a_nan_item_id_is_refused_naming_the_row(work, tiny_bert):
+    folder, items = work
+    write_items(items, [{"item_id": 1.0, "title": "a", "description": "b"}, {"item_id": float("nan"), "title": "c", "description": "d"}])
+    r = cli("compress", items, "-o", folder / "out.parquet", "--model", tiny_bert, "--strategy", "first-k", "--k", "16")
+    assert r.exit_code == 2 and "row1" in flat(r.output) and "NaN" in r.output, r.output
+    assert leftovers(folder, keep={"items.parquet"}) == []
+
+
+def test_an_all_null_text_column_is_warned_about(work, tiny_bert):
+    folder, items = work
+    write_items(items, [{"item_id": f"i{i}", "title": f"probe {i}", "notes": None} for i in range(5)],
+                schema=pa.schema([("item_id", pa.string()), ("title", pa.string()), ("notes", pa.string())]))
+    r = cli("compress", items, "-o", folder / "out.parquet", "--model", tiny_bert, "--strategy", "first-k", "--k", "16", "--text-cols", "title,notes")
+    assert r.exit_code == 0 and "textcolumn'notes'isnullorblankineveryrow" in flat(r.output), r.output
+    r = cli("compress", items, "-o", folder / "out.parquet", "--model", tiny_bert, "--strategy", "first-k", "--k", "16", "--text-cols", "title")
+    assert r.exit_code == 0 and "warning" not in r.output
+
+
+def test_inspect_with_another_items_file_than_the_one_compressed_is_refused(work, tiny_bert):
+    """Before: it silently used the ids the two files share."""
+    folder, items = work
+    out = folder / "out.parquet"
+    assert cli("compress", items, "-o", out, "--model", tiny_bert, "--strategy", "random", "--k", "16", "--prefix", "4").exit_code == 0
+    assert cli("inspect", items, out).exit_code == 0
+    t = pq.read_table(items)
+    fewer, edited = folder / "fewer.parquet", folder / "edited.parquet"
+    pq.write_table(t.slice(0, 30), fewer)
+    desc = t.column("description").to_pylist()
+    desc[2] = "Revised: " + (desc[2] or "")
+    pq.write_table(t.set_column(t.schema.get_field_index("description"), "description", pa.array(desc)), edited)
+    for other, says in ((fewer, "holds48itemsbut"), (edited, "itwascompressedfromanothertext")):
+        r = cli("inspect", other, out)
+        assert r.exit_code == 2 and says in flat(r.output), r.output

@@ -89,6 +89,12 @@ class CompressSummary:
     cache: str | None = None
     engine: str = "local"
     k: int = 0
+    filled: dict[str, int] = field(default_factory=dict)  # per text column: rows with a non-blank value
+
+    @property
+    def empty_columns(self) -> list[str]:
+        """Text columns that are null or blank in every row read: almost always a wrong --text-cols."""
+        return [c for c, n in self.filled.items() if n == 0] if self.items else []
 
     @property
     def ratio(self) -> float:
@@ -441,6 +447,8 @@ def compress_file(
                     sink.submit((w, keeps))
                     for summary, keep, k in zip(summaries, keeps, ks):
                         summary.add(w.lengths, kept_counts(keep, w.lengths), k)
+                        for c, n in w.batch.filled.items():
+                            summary.filled[c] = summary.filled.get(c, 0) + n
             except BaseException:
                 sink.close(raise_error=False)
                 raise

@@ -2,8 +2,9 @@
 
 Green: kept by the selection but not by first-k. Blue: kept by first-k but dropped by the
 selection (paper figure 3). Over the whole file: overlap with first-k, and the frequent tokens the
-selection drops most (paper figure 4). Needs no model: it re-tokenises the items and reads the
-kept positions from the compressed file.
+selection drops most (paper figure 4). It loads only the tokenizer's model (no policy, no forward
+pass): it re-tokenises the items and reads the kept positions from the compressed file, which must
+have been made from the same items (same ids, same texts: checked item by item).
 """
 
 from __future__ import annotations
@@ -54,10 +55,12 @@ def inspect(items: str | Path, compressed: str | Path, ids: list[str] = (), n: i
         raise TokenselError(f"{compressed}: no tokensel metadata; is it the output of tokensel compress?")
     text = TextConfig(id_col=meta["id_col"], text_cols=meta["text_cols"], template=meta.get("template", ""), max_len=meta["max_len"], labels=meta.get("labels", True))
     model = meta.get("model") or "default"
-    llm = ItemLLM.from_pretrained(model) if model == "default" else ItemLLM.from_pretrained(model)
+    llm = ItemLLM.from_pretrained(model)
     k = meta["k"]
-    comp = pq.read_table(compressed, columns=[text.id_col, "positions"]).to_pydict()
+    comp = pq.read_table(compressed, columns=[text.id_col, "positions", "token_ids", "n_tokens"]).to_pydict()
     kept_by_id = dict(zip(map(str, comp[text.id_col]), comp["positions"]))
+    ids_by_id = dict(zip(map(str, comp[text.id_col]), comp["token_ids"]))
+    n_by_id = dict(zip(map(str, comp[text.id_col]), comp["n_tokens"]))
     wanted = set(ids)
     report = Report(meta)
     in_first, kept_of_first, added = Counter(), Counter(), Counter()
@@ -79,6 +82,11 @@ def inspect(items: str | Path, compressed: str | Path, ids: list[str] = (), n: i
             kept = kept_by_id.get(str(item_id))
             if kept is None:
                 raise TokenselError(f"{compressed}: item {item_id!r} of {items} is missing; were they compressed from the same file?")
+            if n_by_id[str(item_id)] != len(t) or [t[p] if p < len(t) else None for p in kept] != ids_by_id[str(item_id)]:
+                raise TokenselError(
+                    f"{compressed}: item {item_id!r} does not match its text in {items}: "
+                    "it was compressed from another text (pass the items file that was compressed)"
+                )
             kept = set(kept)
             if len(t) <= k:
                 continue
@@ -98,6 +106,11 @@ def inspect(items: str | Path, compressed: str | Path, ids: list[str] = (), n: i
             show = str(item_id) in wanted if wanted else (len(report.views) < n and kept != first)
             if show:
                 report.views.append(ItemView(str(item_id), token_pieces(llm.tokenizer, text_of[str(item_id)], t), kept, first))
+    if report.items != len(kept_by_id):
+        raise TokenselError(
+            f"{compressed}: holds {len(kept_by_id):,} items but {items} has {report.items:,}: "
+            "pass the items file that was compressed"
+        )
     missing = wanted - {v.item_id for v in report.views}
     if missing:
         raise TokenselError(f"{items}: no item with more than k={k} tokens has id {sorted(missing)}")

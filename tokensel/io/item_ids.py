@@ -79,6 +79,8 @@ class IdCheck:
         for i, v in enumerate(ids):
             if v is None or (isinstance(v, str) and not v.strip()):
                 raise TokenselError(f"{self.path}: row {start_row + i}, column {self.id_col!r}: the item id is empty")
+            if isinstance(v, float) and v != v:  # NaN: not equal to itself, so it could never be looked up
+                raise TokenselError(f"{self.path}: row {start_row + i}, column {self.id_col!r}: the item id is NaN")
         if self.seen is None:
             return
         for i in self.seen.add(ids):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -62,6 +62,7 @@ class ItemBatch:
     ids: list
     texts: list[str]
     passthrough: pa.Table | None
+    filled: dict[str, int] = field(default_factory=dict)  # per text column: rows with a non-blank value
 
 
 def iter_item_batches(
@@ -93,7 +94,8 @@ def iter_item_batches(
             check_ids(ids, row)
             texts = [build_text({c: data[c][i] for c in text.text_cols}, text.text_cols, text.labels) for i in range(rb.num_rows)]
             extra = pa.Table.from_batches([rb]).select(list(passthrough)) if passthrough else None
-            yield ItemBatch(row, ids, texts, extra)
+            filled = {c: sum(1 for v in data[c] if v is not None and not v.isspace() and v) for c in text.text_cols}
+            yield ItemBatch(row, ids, texts, extra, filled)
             row += rb.num_rows
     except (pa.ArrowInvalid, OSError) as exc:
         raise TokenselError(f"{path}: the file is damaged or truncated near row {row} ({exc})") from None
