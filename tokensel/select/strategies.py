@@ -12,10 +12,12 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from collections import Counter
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 
 from tokensel.models.item_llm import Encoded
@@ -101,12 +103,28 @@ class Rarity(Strategy):
 
     @classmethod
     def from_corpus(cls, token_lists: Iterable[list[int]]) -> Rarity:
-        df: Counter = Counter()
-        n = 0
-        for toks in token_lists:
-            df.update(set(toks))
-            n += 1
-        return cls(df, n)
+        return cls(Counter(), 0).fit([list(token_lists)])
+
+    @property
+    def fitted(self) -> bool:
+        return self.n_docs > 0
+
+    def fit(self, batches: Iterable[list[list[int]]]) -> Rarity:
+        """Document frequencies over a corpus given as batches of token lists (vectorised per batch)."""
+        df = np.zeros(0, dtype=np.int64)
+        n_docs = 0
+        for toks in batches:
+            lengths = np.fromiter(map(len, toks), dtype=np.int64, count=len(toks))
+            flat = np.fromiter(itertools.chain.from_iterable(toks), dtype=np.int64, count=int(lengths.sum()))
+            if flat.size:
+                if flat.max() >= len(df):
+                    df = np.concatenate([df, np.zeros(int(flat.max()) + 1 - len(df), dtype=np.int64)])
+                pairs = np.unique(np.repeat(np.arange(len(toks), dtype=np.int64), lengths) * len(df) + flat)
+                df += np.bincount(pairs % len(df), minlength=len(df))
+            n_docs += len(toks)
+        nz = np.flatnonzero(df)
+        self.doc_freq, self.n_docs, self._cache = Counter(dict(zip(nz.tolist(), df[nz].tolist()))), n_docs, {}
+        return self
 
     def weight(self, tok: int) -> float:
         w = self._cache.get(tok)
