@@ -11,7 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tokensel import __version__, api
-from tokensel.compress import CompressOptions, compress_file
+from tokensel.compress.local import compress_file
+from tokensel.config import CompressConfig
+from tokensel.select.selector import Selector, SelectorSpec
 from tokensel.config import ItemModelConfig, PolicyConfig, Stage1Config, TextConfig
 from tokensel.errors import TokenselError
 from tokensel.io.parquet_out import read_metadata
@@ -82,8 +84,8 @@ def test_round_trip_gives_identical_compress_output(tiny_bundle_trained, tmp_pat
     path, trained = tiny_bundle_trained
     from_disk = compress_policy(tmp_path, path, "disk.parquet")
     in_memory = tmp_path / "memory.parquet"
-    compress_file(ITEMS, {K: in_memory}, trained.item_llm, Policy(trained.policy), TextConfig(),
-                  CompressOptions(k=K, chunk=CHUNK, prefix=PREFIX), {"model": "x"})
+    sel = Selector(SelectorSpec(), trained.item_llm, Policy(trained.policy), TextConfig(), {"model": "x"})
+    compress_file(ITEMS, {K: in_memory}, sel, CompressConfig(ks=(K,), chunk=CHUNK, prefix=PREFIX))
     a, b = pq.read_table(from_disk), pq.read_table(in_memory)
     for col in ("item_id", "text", "token_ids", "positions", "n_tokens", "n_kept"):
         assert a.column(col).equals(b.column(col)), col

@@ -12,12 +12,14 @@ import torch
 from transformers import AutoTokenizer
 
 from tokensel import __version__, api
-from tokensel.compress import CompressOptions, compress_tokens
 from tokensel.config import TextConfig
 from tokensel.errors import TokenselError
 from tokensel.io.items import read_items
 from tokensel.io.parquet_out import read_metadata
 from tokensel.models.item_llm import ItemLLM
+from tokensel.select.batching import BatchConfig
+from tokensel.select.keep import keep_to_positions, lengths_of
+from tokensel.select.selector import Selector, SelectorSpec
 from tokensel.select.strategies import FirstK, RandomChunks, Rarity
 
 from conftest import ITEMS, check_contract
@@ -215,18 +217,26 @@ def test_random_scores_depend_on_the_item_id_not_the_batch():
     assert not torch.equal(RandomChunks(seed=8).chunk_scores([toks[2]], ["c"], None, 4, 4), alone)
 
 
-def test_compress_tokens_is_independent_of_batching(tiny_bert):
+def kept_positions(llm, strategy, toks, keys, batch: BatchConfig | None = None) -> list[list[int]]:
+    """Kept positions of each item through the Selector's model path (what both engines run)."""
+    sel = Selector(SelectorSpec(strategy.name), llm, strategy, TextConfig(), {}, batch)
+    positions, offs = keep_to_positions(sel.keep(toks, keys, K, CHUNK, PREFIX), lengths_of(toks))
+    flat = positions.tolist()
+    return [flat[a:b] for a, b in zip(offs[:-1].tolist(), offs[1:].tolist())]
+
+
+def test_selection_is_independent_of_batching(tiny_bert):
     llm = ItemLLM.from_pretrained(tiny_bert)
     _, texts = read_items(ITEMS, TextConfig())
     toks = llm.tokenize(texts, 256)
     keys = list(range(len(toks)))
     rnd = RandomChunks(3)
-    whole = compress_tokens(llm, rnd, toks, keys, CompressOptions(k=K, chunk=CHUNK, prefix=PREFIX))
-    small = compress_tokens(llm, rnd, toks, keys, CompressOptions(k=K, chunk=CHUNK, prefix=PREFIX, max_batch=3, batch_tokens=600))
+    whole = kept_positions(llm, rnd, toks, keys)
+    small = kept_positions(llm, rnd, toks, keys, BatchConfig(max_batch=3, batch_tokens=600))
     assert whole == small
-    reversed_ = compress_tokens(llm, rnd, toks[::-1], keys[::-1], CompressOptions(k=K, chunk=CHUNK, prefix=PREFIX))
+    reversed_ = kept_positions(llm, rnd, toks[::-1], keys[::-1])
     assert reversed_[::-1] == whole
-    first = compress_tokens(llm, FirstK(), toks, keys, CompressOptions(k=K, chunk=CHUNK, prefix=PREFIX))
+    first = kept_positions(llm, FirstK(), toks, keys)
     assert first == [list(range(min(K, len(t)))) for t in toks]
 
 
@@ -237,7 +247,7 @@ def test_rarity_document_frequencies_come_from_the_whole_file(tmp_path, tiny_ber
     toks = llm.tokenize(texts, 256)
     rar = Rarity.from_corpus(toks)
     assert rar.n_docs == 528
-    expect = compress_tokens(llm, rar, toks, list(range(len(toks))), CompressOptions(k=K, chunk=CHUNK, prefix=PREFIX))
+    expect = kept_positions(llm, rar, toks, list(range(len(toks))))
     assert pq.read_table(out).column("positions").to_pylist() == expect
     assert Counter(len(p) for p in expect)[K] > 400
 

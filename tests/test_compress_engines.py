@@ -17,7 +17,9 @@ import pytest
 import torch
 
 from tokensel import api
-from tokensel.compress import CompressOptions, dummy_rows, forward_batches, score_batch
+from tokensel.config import TextConfig
+from tokensel.select.batching import BatchConfig, dummy_rows, forward_batches
+from tokensel.select.selector import Selector, SelectorSpec
 from tokensel.errors import TokenselError
 from tokensel.io.item_ids import IdSet
 from tokensel.io.parquet_out import read_metadata
@@ -166,27 +168,28 @@ def test_an_items_scores_are_bit_identical_alone_or_in_any_batch(model_dir, bund
     from tokensel.models.bundle import Bundle
 
     b = Bundle.from_pretrained(bundle_dir)
-    llm, strat = b.item_llm, Policy(b.policy)
+    llm = b.item_llm
+    sel = Selector(SelectorSpec(), llm, Policy(b.policy), TextConfig(), {})
     toks = llm.tokenize([f"title: {t} description: {d}" for t, d in make_texts()], 256)
-    opts = CompressOptions(k=K, chunk=CHUNK, prefix=PREFIX)
     lengths = np.array([len(t) for t in toks])
     long_ = np.flatnonzero(lengths > K)
     by_width: dict[int, list[int]] = {}
-    for width, idx in forward_batches(lengths[long_], llm, CompressOptions(k=K, max_batch=1)):
+    for width, idx in forward_batches(lengths[long_], llm, BatchConfig(max_batch=1)):
         by_width.setdefault(width, []).append(int(long_[idx[0]]))
     checked = 0
     for width, members in by_width.items():
         if len(members) < 2:
             continue
         i = members[0]
-        alone = score_batch(llm, strat, [toks[i]], [i], width, opts)[0]
-        together = score_batch(llm, strat, [toks[j] for j in members[::-1]], members[::-1], width, opts)[-1]
-        assert np.array_equal(alone, together)
+        alone = sel.token_scores([toks[i]])[0]
+        together = sel.token_scores([toks[j] for j in members[::-1]])[len(members) - 1]
+        assert np.array_equal(alone, together)  # every token's score, bit for bit
         checked += 1
     assert checked >= 3
     # filler rows bring a small batch up to min_batch_tokens, and only a small one
-    assert len(dummy_rows(llm, 40, 1, opts)) == -(-opts.min_batch_tokens // (40 + 2)) - 1
-    assert dummy_rows(llm, 40, 1000, opts) == []
+    cfg = BatchConfig()
+    assert len(dummy_rows(llm, 40, 1, cfg)) == -(-cfg.min_batch_tokens // (40 + 2)) - 1
+    assert dummy_rows(llm, 40, 1000, cfg) == []
 
 
 # ---------------------------------------------------------------------------------------- batching

@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tokensel.errors import TokenselError  # noqa: E402
-from tokensel.evaluate.metrics import per_user_metrics, rank_users, target_ranks  # noqa: E402
+from tokensel.metrics import per_user_metrics, rank_users, target_ranks  # noqa: E402
 from tokensel.evaluate.runner import METRICS, evaluate, evaluate_detailed, write_results  # noqa: E402
 from tokensel.evaluate.stats import paired_pvalue  # noqa: E402
 

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from tokensel import __version__
+from tokensel import api
+from tokensel import inspect as ins
+from tokensel.config import ItemModelConfig, PolicyConfig, Stage1Config, TextConfig, UserModelConfig
 from tokensel.errors import TokenselError
+from tokensel.io.items import open_parquet
 from tokensel.models.bundle import DEFAULT_BUNDLE, bundle_hash
 from tokensel.train.stage2 import stage2_warnings
 from tokensel.evaluate.command import evaluate_command, fail, headroom_command
@@ -53,7 +60,7 @@ def _budgets(value: str) -> int | list[int]:
 @app.command()
 def compress(
     items: Annotated[Path, typer.Argument(help="Items Parquet: an id column and text columns.")],
-    out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output Parquet (default: ./<items>.k<K>-<strategy>.parquet).")] = None,
+    out: Annotated[Optional[str], typer.Option("-o", "--out", help="Output Parquet (default: <items>.k<K>-<strategy>.parquet beside the items; with several --k it must contain {k}).")] = None,
     k: Annotated[str, typer.Option(help="Tokens kept per item (the budget); several as 32,64,128 write one file each from one model pass (-o must then contain {k}).")] = "64",
     chunk: Annotated[int, typer.Option(help="Selection chunk size in tokens.")] = 8,
     prefix: Annotated[int, typer.Option(help="Leading tokens always kept.")] = 16,
@@ -72,30 +79,50 @@ def compress(
     limit: Annotated[Optional[int], typer.Option(help="Only the first N rows.")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA) | fp32 | bf16 | fp16")] = "auto",
-    cache: Annotated[Optional[Path], typer.Option(help="Selection cache file (default: <out>.cache.sqlite). Makes runs resumable: an interrupted run continues where it stopped, and a re-run scores only new or changed items.")] = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the selection cache.")] = False,
+    cache: Annotated[Optional[Path], typer.Option(help="Score cache file (default: <items>.cache.sqlite beside the output). Makes runs resumable (a killed run loses at most the batch in flight), incremental (only new or changed items are scored) and free at another --k, --prefix or --chunk (no model runs).")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the score cache.")] = False,
     engine: Annotated[str, typer.Option(help="local | ray (Ray Data with --workers model actors; pip install 'tokensel\\[ray]').")] = "local",  # \\[ escapes rich markup
     workers: Annotated[int, typer.Option(help="Model actors for --engine ray.")] = 2,
 ) -> None:
     """Compress every item's text to K tokens and write Parquet.
 
-    With a forward-pass strategy (policy, item-align, topk-logits) finished items are kept in a selection cache
-    beside the output, so re-running the same command after an interruption resumes, and re-running
-    it on an updated catalogue recomputes only the items whose text changed.
+    With a forward-pass strategy (policy, item-align, topk-logits) each item's token scores are kept in a
+    score cache beside the output, so re-running after an interruption resumes, re-running on an
+    updated catalogue scores only the items whose text changed, and another budget runs no model.
     """
-    from tokensel import api
-
     try:
-        summary = api.compress(
-            items, out, k=_budgets(k), chunk=chunk, prefix=prefix, strategy=strategy, policy=policy, model=model,
-            id_col=id_col, text_cols=_cols(text_cols) if text_cols else None, max_len=max_len, template=template, labels=labels,
-            passthrough=_cols(passthrough), seed=seed, batch_rows=batch_rows, batch_tokens=batch_tokens, limit=limit,
-            device=device, dtype=dtype, progress=True, cache=False if no_cache else (cache or True), engine=engine,
-            workers=workers,
-        )
+        with progress_bar(items, limit) as tick:
+            summary = api.compress(
+                items, out, k=_budgets(k), chunk=chunk, prefix=prefix, strategy=strategy, policy=policy, model=model,
+                id_col=id_col, text_cols=_cols(text_cols) if text_cols else None, max_len=max_len, template=template, labels=labels,
+                passthrough=_cols(passthrough), seed=seed, batch_rows=batch_rows, batch_tokens=batch_tokens, limit=limit,
+                device=device, dtype=dtype, cache=False if no_cache else (cache or True), engine=engine,
+                workers=workers, on_progress=tick,
+            )
     except TokenselError as exc:
         fail(console, exc)
     print_summary(summary if isinstance(summary, list) else [summary])
+
+
+@contextlib.contextmanager
+def progress_bar(items: Path, limit: int | None):
+    """A bar with items/s that advances as forward batches finish (not once per window)."""
+    try:
+        total = open_parquet(items).metadata.num_rows
+    except TokenselError:
+        total = None  # api.compress names the problem
+    total = min(total, limit) if total is not None and limit else total
+    columns = [TextColumn("compress"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("compress", total=total, rate="")
+        start = time.perf_counter()
+        done = [0]
+
+        def tick(n: int) -> None:
+            done[0] += n
+            bar.update(task, advance=n, rate=f"{done[0] / max(time.perf_counter() - start, 1e-9):.1f} items/s")
+
+        yield tick
 
 
 def print_summary(summaries: list) -> None:
@@ -163,8 +190,6 @@ def train(
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
     """Train a policy bundle: stage 1 (recommender pretraining) and stage 2 (policy learning)."""
-    from tokensel import api
-    from tokensel.config import ItemModelConfig, PolicyConfig, Stage1Config, TextConfig, UserModelConfig
 
     stages = {"all": (1, 2), "1": (1,), "2": (2,)}.get(stage)
     if stages is None:
@@ -196,7 +221,6 @@ def inspect(
     top: Annotated[int, typer.Option(help="How many frequent tokens to list.")] = 15,
 ) -> None:
     """Show kept tokens vs first-k: green = kept only by the selection, blue = only by first-k (paper fig. 3, 4)."""
-    from tokensel import inspect as ins
 
     try:
         report = ins.inspect(items, compressed, ids=_cols(ids), n=n, top=top)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tokensel.errors import TokenselError
+
 T = TypeVar("T")
 
 
@@ -25,6 +27,32 @@ class TextConfig:
     template: str = ""  # a prompt before the text; never part of the budget, prefix or output
     max_len: int = 256  # tokens of the item's own text that are considered at all
     labels: bool = False  # `column: value` per field (HLLM style) or the bare values (default)
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """One compress job: budgets, selection rule settings, and how the file is streamed.
+
+    Several budgets (`ks`) come from one model pass: the job caches token scores, not selections."""
+
+    ks: tuple[int, ...] = (64,)
+    chunk: int = 8
+    prefix: int = 16
+    batch_rows: int = 4096  # rows read (and tokenised) per window; larger windows fill the width buckets
+    passthrough: tuple[str, ...] = ()  # input columns copied to the output
+    limit: int | None = None  # only the first N rows
+    pipeline: bool | None = None  # overlap reading/tokenising and writing with the forward pass; None: auto
+    row_group_rows: int | None = None  # output row groups of about this many rows (None: one per window)
+
+    def __post_init__(self):
+        object.__setattr__(self, "ks", tuple(sorted(set(int(k) for k in self.ks))))
+        object.__setattr__(self, "passthrough", tuple(self.passthrough))
+        if not self.ks or self.ks[0] < 1 or self.chunk < 1 or self.prefix < 0:
+            raise TokenselError(f"need --k >= 1, --chunk >= 1, --prefix >= 0 (got k={list(self.ks)}, chunk={self.chunk}, prefix={self.prefix})")
+        for name in ("batch_rows", "limit", "row_group_rows"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise TokenselError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
 
 
 @dataclass

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tokensel import api
+from tokensel.compress.run import compress
 from tokensel.errors import TokenselError
 from tokensel.evaluate.recommenders import TrainConfig, make_recommender
 from tokensel.evaluate.runner import VectorCache, evaluate_detailed
@@ -115,7 +115,7 @@ def headroom(
                 out = folder / f"first-{kk}.parquet"
                 if out in files:
                     continue
-                s = api.compress(
+                s = compress(
                     items, out, k=kk, strategy="first-k", model=model, id_col=id_col, text_cols=text_cols, labels=labels,
                     max_len=max(max_len or 256, factor * ks[-1]), device=device, dtype=dtype, cache=False,
                 )

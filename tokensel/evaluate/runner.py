@@ -28,7 +28,7 @@ import torch
 
 from tokensel.device import pick_device, pick_dtype
 from tokensel.errors import TokenselError
-from tokensel.evaluate.metrics import KS, per_user_metrics
+from tokensel.metrics import KS, per_user_metrics
 from tokensel.evaluate.recommenders import Recommender, TrainConfig, make_recommender
 from tokensel.evaluate.stats import paired_pvalues, paired_test_name
 from tokensel.io.interactions import DataCounts, first_users, read_histories

@@ -8,6 +8,7 @@ rows in the same order and the output columns added (replacing input columns of 
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 
 import pyarrow as pa
 
@@ -26,17 +27,17 @@ def to_arrow(data) -> pa.Table | None:
     pd = sys.modules.get("pandas")
     if pd is not None and isinstance(data, pd.DataFrame):
         return pa.Table.from_pandas(data, preserve_index=False)
-    if isinstance(data, dict):
+    if isinstance(data, Mapping):  # a datasets batch (a LazyBatch is a Mapping, not a dict)
         return from_dict(data)
     if isinstance(data, (list, tuple)):
         return None
     raise TokenselError(f"cannot select from a {type(data).__name__}: give a list of strings or a pyarrow, polars or pandas table")
 
 
-def from_dict(batch: dict) -> pa.Table:
+def from_dict(batch: Mapping) -> pa.Table:
     """A datasets batch (column name -> list of values) as an Arrow table."""
     try:
-        return pa.table(batch)
+        return pa.table({k: batch[k] for k in batch.keys()})
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:
         raise TokenselError(f"cannot read the batch as a table ({exc})") from None
 

@@ -96,9 +96,9 @@ class Rarity(Strategy):
 
     name = "rarity"
 
-    def __init__(self, doc_freq: Counter, n_docs: int):
+    def __init__(self, doc_freq: Counter | None = None, n_docs: int = 0):
         self.n_docs = n_docs
-        self.doc_freq = doc_freq
+        self.doc_freq = doc_freq if doc_freq is not None else Counter()
         self._cache: dict[int, float] = {}
 
     @classmethod

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from tokensel.config import ItemModelConfig, Stage1Config
-from tokensel.evaluate.metrics import per_user_metrics, rank_users
+from tokensel.metrics import per_user_metrics, rank_users
 from tokensel.io.interactions import Histories
 from tokensel.models.item_llm import ItemLLM
 from tokensel.models.readout import ItemReadout, cache_block_inputs, last_block

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from scipy import stats
 
 from tokensel.config import PolicyConfig
-from tokensel.evaluate.metrics import per_user_metrics, rank_users
-from tokensel.evaluate.recommenders import history_means, mean_pool_tokens
+from tokensel.metrics import per_user_metrics, rank_users
+from tokensel.models.pooling import history_means, mean_pool_tokens
 from tokensel.io.interactions import Histories
 from tokensel.models.item_llm import ItemLLM
 from tokensel.models.user_model import UserModel, pad_histories

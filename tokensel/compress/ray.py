@@ -2,9 +2,9 @@
 
     read_parquet -> map_batches(Selector, actor pool: one model per actor) -> driver writes Parquet
 
-Each actor loads the item LLM and the strategy once and runs `tokensel.compress.select_keep` and
-`output_columns` on its batches, exactly what the local engine runs, so the selection is the same
-(forward widths and filler rows depend on the item alone, not on how Ray cuts the batches).
+Each actor rebuilds the Selector from its spec (tokensel.select.selector: what to load, not the
+tensors) and calls it on its batches: the model path of the local engine, so the selection is the
+same (forward widths and filler rows depend on the item alone, not on how Ray cuts the batches).
 
 Order: the dataset runs with `preserve_order`, and the driver carries the input row index itself: it
 streams the input id column alongside the results and checks that every result row has the id of the
@@ -29,22 +29,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tokensel.compress import (
-    preflight,
-    CompressOptions,
-    CompressSummary,
-    compress_meta,
-    fit_rarity,
-    output_columns,
-    output_schema,
-    select_keep,
-)
-from tokensel.config import TextConfig
+from tokensel.compress.job import CompressSummary, compress_meta, preflight
+from tokensel.config import CompressConfig
 from tokensel.errors import TokenselError
 from tokensel.io.item_ids import IdCheck
-from tokensel.io.items import build_text, open_parquet
+from tokensel.io.items import iter_item_batches, open_parquet
 from tokensel.io.parquet_out import AtomicParquetWriter
-from tokensel.select.strategies import Rarity, Strategy
+from tokensel.select.selector import Selector
+from tokensel.select.strategies import Rarity
 
 
 def check_ray() -> None:
@@ -55,42 +47,21 @@ def check_ray() -> None:
         raise TokenselError("--engine ray needs Ray Data: pip install 'tokensel[ray]'  (or pip install 'ray[data]')") from None
 
 
-class Selector:
-    """A Ray Data actor: loads the model once, then turns batches of input rows into output columns."""
+class SelectorActor:
+    """A Ray Data actor: the pickled Selector loads itself once, then turns input batches into output rows."""
 
-    def __init__(self, spec: dict):
+    def __init__(self, selector: Selector, k: int, cfg: CompressConfig, threads: int):
         import torch
 
-        from tokensel import api
-
-        torch.set_num_threads(spec["threads"])
-        llm, sel, _, _ = api.load_selector(
-            spec["strategy"], spec["policy"], spec["model"], seed=spec["seed"], device=spec["device"], dtype=spec["dtype"]
-        )
-        llm.set_template(spec["text"].template)
-        if isinstance(sel, Rarity):
-            sel.doc_freq, sel.n_docs = spec["doc_freq"], spec["n_docs"]
-        self.llm, self.sel, self.text, self.opts = llm, sel, spec["text"], spec["opts"]
+        torch.set_num_threads(threads)
+        self.sel, self.k, self.cfg = selector, k, cfg
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        text = self.text
-        data = batch.select(text.text_cols).to_pydict()
-        texts = [build_text({c: data[c][i] for c in text.text_cols}, text.text_cols, text.labels) for i in range(batch.num_rows)]
-        ids = batch.column(text.id_col).to_pylist()
-        toks = self.llm.tokenize(texts, text.max_len)
-        keep = select_keep(self.llm, self.sel, toks, ids, self.opts)
-        cols = output_columns(self.llm, toks, keep)
-        extra = batch.select(self.opts.passthrough) if self.opts.passthrough else None
-        return output_table_any(text.id_col, batch.column(text.id_col), cols, extra)
-
-
-def output_table_any(id_col: str, ids, cols: dict, passthrough: pa.Table | None) -> pa.Table:
-    arrays = [ids] + [cols[n] for n in ("text", "token_ids", "positions", "n_tokens", "n_kept")]
-    names = [id_col, "text", "token_ids", "positions", "n_tokens", "n_kept"]
-    if passthrough is not None:
-        arrays += [passthrough.column(c) for c in passthrough.column_names]
-        names += passthrough.column_names
-    return pa.Table.from_arrays(arrays, names=names)
+        text, cfg = self.sel.text, self.cfg
+        out = self.sel(batch.select([text.id_col, *text.text_cols]), k=self.k, chunk=cfg.chunk, prefix=cfg.prefix, batch_rows=batch.num_rows)
+        names = [text.id_col, "text", "token_ids", "positions", "n_tokens", "n_kept"]
+        extra = [batch.column(c) for c in cfg.passthrough]
+        return pa.Table.from_arrays([out.column(n) for n in names] + extra, names=names + list(cfg.passthrough))
 
 
 def _input_ids(path: Path, id_col: str, limit: int | None):
@@ -109,49 +80,29 @@ def _input_ids(path: Path, id_col: str, limit: int | None):
 def compress_file_ray(
     items: str | Path,
     out: str | Path,
-    strategy: Strategy,
-    text: TextConfig,
-    opts: CompressOptions,
-    provenance: dict,
+    sel: Selector,
+    cfg: CompressConfig,
     *,
-    strategy_name: str | None = None,
-    policy=None,
-    model=None,
-    seed: int = 0,
-    device: str = "auto",
-    dtype: str = "auto",
     workers: int = 2,
-    llm=None,
     on_progress: Callable[[int], None] | None = None,
     ray_init: dict | None = None,
 ) -> CompressSummary:
-    """Compress `items` to `out` with Ray Data; the output equals `compress_file`'s, row for row."""
+    """Compress `items` to `out` (one budget) with Ray Data; the output equals the local engine's, row for row."""
     check_ray()
     import ray
     import ray.data
     import torch
 
-    strategy_name = strategy_name or strategy.name
+    if len(cfg.ks) > 1:
+        raise TokenselError("--engine ray compresses one budget per run; give one --k, or use the local engine")
+    k = cfg.ks[0]
     items, out = Path(items), Path(out)
     t0 = time.perf_counter()
-    schema_in = preflight(items, [out], text, opts)
-    def local(p):  # workers may run elsewhere: hand them absolute paths for local files
-        return str(Path(p).resolve()) if p is not None and Path(p).exists() else (str(p) if p is not None else None)
-
-    spec = {
-        "strategy": strategy_name, "policy": local(policy), "model": local(model), "seed": seed,
-        "device": device, "dtype": dtype, "text": text, "opts": opts,
-        "threads": max(1, (os.cpu_count() or 1) // max(workers, 1)),
-    }
-    if isinstance(strategy, Rarity):
-        if strategy.n_docs == 0:
-            fitted = fit_rarity(items, llm, text, opts)
-            strategy.doc_freq, strategy.n_docs = fitted.doc_freq, fitted.n_docs
-        spec["doc_freq"], spec["n_docs"] = strategy.doc_freq, strategy.n_docs
-    pass_schema = pa.schema([schema_in.field(c) for c in opts.passthrough]) if opts.passthrough else None
-    schema = output_schema(text.id_col, schema_in.field(text.id_col).type, pass_schema)
-    meta = {**compress_meta(strategy, text, opts, provenance, opts.k), "engine": "ray"}
-
+    schema = preflight(items, [out], sel, cfg)
+    text = sel.text
+    if isinstance(sel.strategy, Rarity) and not sel.strategy.fitted:  # fitted once here, shipped to the actors in the pickle
+        sel.fit(batches=(sel.tokenize(b.texts) for b in iter_item_batches(items, text, cfg.batch_rows, check_duplicates=False, limit=cfg.limit)))
+    meta = {**compress_meta(sel, cfg, k), "engine": "ray"}
     started = False
     if not ray.is_initialized():
         ray.init(**{"num_cpus": os.cpu_count(), "include_dashboard": False, "log_to_driver": False, **(ray_init or {})})
@@ -161,26 +112,27 @@ def compress_file_ray(
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    gpu = str(device).startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    gpu = sel.llm.device.type == "cuda"
     res = {"num_gpus": 1} if gpu else {"num_cpus": 0.5}
-    columns = list(dict.fromkeys([text.id_col, *text.text_cols, *opts.passthrough]))
-    summary = CompressSummary(out=str(out), engine="ray", k=opts.k)
+    columns = list(dict.fromkeys([text.id_col, *text.text_cols, *cfg.passthrough]))
+    summary = CompressSummary(out=str(out), engine="ray", k=k)
+    threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
     try:
         # blocks of about batch_rows rows, so every actor gets work even from a file with one row group
         md = open_parquet(items).metadata
         row_bytes = sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups)) / max(md.num_rows, 1)
-        ctx.target_max_block_size = max(int(row_bytes * opts.batch_rows), 1024)
+        ctx.target_max_block_size = max(int(row_bytes * cfg.batch_rows), 1024)
         ds = ray.data.read_parquet(str(items.resolve())).select_columns(columns)
-        if opts.limit is not None:
-            ds = ds.limit(opts.limit)
+        if cfg.limit is not None:
+            ds = ds.limit(cfg.limit)
         ds = ds.map_batches(
-            Selector, fn_constructor_kwargs={"spec": spec}, batch_size=opts.batch_rows, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=workers), **res,
+            SelectorActor, fn_constructor_kwargs={"selector": sel, "k": k, "cfg": cfg, "threads": threads},
+            batch_size=cfg.batch_rows, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers), **res,
         )
-        expected = _input_ids(items, text.id_col, opts.limit)
+        expected = _input_ids(items, text.id_col, cfg.limit)
         check_ids = IdCheck(items, text.id_col)
         row = 0
-        with AtomicParquetWriter(out, schema, meta, row_group_rows=opts.row_group_rows) as writer:
+        with AtomicParquetWriter(out, schema, meta, row_group_rows=cfg.row_group_rows) as writer:
             for table in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
                 if table.num_rows == 0:
                     continue
@@ -191,8 +143,8 @@ def compress_file_ray(
                 check_ids(ids, row)
                 writer.write(table.select(schema.names))
                 n_tokens = table.column("n_tokens").to_numpy().astype(np.int64)
-                summary.add(n_tokens, table.column("n_kept").to_numpy(), opts.k)
-                summary.computed += int((n_tokens > opts.k).sum())
+                summary.add(n_tokens, table.column("n_kept").to_numpy())
+                summary.computed += int((n_tokens > k).sum())
                 row += table.num_rows
                 if on_progress:
                     on_progress(table.num_rows)
@@ -210,4 +162,4 @@ def compress_file_ray(
     return summary
 
 
-__all__ = ["compress_file_ray", "check_ray", "Selector"]
+__all__ = ["compress_file_ray", "check_ray", "SelectorActor"]

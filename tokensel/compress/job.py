@@ -1,0 +1,140 @@
+"""What every compress engine does around the model: check, name, describe and write the outputs.
+
+The local engine (tokensel.compress.local) and the Ray engine (tokensel.compress.ray) share this, so
+their files have the same schema, metadata and atomic write, and only differ in where the Selector
+runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from tokensel import __version__
+from tokensel.compress.cache import weights_fingerprint
+from tokensel.config import CompressConfig
+from tokensel.errors import TokenselError
+from tokensel.io.items import check_columns, open_parquet
+from tokensel.select.keep import COLUMNS
+from tokensel.select.selector import Selector
+
+
+@dataclass
+class CompressSummary:
+    """One output file of a run (one budget); the run's shared counts are the same in each."""
+
+    items: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    empty: int = 0
+    shorter_than_k: int = 0
+    scored: int = 0  # items with more than k tokens (they need the strategy's scores)
+    computed: int = 0  # items scored in this run (for every budget of the run at once)
+    reused: int = 0  # ... whose scores came from the cache
+    forward_batches: int = 0  # forward passes of the item LLM in this run (0: no model ran)
+    seconds: float = 0.0
+    out: str = ""
+    cache: str | None = None
+    engine: str = "local"
+    k: int = 0
+    filled: dict[str, int] = field(default_factory=dict)  # per text column: rows with a non-blank value
+
+    @property
+    def ratio(self) -> float:
+        return self.tokens_out / max(self.tokens_in, 1)
+
+    @property
+    def empty_columns(self) -> list[str]:
+        """Text columns that are null or blank in every row read: almost always a wrong --text-cols."""
+        return [c for c, n in self.filled.items() if n == 0] if self.items else []
+
+    def add(self, lengths: np.ndarray, n_kept: np.ndarray, filled: dict[str, int] | None = None) -> None:
+        self.items += len(lengths)
+        self.tokens_in += int(lengths.sum())
+        self.tokens_out += int(n_kept.sum())
+        self.empty += int((lengths == 0).sum())
+        self.shorter_than_k += int(((lengths > 0) & (lengths <= self.k)).sum())
+        self.scored += int((lengths > self.k).sum())
+        for c, n in (filled or {}).items():
+            self.filled[c] = self.filled.get(c, 0) + n
+
+
+def output_paths(items: Path, out: str | Path | None, ks: tuple[int, ...], strategy: str) -> dict[int, Path]:
+    """k -> output file. Default: beside the items; several budgets need `{k}` in an explicit name."""
+    if out is None:
+        return {k: items.with_name(f"{items.stem}.k{k}-{strategy}.parquet") for k in ks}
+    out = str(out)
+    if len(ks) > 1 and "{k}" not in out:
+        raise TokenselError(f"--out {out}: with several budgets the output name must contain {{k}}, e.g. items.k{{k}}.parquet")
+    return {k: Path(out.replace("{k}", str(k))) for k in ks}
+
+
+def preflight(items: Path, outs: list[Path], sel: Selector, cfg: CompressConfig) -> pa.Schema:
+    """Checks every engine makes before any work; returns the output schema."""
+    for out in outs:
+        if out.resolve() == items.resolve():
+            raise TokenselError(f"{out}: the output would overwrite the input")
+    text = sel.text
+    schema_in = open_parquet(items).schema_arrow
+    check_columns(items, schema_in, text.id_col, text.text_cols, list(cfg.passthrough))
+    fields = [pa.field(text.id_col, schema_in.field(text.id_col).type), pa.field("text", pa.string()),
+              pa.field("token_ids", pa.list_(pa.int32())), pa.field("positions", pa.list_(pa.int32())),
+              pa.field("n_tokens", pa.int32()), pa.field("n_kept", pa.int32())]
+    return pa.schema(fields + [schema_in.field(c) for c in cfg.passthrough])
+
+
+def output_table(id_col: str, ids, cols: dict, passthrough: pa.Table | None, schema: pa.Schema) -> pa.Table:
+    """One batch of output rows: the id column, the output contract's columns, the pass-through columns."""
+    id_array = ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(ids, type=schema.field(id_col).type)
+    arrays = [id_array] + [cols[name] for name in COLUMNS]
+    names = [id_col, *COLUMNS]
+    if passthrough is not None:
+        arrays += [passthrough.column(c) for c in passthrough.column_names]
+        names += passthrough.column_names
+    return pa.Table.from_arrays(arrays, names=names)
+
+
+def compress_meta(sel: Selector, cfg: CompressConfig, k: int) -> dict:
+    """The file metadata (`tokensel` key): how the file was made."""
+    text = sel.text
+    return {
+        "version": __version__,
+        "k": k,
+        "chunk": cfg.chunk,
+        "prefix": cfg.prefix,
+        "max_len": text.max_len,
+        "text_cols": text.text_cols,
+        "labels": text.labels,
+        "template": text.template,
+        "id_col": text.id_col,
+        "strategy": sel.name,
+        "tokenizer_note": "token_ids index tokenizer(text, add_special_tokens=False); feed them directly",
+        **sel.provenance,
+    }
+
+
+def scorer_config(sel: Selector) -> dict:
+    """Everything an item's cached token scores depend on besides its id and text (not k, prefix, chunk)."""
+    llm, text = sel.llm, sel.text
+    head = getattr(sel.strategy, "head", None)
+    identity = {k: v for k, v in llm.identity().items() if k != "name"}  # where files live does not matter
+    return {
+        "version": __version__,
+        "strategy": sel.name,
+        "provenance": {k: v for k, v in sel.provenance.items() if k not in ("policy", "model", "model_name")},
+        "identity": identity,
+        "weights": weights_fingerprint(llm.model),
+        "head": weights_fingerprint(head) if isinstance(head, torch.nn.Module) else None,
+        "max_len": text.max_len,
+        "template": text.template,
+        "text_cols": text.text_cols,
+        "labels": text.labels,
+        "dtype": str(next(llm.model.parameters()).dtype),
+        "device": llm.device.type,
+        "pad_multiple": sel.batch.pad_multiple,
+        "min_batch_tokens": sel.batch.min_batch_tokens,
+    }
