@@ -14,7 +14,7 @@ engine) and writes one Parquet file with the same schema and metadata through At
 so a failed run leaves no output behind.
 
 CPU actors claim `num_cpus=0.5` each: on a small machine actors that claim whole CPUs leave nothing
-for the read tasks and the job hangs. Install with `pip install 'tokensel[ray]'`. The selection cache
+for the read tasks and the job hangs. Install with `pip install 'tokensel[ray]'`. The score cache
 is not used by this engine (each worker would need the shared file); use the local engine to resume.
 """
 
