@@ -51,7 +51,7 @@ def evaluate_command(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print every epoch.")] = False,
 ) -> None:
     """Train the same downstream recommender on each texts file and compare: Recall/NDCG@5/10/50 on the test split."""
-    from tokensel.evaluate.recommenders import POOLINGS, RECOMMENDERS, TrainConfig
+    from tokensel.evaluate.recommenders import TrainConfig, names
     from tokensel.evaluate.runner import VectorCache, evaluate_detailed, results_table, write_results
     from tokensel.evaluate.stats import TESTS
 
@@ -61,10 +61,8 @@ def evaluate_command(
 
         torch.set_num_threads(threads)
     try:
-        if recommender not in RECOMMENDERS:
-            raise TokenselError(f"--recommender must be one of {', '.join(RECOMMENDERS)} (got {recommender!r})")
-        if pooling not in POOLINGS:
-            raise TokenselError(f"--pooling must be one of {', '.join(POOLINGS)} (got {pooling!r})")
+        if recommender not in names():
+            raise TokenselError(f"--recommender must be one of {', '.join(names())} (got {recommender!r})")
         if test not in TESTS:
             raise TokenselError(f"--test must be one of {', '.join(TESTS)} (got {test!r})")
         if seeds < 1 or (epochs is not None and epochs < 1):

@@ -21,7 +21,7 @@ from tokensel.models.bundle import Bundle, BundleConfig
 from tokensel.models.head import PolicyHead
 from tokensel.train.common import Catalogue, embed_tokens
 from tokensel.train.stage1 import train_stage1
-from tokensel.train.stage2 import REWARDS, stage2_warnings, train_stage2
+from tokensel.train.stage2 import stage2_warnings, train_stage2
 
 
 def file_digest(path: Path) -> str:
@@ -38,18 +38,7 @@ def check_settings(item_cfg: ItemModelConfig | None, policy: PolicyConfig | None
         raise TokenselError(f"unknown item tuning {item_cfg.tuning!r}; choose none, top, lora or full")
     if item_cfg is not None and item_cfg.tuning == "top":
         check_top_tunable(item_cfg.base_model)
-    if policy is not None:
-        if policy.objective not in ("paper", "bounded"):
-            raise TokenselError(f"unknown stage-2 objective {policy.objective!r}; choose paper or bounded")
-        if policy.reward not in REWARDS:
-            raise TokenselError(f"unknown stage-2 reward {policy.reward!r}; choose {', '.join(REWARDS)}")
-        if policy.samples < 2:
-            raise TokenselError(f"stage 2 needs at least 2 samples per history (got {policy.samples})")
-        if policy.k < 1 or policy.train_chunk < 1 or policy.select_chunk < 1 or policy.prefix < 0:
-            raise TokenselError(
-                f"need k >= 1, chunks >= 1, prefix >= 0 (got k={policy.k}, train_chunk={policy.train_chunk}, "
-                f"select_chunk={policy.select_chunk}, prefix={policy.prefix})"
-            )
+    # PolicyConfig and Stage1Config validate themselves when built
 
 
 def train(
