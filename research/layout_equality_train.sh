@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Before/after equality for the train and evaluate side of the layout change (issue 15).
 # Usage: research/layout_equality_train.sh OUTDIR   (run from the repo root, once on the old code, once on the new)
-# Writes OUTDIR/bundle.sha256 (one train on the fixtures, fixed seed) and OUTDIR/eval-*.json (evaluate on two
-# first-k files); compare two OUTDIRs with: diff <(cd A && sha256sum bundle.sha256 eval-*.json) <(cd B && ...)
-# (the JSON files are compared with the timing fields dropped, see the jq filter below).
+# Writes OUTDIR/bundle (one train on the fixtures with the tests' tiny BERT, fixed seed) with its sha256 list, and
+# OUTDIR/eval-*.json (evaluate on two first-k files: text-sim, hllm, hllm --item-tuning top). Compare two runs with
+#   python research/layout_equality_compare.py BEFORE AFTER
+# (weights byte for byte; config.json and the JSON with the wall-clock "seconds" fields dropped).
+# Pass MODEL=BEFORE/tiny-bert to the second run so both use the same model files.
 set -euo pipefail
 OUT=${1:?outdir}; mkdir -p "$OUT"
 TS=${TOKENSEL:-/work/main/.venv/bin/tokensel}

@@ -6,7 +6,9 @@ here is a `Reward` for `train_stage2(..., reward=REWARDS[name])`:
     item                 subset stays close to the full-text embedding
     target               subsets of the next item, everything compressed
     text-sim             subsets as the positive under the training-free text-sim scorer
-bench scripts beside this file (research/stage2_ablation, research/reward_signal) use them.
+The scripts beside this file use them: research/train_variant (a bundle trained with a variant, the
+command the RESULTS.md rows with a variant reward came from as `tokensel train --reward NAME`),
+research/stage2_ablation and research/reward_signal.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from tokensel.evaluate.recommenders import history_means, mean_pool_tokens
 from tokensel.models.head import PolicyHead
 from tokensel.models.item_llm import ItemLLM
 from tokensel.models.user_model import UserModel, pad_histories
-from tokensel.train.common import Catalogue, infonce, infonce_logits
+from tokensel.train.common import Catalogue, embed_tokens, infonce, infonce_logits
+from tokensel.train.stage1 import validate
 from tokensel.train.stage2 import Reward, _embed_subsets, _sample, _subset_tokens, greedy_subsets, history_rewards
 
 def compressed_table(llm: ItemLLM, head: PolicyHead | None, cat: Catalogue, cfg: PolicyConfig) -> torch.Tensor:
@@ -178,7 +181,7 @@ def _textsim_rewards(llm, head, cat, batch, negs, ref_table, cfg, temperature, g
     scorer: user = mean of the unit text-sim vectors of the (first-k) items before it, InfoNCE against
     shared first-k negatives. f and g's [ITEM] readout are not involved: this is the representation
     under which retrained recommenders and text-sim alike prefer first-k to random chunks, and a
-    subset's effect here is mostly the item's own (bench/reward_signal, `text-sim` side). Measured on
+    subset's effect here is mostly the item's own (research/reward_signal, `text-sim` side). Measured on
     the results are in RESULTS.md."""
     occ = [(b, pos, i) for b, (h, t) in enumerate(batch) for pos, i in enumerate(list(h) + [t])]
     occ = [o for o in occ if o[1] > 0 and len(cat.tokens[o[2]]) > cfg.k]
@@ -205,13 +208,14 @@ def textsim_positive_ce(emb: torch.Tensor, seqs: list[list[int]], items: list[in
 
 REWARDS: dict[str, Reward] = {
     "history": Reward(history_rewards),
-    "credit": Reward(_credit_rewards),
-    "credit-both": Reward(functools.partial(_credit_rewards, both=True)),
-    "item": Reward(_item_rewards),
-    "target": Reward(_target_rewards, validate=evaluate_compressed, table=lambda llm, cat, cfg: compressed_table(llm, None, cat, cfg)),
+    "credit": Reward(_credit_rewards, name="credit"),
+    "credit-both": Reward(functools.partial(_credit_rewards, both=True), name="credit-both"),
+    "item": Reward(_item_rewards, name="item"),
+    "target": Reward(_target_rewards, validate=evaluate_compressed, table=lambda llm, cat, cfg: compressed_table(llm, None, cat, cfg), name="target"),
     "text-sim": Reward(
         lambda llm, user, head, cat, batch, tgt, negs, table, cfg, temperature, gen: _textsim_rewards(llm, head, cat, batch, negs, table, cfg, temperature, gen),
         validate=evaluate_textsim,
         table=lambda llm, cat, cfg: textsim_table(llm, None, cat, cfg),
+        name="text-sim",
     ),
 }

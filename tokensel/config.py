@@ -19,8 +19,8 @@ T = TypeVar("T")
 @dataclass
 class TextConfig:
     """How an item's text is built from its columns: `A B` (default) or `title: A description: B`
-    (HLLM style, labels on). Labels are part of the text and so of the budget: on amazon-scientific
-    they cost first-32 text-sim NDCG@10 9% (4.14 -> 3.79), so they are off by default."""
+    (HLLM style, labels on). Labels are part of the text and so of the budget: every label token is
+    one text token less, so they are off by default (RESULTS.md has what they cost)."""
 
     id_col: str = "item_id"
     text_cols: list[str] = field(default_factory=lambda: ["title", "description"])

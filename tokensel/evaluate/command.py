@@ -93,7 +93,7 @@ def headroom_command(
     interactions: Annotated[Path, typer.Argument(help="Interactions Parquet: user id, item id, order column.")],
     ks: Annotated[str, typer.Option(help="Budgets, comma-separated.")] = "32,64",
     factor: Annotated[int, typer.Option(help="The long side is the first factor*k tokens (the paper's 4k).")] = 4,
-    recommender: Annotated[str, typer.Option(help="text-sim (training-free, minutes on a CPU) | hllm | sasrec-init")] = "text-sim",
+    recommender: Annotated[str, typer.Option(help="text-sim (training-free, the cheapest) | hllm | sasrec-init")] = "text-sim",
     seeds: Annotated[int, typer.Option(help="Training runs per file (text-sim is deterministic).")] = 1,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs for hllm / sasrec-init (default: evaluate's).")] = None,
     item_tuning: Annotated[str, typer.Option(help="hllm: none | top (f's last block trains; the README's downstream setting, runs on a CPU) | lora | full.")] = "none",

@@ -1,10 +1,11 @@
 """Stage 1: pretrain the recommender (item LLM f + user model g) with InfoNCE (paper eq. 1).
 
-tuning="none" keeps f frozen (its [ITEM] states are computed once) and trains g: minutes on a CPU.
+tuning="none" keeps f frozen (its [ITEM] states are computed once) and trains g: cheap on a CPU.
 tuning="top" also trains f's last block, over lower-layer states cached once (models/readout.py):
-a trained [ITEM] readout at a few minutes per epoch on a CPU; the block is written back into f.
+a trained [ITEM] readout that still fits a CPU; the block is written back into f.
 tuning="lora" / "full" also trains f, re-encoding the batch's items every step (a GPU setting).
-The best epoch on validation NDCG@10 is kept.
+The step is tokensel.train.loop's; this epoch loop pads to the full history and keeps the best
+epoch on validation NDCG@10 (epoch 0 included), as the saved bundles were trained.
 """
 
 from __future__ import annotations

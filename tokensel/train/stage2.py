@@ -31,7 +31,6 @@ from tokensel.models.user_model import UserModel, pad_histories
 from tokensel.models.head import PolicyHead
 from tokensel.select.rule import chunk_sums, select_mask
 from tokensel.train.common import Catalogue, embed_tokens, infonce, infonce_logits
-from tokensel.train.stage1 import validate
 
 
 def paper_objective(r: torch.Tensor, d: torch.Tensor, cfg: PolicyConfig) -> torch.Tensor:
@@ -296,6 +295,7 @@ class Reward:
     losses: Callable
     validate: Callable = evaluate_selection
     table: Callable | None = None
+    name: str = "history"
 
 
 PAPER_REWARD = Reward(history_rewards)
