@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tokensel.errors import TokenselError  # noqa: E402
-from tokensel.metrics import per_user_metrics, rank_users, target_ranks  # noqa: E402
+from tokensel.train.metrics import per_user_metrics, rank_users, target_ranks  # noqa: E402
 from tokensel.evaluate.runner import METRICS, evaluate, evaluate_detailed, write_results  # noqa: E402
 from tokensel.evaluate.stats import paired_pvalue  # noqa: E402
 
@@ -96,8 +96,8 @@ def test_trained_recommenders(files, tiny, recommender):
 @pytest.mark.parametrize("tuning", ["lora", "full"])
 def test_hllm_with_the_item_llm_trained(files, tiny, tuning, monkeypatch):
     """HLLM proper: f trains with g in every run, from the same pretrained weights each time."""
-    from tokensel.evaluate import recommenders as recs
     from tokensel.evaluate.recommenders import TrainConfig
+    from tokensel.train import loop as recs
 
     moved = []
     load = recs.TunedItems.load
@@ -127,11 +127,12 @@ def test_hllm_with_the_item_llm_trained(files, tiny, tuning, monkeypatch):
 
 def test_hllm_with_the_last_block_trained(files, tiny, monkeypatch):
     """item_tuning top: f's last block trains with g over cached lower layers, fresh from f in every run."""
-    from tokensel.evaluate import recommenders as recs
     from tokensel.evaluate.recommenders import TrainConfig
+    from tokensel.evaluate.recommenders import hllm as hllm_file
+    from tokensel.train import loop as recs
 
     moved, caches = [], []
-    init, load, cache = recs.ReadoutItems.__init__, recs.ReadoutItems.load, recs.cache_block_inputs
+    init, load, cache = recs.ReadoutItems.__init__, recs.ReadoutItems.load, hllm_file.cache_block_inputs
 
     def remember(self, *a, **kw):
         init(self, *a, **kw)
@@ -147,7 +148,7 @@ def test_hllm_with_the_last_block_trained(files, tiny, monkeypatch):
 
     monkeypatch.setattr(recs.ReadoutItems, "__init__", remember)
     monkeypatch.setattr(recs.ReadoutItems, "load", spy)
-    monkeypatch.setattr(recs, "cache_block_inputs", counted)
+    monkeypatch.setattr(hllm_file, "cache_block_inputs", counted)
     paths = [files["first"], files["random"], files["first_again"]]
     cfg = TrainConfig(epochs=2, item_tuning="top", patience=None)
     ev = evaluate_detailed(ITEMS, INTERACTIONS, paths, "hllm", seeds=[1, 2], model=tiny, device="cpu", train=cfg)
@@ -162,8 +163,8 @@ def test_hllm_with_the_last_block_trained(files, tiny, monkeypatch):
 
 def test_top_cache_follows_the_template(tiny, monkeypatch):
     """The lower-layer cache is reused across seeds of one input, not across a different template."""
-    from tokensel.evaluate import recommenders as recs
     from tokensel.evaluate.recommenders import HLLM, TrainConfig
+    from tokensel.evaluate.recommenders import hllm as recs
     from tokensel.evaluate.runner import read_item_ids
     from tokensel.io.interactions import read_histories
     from tokensel.models.item_llm import ItemLLM
@@ -292,3 +293,47 @@ def test_write_results_parquet_metadata(files, tiny, tmp_path):
     out = write_results(ev, tmp_path / "x.parquet")
     meta = json.loads(pq.read_schema(out).metadata[b"tokensel_evaluate"])
     assert "history masked" in meta["protocol"]
+
+
+def test_a_recommender_added_in_one_file_runs_through_evaluate(files, tiny):
+    """One new file registering a Recommender subclass (tests/recommender_plugin.py) and evaluate runs it:
+    no edit to tokensel. Popularity ranks the most-seen items first, so it differs from text-sim."""
+    from typer.testing import CliRunner
+
+    from tokensel.cli import app
+    from tokensel.evaluate.recommenders import REGISTRY, names
+    import recommender_plugin  # noqa: F401  (registers "test-popularity")
+
+    try:
+        assert "test-popularity" in names()
+        paths = [files["first"], files["random"]]
+        rows = evaluate(ITEMS, INTERACTIONS, paths, "test-popularity", seeds=2, model=tiny, device="cpu")
+        _check_contract(rows, paths, "test-popularity", [0, 1])
+        assert rows[0]["metrics"] == rows[1]["metrics"]  # it ignores the text
+        sim = evaluate(ITEMS, INTERACTIONS, paths[:1], "text-sim", seeds=1, model=tiny, device="cpu")
+        assert sim[0]["metrics"] != rows[0]["metrics"]
+        r = CliRunner().invoke(app, ["evaluate", str(ITEMS), str(INTERACTIONS), "--texts", str(paths[0]), "--recommender", "test-popularity", "--model", tiny, "--device", "cpu"])
+        assert r.exit_code == 0, r.output
+        assert "test-popularity" in r.output
+    finally:
+        REGISTRY.pop("test-popularity", None)
+
+
+def test_text_sim_table_says_it_is_one_deterministic_pass(files, tiny):
+    """text-sim is untrained and deterministic: its table names no seeds and no best epoch; hllm's does."""
+    from rich.console import Console
+
+    from tokensel.evaluate.runner import results_table
+
+    def shown(rec, **kw):
+        ev = evaluate_detailed(ITEMS, INTERACTIONS, [files["first"]], rec, seeds=3, model=tiny, device="cpu", **kw)
+        con = Console(width=400, record=True)
+        con.print(results_table(ev))
+        return con.export_text()
+
+    sim = shown("text-sim")
+    assert "deterministic" in sim and "seeds [" not in sim and "best epoch" not in sim
+    from tokensel.evaluate.recommenders import TrainConfig
+
+    hllm = shown("hllm", train=TrainConfig(epochs=1))
+    assert "seeds [0, 1, 2]" in hllm and "best epoch" in hllm

@@ -86,9 +86,11 @@ def test_a_trained_recommender_with_its_item_llm_tuned(tmp_path, tiny_bert):
 def test_bad_settings_fail_before_any_work(tmp_path, tiny_bert, monkeypatch):
     monkeypatch.setattr(api, "compress", lambda *a, **kw: pytest.fail("compressed before checking the settings"))
     for kw, needle in (({"ks": ()}, "budgets"), ({"factor": 1}, "factor"), ({"recommender": "nope"}, "unknown recommender 'nope'"), ({"test": "z"}, "--test"), ({"seeds": 0}, "seeds"),
-                       ({"train": TrainConfig(item_tuning="top")}, "item tuning 'top'.*only with --recommender hllm"), ({"recommender": "hllm", "train": TrainConfig(item_tuning="x")}, "item tuning 'x'")):
+                       ({"train": TrainConfig(item_tuning="top")}, "item tuning 'top'.*only with --recommender hllm")):
         with pytest.raises(TokenselError, match=needle):
             headroom(ITEMS, INTERACTIONS, **{"model": tiny_bert, "device": "cpu", **kw})
+    with pytest.raises(TokenselError, match="item tuning 'x'"):  # an unknown value fails as the config is built
+        TrainConfig(item_tuning="x")
 
 
 # ------------------------------------------------------------------------------------------ CLI

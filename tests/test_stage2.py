@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from tokensel.config import PolicyConfig
@@ -90,111 +91,28 @@ def test_infonce_masks_a_negative_equal_to_the_positive():
     assert torch.all(infonce(logits) >= 0)
 
 
-def test_credit_reward_varies_one_history_item_at_a_time(monkeypatch):
-    """Each (sample, occurrence) CE must be the target's CE under the FULL-text history with only that
-    occurrence's item swapped for that sample's subset embedding, and log P must be that subset's."""
-    from tokensel.config import UserModelConfig
-    from tokensel.models.user_model import UserModel, pad_histories
+def test_policy_config_keeps_only_the_papers_reward_and_old_bundle_configs_still_load():
+    """The reward variants left the product (research/stage2_rewards.py); a saved config with the paper's
+    reward, or with keys this version does not know, still loads."""
+    from tokensel.config import PolicyConfig, from_dict
+    from tokensel.errors import TokenselError
 
-    torch.manual_seed(0)
-    d, S = 8, 3
-    cfg = PolicyConfig(k=6, prefix=2, train_chunk=2, samples=S, history=4)
-    tokens = [list(range(10 * i, 10 * i + (12 if i % 2 else 5))) for i in range(6)]  # odd items are long
-    cat = Catalogue(tokens, torch.randn(6, d), [torch.randn(len(t), d).half() for t in tokens])
-    subset_emb = {}
-
-    def fake_embed(llm, cat_, items, masks):  # a distinct, recorded vector per sampled subset
-        out = torch.randn(masks.shape[0], len(items), d)
-        for s in range(masks.shape[0]):
-            for o, i in enumerate(items):
-                subset_emb[s, o] = (i, masks[s, o, : len(tokens[i])].clone(), out[s, o])
-        return out
-
-    monkeypatch.setattr(stage2, "_embed_subsets", fake_embed)
-    user = UserModel(d, UserModelConfig(layers=1, heads=2, max_history=4, dropout=0.0)).eval()
-    head = PolicyHead(d)
-    batch = [([0, 1, 2, 3], 4), ([5, 2, 1], 0)]
-    tgt, negs = torch.tensor([4, 0]), torch.tensor([2, 3, 5])
-    ce, lp, _ = stage2._credit_rewards(None, user, head, cat, batch, tgt, negs, cat.item, cfg, 0.1, torch.Generator().manual_seed(0))
-    occ = [(0, 1, 1), (0, 3, 3), (1, 0, 5), (1, 2, 1)]  # (user, position, item) of every long history item
-    assert ce.shape == lp.shape == (S, len(occ))
-    logp, _ = stage2.policy_logp(head, cat, [i for *_, i in occ], cfg.prefix)
-    for s in range(S):
-        for o, (b, pos, i) in enumerate(occ):
-            item, mask, vec = subset_emb[s, o]
-            assert item == i and int(mask.sum()) == cfg.k
-            hist = cat.item[batch[b][0]].clone()
-            hist[pos] = vec
-            hs, m = pad_histories([list(range(len(hist)))], hist, cfg.history)
-            with torch.no_grad():
-                want = infonce(infonce_logits(user.user_embedding(hs, m), cat.item[tgt[b : b + 1]], cat.item[negs], 0.1, tgt[b : b + 1], negs))
-            assert torch.allclose(ce[s, o], want[0], atol=1e-5)
-            assert torch.allclose(lp[s, o], (logp[o, : len(mask)] * mask).sum(), atol=1e-5)
+    cfg = from_dict(PolicyConfig, {"reward": "history", "objective": "paper", "k": 32, "some_future_key": 1})
+    assert cfg.reward == "history" and cfg.objective == "paper" and cfg.k == 32
+    for bad, needle in (({"reward": "credit"}, "credit"), ({"objective": "greedy"}, "greedy"), ({"samples": 1}, "samples")):
+        with pytest.raises(TokenselError, match=needle):
+            PolicyConfig(**bad)
 
 
-def test_credit_both_adds_the_subset_as_the_positive_after_the_items_before_it(monkeypatch):
-    from tokensel.config import UserModelConfig
-    from tokensel.models.user_model import UserModel, pad_histories
+def test_every_objective_name_maps_to_a_term_that_rewards_the_right_sign():
+    """Each accepted objective name has its function, and each grows when the likelier subset won (r = +1)."""
+    from tokensel.config import OBJECTIVE_NAMES, PolicyConfig
 
-    torch.manual_seed(1)
-    d, S = 8, 2
-    tokens = [list(range(10 * i, 10 * i + (12 if i % 2 else 5))) for i in range(6)]
-    cat = Catalogue(tokens, torch.randn(6, d), [torch.randn(len(t), d).half() for t in tokens])
-    vecs = torch.randn(S, 4, d)
-    monkeypatch.setattr(stage2, "_embed_subsets", lambda llm, cat_, items, masks: vecs[:, : len(items)].clone())
-    user = UserModel(d, UserModelConfig(layers=1, heads=2, max_history=4, dropout=0.0)).eval()
-    batch = [([0, 1, 2, 3], 4), ([5, 2, 1], 0)]
-    tgt, negs = torch.tensor([4, 0]), torch.tensor([2, 3, 5])
-    got = {}
-    for reward in ("credit", "credit-both"):
-        cfg = PolicyConfig(k=6, prefix=2, train_chunk=2, samples=S, history=4, reward=reward)
-        got[reward] = stage2._credit_rewards(None, user, PolicyHead(d), cat, batch, tgt, negs, cat.item, cfg, 0.1, torch.Generator().manual_seed(0))[0]
-    occ = [(0, 1, 1), (0, 3, 3), (1, 0, 5), (1, 2, 1)]
-    for s in range(S):
-        for o, (b, pos, i) in enumerate(occ):
-            extra = 0.0
-            if pos > 0:  # the subset as the positive after batch[b][0][:pos], full text
-                hs, m = pad_histories([batch[b][0][:pos]], cat.item, 4)
-                with torch.no_grad():
-                    eu = user.user_embedding(hs, m)
-                extra = infonce(infonce_logits(eu, vecs[s, o][None], cat.item[negs], 0.1, torch.tensor([i]), negs))[0]
-            assert torch.allclose(got["credit-both"][s, o], got["credit"][s, o] + extra, atol=1e-5)
-    assert not torch.allclose(got["credit-both"], got["credit"])
-
-
-def test_textsim_reward_scores_each_subset_as_the_text_sim_positive(monkeypatch):
-    """Every long item after position 0 (history items and the next item) is an occurrence; its CE is
-    text-sim's: user = unit mean of the last `history` reference vectors before it, the subset's own
-    mean-pooled vector as the positive, shared negatives with the item itself masked."""
-
-    torch.manual_seed(2)
-    d, S = 8, 3
-    cfg = PolicyConfig(k=6, prefix=2, train_chunk=2, samples=S, history=2, reward="text-sim")
-    tokens = [list(range(10 * i, 10 * i + (12 if i % 2 else 5))) for i in range(6)]  # odd items are long
-    cat = Catalogue(tokens, torch.randn(6, d), [torch.randn(len(t), d).half() for t in tokens])
-    basis = torch.randn(100, d)
-    pooled = lambda toks: basis[toks].mean(0)  # noqa: E731  a vector that depends on which tokens are kept
-    monkeypatch.setattr(stage2, "mean_pool_tokens", lambda llm, lists, specials: torch.stack([pooled(t) for t in lists]))
-    ref = torch.nn.functional.normalize(torch.randn(6, d), dim=-1)
-    batch = [([0, 1, 2, 3], 5), ([5, 2, 1], 0)]
-    negs = torch.tensor([1, 2, 4])
-    head = PolicyHead(d)
-    ce, lp, _ = stage2._textsim_rewards(None, head, cat, batch, negs, ref, cfg, 0.1, torch.Generator().manual_seed(0))
-    occ = [(0, 1, 1), (0, 3, 3), (0, 4, 5), (1, 2, 1)]  # item 5 at position 0 of user 1 has no history: left out
-    assert ce.shape == lp.shape == (S, len(occ))
-    logp, _ = stage2.policy_logp(head, cat, [i for *_, i in occ], cfg.prefix)
-    gen = torch.Generator().manual_seed(0)
-    masks, _ = stage2._sample(head, cat, [i for *_, i in occ], S, cfg, gen)  # the same draw as inside
-    for s in range(S):
-        for o, (b, pos, i) in enumerate(occ):
-            kept = [t for t, keep in zip(tokens[i], masks[s, o]) if keep]
-            assert len(kept) == cfg.k
-            seq = (batch[b][0] + [batch[b][1]])[:pos][-cfg.history :]
-            u = torch.nn.functional.normalize(ref[seq].mean(0), dim=-1)
-            p = torch.nn.functional.normalize(pooled(kept), dim=-1)
-            logits = torch.cat([(u @ p)[None], torch.stack([u @ ref[n] if n != i else torch.tensor(-math.inf) for n in negs.tolist()])]) / 0.1
-            assert torch.allclose(ce[s, o], -torch.log_softmax(logits, 0)[0], atol=1e-5)
-            assert torch.allclose(lp[s, o], (logp[o, : len(tokens[i])] * masks[s, o, : len(tokens[i])]).sum(), atol=1e-5)
+    assert set(stage2.OBJECTIVES) == set(OBJECTIVE_NAMES)
+    d = torch.tensor([0.5])
+    for name, term in stage2.OBJECTIVES.items():
+        cfg = PolicyConfig(objective=name)
+        assert term(torch.tensor([1.0]), d, cfg) > term(torch.tensor([-1.0]), d, cfg), name
 
 
 def _log(start, end, rate, pairs, p):

@@ -18,7 +18,7 @@ from rich.table import Table
 from tokensel import __version__
 from tokensel import api
 from tokensel import inspect as ins
-from tokensel.config import ItemModelConfig, PolicyConfig, Stage1Config, TextConfig, UserModelConfig
+from tokensel.config import OBJECTIVE_NAMES, ItemModelConfig, PolicyConfig, Stage1Config, TextConfig, UserModelConfig
 from tokensel.errors import TokenselError
 from tokensel.io.items import open_parquet
 from tokensel.models.bundle import DEFAULT_BUNDLE, bundle_hash
@@ -159,50 +159,53 @@ def train(
     interactions: Annotated[Path, typer.Argument(help="Interactions Parquet: user id, item id, order column.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Bundle folder to write.")],
     stage: Annotated[str, typer.Option(help="all | 1 | 2 (2 alone continues the stage-1 bundle at --out).")] = "all",
-    model: Annotated[str, typer.Option(help="Item LLM: hub id or folder; 'default' is all-MiniLM-L6-v2.")] = "default",
-    id_col: Annotated[str, typer.Option()] = "item_id",
-    text_cols: Annotated[str, typer.Option()] = "title,description",
-    max_len: Annotated[int, typer.Option()] = 256,
-    template: Annotated[str, typer.Option()] = "",
-    labels: Annotated[bool, typer.Option("--labels/--no-labels", help="Build the text as `title: A description: B` (labels) or `A B` (default).")] = False,
+    model: Annotated[str, typer.Option(help="Item LLM: hub id or folder; 'default' is all-MiniLM-L6-v2.")] = ItemModelConfig.base_model,
+    id_col: Annotated[str, typer.Option()] = TextConfig.id_col,
+    text_cols: Annotated[str, typer.Option()] = ",".join(TextConfig().text_cols),
+    max_len: Annotated[int, typer.Option()] = TextConfig.max_len,
+    template: Annotated[str, typer.Option()] = TextConfig.template,
+    labels: Annotated[bool, typer.Option("--labels/--no-labels", help="Build the text as `title: A description: B` (labels) or `A B` (default).")] = TextConfig.labels,
     user_col: Annotated[str, typer.Option()] = "user_id",
     item_col: Annotated[str, typer.Option()] = "item_id",
     order_col: Annotated[str, typer.Option()] = "timestamp",
-    tuning: Annotated[str, typer.Option(help="Stage-1 item LLM tuning: none | top (f's last block; BERT-style models, fine on a CPU) | lora | full.")] = "none",
-    user_layers: Annotated[int, typer.Option(help="User model transformer blocks.")] = 2,
+    tuning: Annotated[str, typer.Option(help="Stage-1 item LLM tuning: none | top (f's last block; BERT-style models, fine on a CPU) | lora | full.")] = ItemModelConfig.tuning,
+    user_layers: Annotated[int, typer.Option(help="User model transformer blocks.")] = UserModelConfig.layers,
     user_pretrained: Annotated[Optional[str], typer.Option(help="Use this pretrained LM as the user model (GPU).")] = None,
-    epochs1: Annotated[int, typer.Option(help="Stage-1 epochs.")] = 20,
-    lr1: Annotated[float, typer.Option(help="Stage-1 learning rate (user model).")] = 1e-3,
-    item_lr: Annotated[float, typer.Option(help="Stage-1 learning rate of the item LLM (lora/full).")] = 1e-4,
-    epochs2: Annotated[int, typer.Option(help="Stage-2 epochs.")] = 2,
-    lr2: Annotated[float, typer.Option(help="Stage-2 (policy) learning rate.")] = 1e-3,
-    k: Annotated[int, typer.Option(help="Budget used while training the policy.")] = 64,
-    prefix: Annotated[int, typer.Option()] = 16,
-    train_chunk: Annotated[int, typer.Option()] = 8,
-    select_chunk: Annotated[int, typer.Option()] = 8,
-    samples: Annotated[int, typer.Option(help="Sampled subsets per history (2 = the paper's pair).")] = 2,
-    objective: Annotated[str, typer.Option(help="paper | bounded")] = "bounded",
-    reward: Annotated[str, typer.Option(help="history (paper: CE of the next item from sampled history subsets) | credit (the same CE, one history item varied at a time, the rest full text) | credit-both (credit plus the subset as the positive after the items before it) | item (subset close to the full-text embedding) | target (sampled subsets of the next item, everything compressed) | text-sim (subsets as the positive of the training-free text-sim scorer)")] = "history",
-    negatives: Annotated[int, typer.Option()] = 128,
-    history: Annotated[int, typer.Option()] = 10,
+    epochs1: Annotated[int, typer.Option(help="Stage-1 epochs.")] = Stage1Config.epochs,
+    lr1: Annotated[float, typer.Option(help="Stage-1 learning rate (user model).")] = Stage1Config.lr,
+    item_lr: Annotated[float, typer.Option(help="Stage-1 learning rate of the item LLM (top/lora/full).")] = Stage1Config.item_lr,
+    epochs2: Annotated[int, typer.Option(help="Stage-2 epochs.")] = PolicyConfig.epochs,
+    lr2: Annotated[float, typer.Option(help="Stage-2 (policy) learning rate.")] = PolicyConfig.lr,
+    k: Annotated[int, typer.Option(help="Budget used while training the policy.")] = PolicyConfig.k,
+    prefix: Annotated[int, typer.Option()] = PolicyConfig.prefix,
+    train_chunk: Annotated[int, typer.Option()] = PolicyConfig.train_chunk,
+    select_chunk: Annotated[int, typer.Option()] = PolicyConfig.select_chunk,
+    samples: Annotated[int, typer.Option(help="Sampled subsets per history (2 = the paper's pair).")] = PolicyConfig.samples,
+    objective: Annotated[str, typer.Option(help=" | ".join(OBJECTIVE_NAMES))] = PolicyConfig.objective,
+    negatives: Annotated[int, typer.Option(help="Sampled negatives, both stages.")] = Stage1Config.negatives,
+    history: Annotated[int, typer.Option(help="History length, both stages and the user model.")] = Stage1Config.history,
     max_users: Annotated[Optional[int], typer.Option(help="Stage 2 on at most this many users.")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of both stages.")] = Stage1Config.seed,
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
-    """Train a policy bundle: stage 1 (recommender pretraining) and stage 2 (policy learning)."""
+    """Train a policy bundle: stage 1 (recommender pretraining) and stage 2 (policy learning, the paper's reward).
+
+    Each flag sets one field of a stage's config (tokensel.config), which checks its values; the defaults are theirs.
+    """
 
     stages = {"all": (1, 2), "1": (1,), "2": (2,)}.get(stage)
-    if stages is None:
-        fail(console, TokenselError(f"--stage must be all, 1 or 2 (got {stage!r})"))
     try:
-        bundle = api.train(
-            items, interactions, out, stages=stages,
+        if stages is None:
+            raise TokenselError(f"--stage must be all, 1 or 2 (got {stage!r})")
+        configs = dict(
             text=TextConfig(id_col=id_col, text_cols=_cols(text_cols), template=template, max_len=max_len, labels=labels),
             item_cfg=ItemModelConfig(base_model=model, tuning=tuning),
             user_cfg=UserModelConfig(kind="pretrained" if user_pretrained else "transformer", layers=user_layers, max_history=history, pretrained=user_pretrained),
             stage1=Stage1Config(epochs=epochs1, lr=lr1, item_lr=item_lr, negatives=negatives, history=history, seed=seed),
-            policy=PolicyConfig(prefix=prefix, k=k, train_chunk=train_chunk, select_chunk=select_chunk, epochs=epochs2, lr=lr2, negatives=negatives, history=history, samples=samples, objective=objective, reward=reward, seed=seed, max_users=max_users),
-            columns=(user_col, item_col, order_col), device=device,
+            policy=PolicyConfig(prefix=prefix, k=k, train_chunk=train_chunk, select_chunk=select_chunk, epochs=epochs2, lr=lr2, negatives=negatives, history=history, samples=samples, objective=objective, seed=seed, max_users=max_users),
+        )
+        bundle = api.train(
+            items, interactions, out, stages=stages, **configs, columns=(user_col, item_col, order_col), device=device,
             log=lambda row: console.print(json.dumps(row), markup=False, highlight=False, soft_wrap=True),
         )
     except TokenselError as exc:

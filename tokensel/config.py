@@ -19,8 +19,8 @@ T = TypeVar("T")
 @dataclass
 class TextConfig:
     """How an item's text is built from its columns: `A B` (default) or `title: A description: B`
-    (HLLM style, labels on). Labels are part of the text and so of the budget: on amazon-scientific
-    they cost first-32 text-sim NDCG@10 9% (4.14 -> 3.79), so they are off by default."""
+    (HLLM style, labels on). Labels are part of the text and so of the budget: every label token is
+    one text token less, so they are off by default (RESULTS.md has what they cost)."""
 
     id_col: str = "item_id"
     text_cols: list[str] = field(default_factory=lambda: ["title", "description"])
@@ -92,6 +92,13 @@ class Stage1Config:
     temperature: float = 0.05
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.negatives < 1 or self.history < 1 or self.batch_size < 1:
+            raise TokenselError(
+                f"stage 1 needs epochs >= 0 and negatives, history, batch size >= 1 (got epochs={self.epochs}, "
+                f"negatives={self.negatives}, history={self.history}, batch_size={self.batch_size})"
+            )
+
 
 @dataclass
 class PolicyConfig:
@@ -108,11 +115,33 @@ class PolicyConfig:
     batch_size: int = 32
     samples: int = 2  # subsets per history; 2 is the paper's pair, more gives rank-based rewards
     objective: str = "bounded"  # paper | bounded
-    reward: str = "history"  # history: the paper's CE of the next item | credit: the same CE, one history item's subset varied at a time | credit-both: credit + the subset as the positive after the items before it | item: subset stays close to the full-text embedding | target: subsets of the next item, everything compressed | text-sim: subsets as the positive under text-sim
+    reward: str = "history"  # the paper's: CE of the next item from sampled history subsets (the only one in the product; research/stage2_rewards.py holds the variants that lost)
     beta: float = 1.0
     seed: int = 0
     max_users: int | None = None
     valid_users: int | None = None  # validation users checked after each epoch (None: all)
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVE_NAMES:
+            raise TokenselError(f"unknown stage-2 objective {self.objective!r}; choose {', '.join(OBJECTIVE_NAMES)}")
+        if self.reward != "history":
+            raise TokenselError(f"unknown stage-2 reward {self.reward!r}; the product has only history (the paper's)")
+        if self.samples < 2:
+            raise TokenselError(f"stage 2 needs at least 2 samples per history (got {self.samples})")
+        if self.k < 1 or self.train_chunk < 1 or self.select_chunk < 1 or self.prefix < 0:
+            raise TokenselError(
+                f"need k >= 1, chunks >= 1, prefix >= 0 (got k={self.k}, train_chunk={self.train_chunk}, "
+                f"select_chunk={self.select_chunk}, prefix={self.prefix})"
+            )
+        if self.epochs < 0 or self.negatives < 1 or self.history < 1 or self.batch_size < 1:
+            raise TokenselError(
+                f"stage 2 needs epochs >= 0 and negatives, history, batch size >= 1 (got epochs={self.epochs}, "
+                f"negatives={self.negatives}, history={self.history}, batch_size={self.batch_size})"
+            )
+
+
+# the names stage 2 accepts (tokensel.train.stage2.OBJECTIVES maps each to its function)
+OBJECTIVE_NAMES = ("paper", "bounded")
 
 
 def to_dict(obj: Any) -> Any:
@@ -131,3 +160,36 @@ def write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
+
+
+@dataclass
+class TrainConfig:
+    """A downstream recommender's training budget (tokensel evaluate / headroom), identical for every
+    file and seed of one evaluation."""
+
+    epochs: int | None = None  # None: the recommender's default (Recommender.default_epochs)
+    batch_size: int = 128
+    lr: float | None = None  # None: the recommender's default (Recommender.default_lr)
+    negatives: int = 128  # paper: 128 sampled negatives
+    history: int = 10  # paper: maximum sequence length 10
+    temperature: float = 0.05
+    patience: int | None = 3  # stop after this many epochs without a better validation NDCG@10
+    layers: int = 2
+    heads: int = 4
+    dropout: float = 0.1
+    id_dim: int = 64  # sasrec-init: width of the ID table (PCA of the text embeddings)
+    pooling: str = "mean-specials"  # text-sim and sasrec-init item vectors: mean-specials | mean
+    center: bool = True  # hllm: subtract the catalogue mean from the frozen [ITEM] states (see HLLM)
+    item_tuning: str = "none"  # hllm: none (f frozen) | top (f's last block trains; CPU-affordable) | lora | full (a GPU setting)
+    item_lr: float = 1e-4  # hllm with item_tuning: learning rate of the item LLM
+    amp: str = "auto"  # bf16 autocast of the user model: auto (on CUDA) | bf16 | off
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise TokenselError(f"--pooling must be one of {', '.join(POOLINGS)} (got {self.pooling!r})")
+        if self.item_tuning not in ITEM_TUNINGS:
+            raise TokenselError(f"item tuning {self.item_tuning!r}: choose one of {', '.join(ITEM_TUNINGS)}, and anything but none only with --recommender hllm")
+
+
+POOLINGS = ("mean", "mean-specials")  # text-sim / sasrec-init item vectors
+ITEM_TUNINGS = ("none", "top", "lora", "full")  # hllm: how much of the item LLM trains with the user model

@@ -51,7 +51,7 @@ def evaluate_command(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print every epoch.")] = False,
 ) -> None:
     """Train the same downstream recommender on each texts file and compare: Recall/NDCG@5/10/50 on the test split."""
-    from tokensel.evaluate.recommenders import POOLINGS, RECOMMENDERS, TrainConfig
+    from tokensel.evaluate.recommenders import TrainConfig, names
     from tokensel.evaluate.runner import VectorCache, evaluate_detailed, results_table, write_results
     from tokensel.evaluate.stats import TESTS
 
@@ -61,10 +61,8 @@ def evaluate_command(
 
         torch.set_num_threads(threads)
     try:
-        if recommender not in RECOMMENDERS:
-            raise TokenselError(f"--recommender must be one of {', '.join(RECOMMENDERS)} (got {recommender!r})")
-        if pooling not in POOLINGS:
-            raise TokenselError(f"--pooling must be one of {', '.join(POOLINGS)} (got {pooling!r})")
+        if recommender not in names():
+            raise TokenselError(f"--recommender must be one of {', '.join(names())} (got {recommender!r})")
         if test not in TESTS:
             raise TokenselError(f"--test must be one of {', '.join(TESTS)} (got {test!r})")
         if seeds < 1 or (epochs is not None and epochs < 1):
@@ -95,7 +93,7 @@ def headroom_command(
     interactions: Annotated[Path, typer.Argument(help="Interactions Parquet: user id, item id, order column.")],
     ks: Annotated[str, typer.Option(help="Budgets, comma-separated.")] = "32,64",
     factor: Annotated[int, typer.Option(help="The long side is the first factor*k tokens (the paper's 4k).")] = 4,
-    recommender: Annotated[str, typer.Option(help="text-sim (training-free, minutes on a CPU) | hllm | sasrec-init")] = "text-sim",
+    recommender: Annotated[str, typer.Option(help="text-sim (training-free, the cheapest) | hllm | sasrec-init")] = "text-sim",
     seeds: Annotated[int, typer.Option(help="Training runs per file (text-sim is deterministic).")] = 1,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs for hllm / sasrec-init (default: evaluate's).")] = None,
     item_tuning: Annotated[str, typer.Option(help="hllm: none | top (f's last block trains; the README's downstream setting, runs on a CPU) | lora | full.")] = "none",

@@ -2,11 +2,9 @@
 
 A selection of k tokens differs from the first k in the text past k it uses and in what of the
 first k it leaves out. A cheap look at the first part: the same recommender on the first k tokens
-and on the first 4k, paired over users. It describes the data; it does not forecast a selection. On three layouts of
-amazon-scientific (RESULTS.md, "Headroom") the text-sim verdict matched what the selections did
-downstream in 4 of 6 layout-budget cases, and so did the retrained hllm's with one seed (the
-misses: categories first, room, and the selections lost; description first at k = 32, none
-measurable under hllm, and item-align beat first-k by 8%, level with first-4k). Only
+and on the first 4k, paired over users. It describes the data; it does not forecast a selection:
+a selection can use the text past k badly, or drop what mattered in the first k (RESULTS.md,
+"Headroom", has the layouts where the verdict and the selections disagreed). Only
 `tokensel evaluate` on a selection says whether it wins.
 
     from tokensel.evaluate.headroom import headroom

@@ -28,7 +28,7 @@ import torch
 
 from tokensel.device import pick_device, pick_dtype
 from tokensel.errors import TokenselError
-from tokensel.metrics import KS, per_user_metrics
+from tokensel.train.metrics import KS, per_user_metrics
 from tokensel.evaluate.recommenders import Recommender, TrainConfig, make_recommender
 from tokensel.evaluate.stats import paired_pvalues, paired_test_name
 from tokensel.io.interactions import DataCounts, first_users, read_histories
@@ -43,15 +43,17 @@ METRICS = tuple(f"{m}@{k}" for m in ("R", "N") for k in KS)  # R@5 R@10 R@50 N@5
 
 
 def protocol_note(test: str = "ttest", n_users: int | None = None, n_items: int | None = None, trained: bool = True) -> str:
-    """The caption of the results. A deterministic, untrained scorer (text-sim) has no epochs and no seeds to average."""
+    """How the numbers were made. `trained` False: a deterministic, untrained scorer (text-sim), which
+    has no epochs and gives the same result for every seed, so it runs once."""
     users = f"{n_users:,} users" if n_users is not None else "all users"
     items = f"all {n_items:,} items" if n_items is not None else "all items"
-    how = "best epoch on validation NDCG@10; " if trained else "untrained and deterministic (one run); "
-    over = " (averaged over seeds)" if trained else ""
     return (
         f"leave-one-out test over {users} (last interaction = test, the one before = validation); "
         f"full ranking over {items} with the user's history masked (a repeat of the target is not masked); "
-        f"percent; {how}p = paired {paired_test_name(test)} on per-user metrics{over} against the first file"
+        + ("percent; best epoch on validation NDCG@10; " if trained else "percent; untrained and deterministic: one pass, no epochs; ")
+        + f"p = paired {paired_test_name(test)} on per-user metrics"
+        + (" (averaged over seeds)" if trained else "")
+        + " against the first file"
     )
 
 
@@ -331,9 +333,10 @@ def results_table(ev: Evaluation, title: str | None = None):
     from rich.markup import escape
     from rich.table import Table
 
-    multi = len(ev.files[0].seeds) > 1 and not make_recommender(ev.recommender).deterministic
-    seeds = f", seeds {ev.files[0].seeds}" if not make_recommender(ev.recommender).deterministic else ""
-    t = Table(title=title or f"tokensel evaluate: {ev.recommender}{seeds}", caption=ev.protocol, caption_justify="left")
+    deterministic = make_recommender(ev.recommender).deterministic
+    multi = len(ev.files[0].seeds) > 1 and not deterministic
+    runs = "deterministic, one run" if deterministic else f"seeds {ev.files[0].seeds}"
+    t = Table(title=title or f"tokensel evaluate: {ev.recommender}, {runs}", caption=ev.protocol, caption_justify="left")
     t.add_column("texts", overflow="fold")
     for m in METRICS:
         t.add_column(m, justify="right")

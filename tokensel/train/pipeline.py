@@ -21,7 +21,7 @@ from tokensel.models.bundle import Bundle, BundleConfig
 from tokensel.models.head import PolicyHead
 from tokensel.train.common import Catalogue, embed_tokens
 from tokensel.train.stage1 import train_stage1
-from tokensel.train.stage2 import REWARDS, stage2_warnings, train_stage2
+from tokensel.train.stage2 import Reward, stage2_warnings, train_stage2
 
 
 def file_digest(path: Path) -> str:
@@ -38,18 +38,7 @@ def check_settings(item_cfg: ItemModelConfig | None, policy: PolicyConfig | None
         raise TokenselError(f"unknown item tuning {item_cfg.tuning!r}; choose none, top, lora or full")
     if item_cfg is not None and item_cfg.tuning == "top":
         check_top_tunable(item_cfg.base_model)
-    if policy is not None:
-        if policy.objective not in ("paper", "bounded"):
-            raise TokenselError(f"unknown stage-2 objective {policy.objective!r}; choose paper or bounded")
-        if policy.reward not in REWARDS:
-            raise TokenselError(f"unknown stage-2 reward {policy.reward!r}; choose {', '.join(REWARDS)}")
-        if policy.samples < 2:
-            raise TokenselError(f"stage 2 needs at least 2 samples per history (got {policy.samples})")
-        if policy.k < 1 or policy.train_chunk < 1 or policy.select_chunk < 1 or policy.prefix < 0:
-            raise TokenselError(
-                f"need k >= 1, chunks >= 1, prefix >= 0 (got k={policy.k}, train_chunk={policy.train_chunk}, "
-                f"select_chunk={policy.select_chunk}, prefix={policy.prefix})"
-            )
+    # PolicyConfig and Stage1Config validate themselves when built
 
 
 def train(
@@ -66,8 +55,12 @@ def train(
     columns: tuple[str, str, str] = ("user_id", "item_id", "timestamp"),
     device: str = "auto",
     log: Callable[[dict], None] = print,
+    reward: Reward | None = None,
 ) -> Bundle:
-    """Train a bundle. Stage 2 alone starts from the stage-1 bundle already at `out`."""
+    """Train a bundle. Stage 2 alone starts from the stage-1 bundle already at `out`.
+
+    `reward` replaces the paper's stage-2 reward (experiments: research/stage2_rewards.py); its name is
+    then logged in the bundle's config (logs.stage2.reward)."""
     out = Path(out)
     check_settings(item_cfg, policy)
     dev = pick_device(device)
@@ -121,7 +114,9 @@ def train(
         item, hidden = embed_tokens(llm, tokens, keep_hidden=True, desc="stage 2: embedding full texts")
         cat = Catalogue(tokens, item, hidden)
         head = PolicyHead(llm.hidden_size)
-        config.logs["stage2"] = train_stage2(llm, user, head, cat, hist, policy, stage1.temperature, log)
+        config.logs["stage2"] = train_stage2(llm, user, head, cat, hist, policy, stage1.temperature, log, reward)
+        if reward is not None:
+            config.logs["stage2"]["reward"] = reward.name
         config.logs["stage2"]["seconds_total"] = round(time.perf_counter() - t1, 1)
         config.logs["stage2"]["warnings"] = stage2_warnings(config.logs["stage2"])  # the CLI prints them
     bundle = Bundle(config, llm, user, head, out)  # path: where a merged LoRA adapter is found again

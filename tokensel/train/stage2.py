@@ -8,8 +8,8 @@ r = +1 if CE' <= CE'' else -1. Objectives on d = log P(I') - log P(I''):
     paper    maximise r * d                      (eq. 16, linear and unbounded)
     bounded  minimise -log sigmoid(beta * r * d)
 Tokens shared by both subsets cancel in d, so they get no gradient (Theorem 1).
-Other rewards (`reward`): credit and credit-both (one history item varied at a time), item, target,
-text-sim (the subset as the positive under the training-free text-sim scorer); see each function.
+The reward is the paper's (`history_rewards`); `train_stage2` takes another `Reward` so that
+experiments (research/stage2_rewards.py) can swap it without changing the product.
 """
 
 from __future__ import annotations
@@ -17,24 +17,37 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from scipy import stats
 
 from tokensel.config import PolicyConfig
-from tokensel.metrics import per_user_metrics, rank_users
-from tokensel.models.pooling import history_means, mean_pool_tokens
+from tokensel.train.metrics import per_user_metrics, rank_users
 from tokensel.io.interactions import Histories
 from tokensel.models.item_llm import ItemLLM
 from tokensel.models.user_model import UserModel, pad_histories
 from tokensel.models.head import PolicyHead
 from tokensel.select.rule import chunk_sums, select_mask
 from tokensel.train.common import Catalogue, embed_tokens, infonce, infonce_logits
-from tokensel.train.stage1 import validate
 
 
-REWARDS = ("history", "credit", "credit-both", "item", "target", "text-sim")
+def paper_objective(r: torch.Tensor, d: torch.Tensor, cfg: PolicyConfig) -> torch.Tensor:
+    """Eq. 16: r * d, linear and unbounded."""
+    return r * d
+
+
+def bounded_objective(r: torch.Tensor, d: torch.Tensor, cfg: PolicyConfig) -> torch.Tensor:
+    """log sigmoid(beta * r * d): the same sign, but a pair the head already orders well stops pulling."""
+    return F.logsigmoid(cfg.beta * r * d)
+
+
+# PolicyConfig.objective -> the per-pair term stage 2 maximises (reward sign r, log-probability gap d)
+OBJECTIVES: dict[str, Callable[[torch.Tensor, torch.Tensor, PolicyConfig], torch.Tensor]] = {
+    "paper": paper_objective,
+    "bounded": bounded_objective,
+}
 
 
 def pad_hidden(hidden: list[torch.Tensor], items: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,41 +101,6 @@ def evaluate_selection(llm: ItemLLM, user: UserModel, head: PolicyHead | None, c
 
 
 @torch.no_grad()
-def compressed_table(llm: ItemLLM, head: PolicyHead | None, cat: Catalogue, cfg: PolicyConfig) -> torch.Tensor:
-    """[N, d] item embeddings of the whole catalogue from its kept tokens (first-k when head is None)."""
-    table, _ = embed_tokens(llm, greedy_subsets(head, cat, list(range(len(cat.tokens))), cfg))
-    return table
-
-
-def evaluate_compressed(llm: ItemLLM, user: UserModel, head: PolicyHead | None, cat: Catalogue, hist: list[list[int]], tgt: list[int], cfg: PolicyConfig) -> dict[str, float]:
-    """Validation as downstream sees it: histories AND the ranked catalogue embedded from the kept tokens."""
-    return compressed_metrics(user, compressed_table(llm, head, cat, cfg).to(llm.device), hist, tgt, cfg.history)
-
-
-def compressed_metrics(user: UserModel, table: torch.Tensor, hist: list[list[int]], tgt: list[int], history: int) -> dict[str, float]:
-    """R@10 / N@10 of g over a given table of compressed item embeddings (histories and ranked catalogue)."""
-    m = validate(user, table, hist, tgt, history)
-    return {"R@10": m["R@10"], "N@10": m["N@10"]}
-
-
-@torch.no_grad()
-def textsim_table(llm: ItemLLM, head: PolicyHead | None, cat: Catalogue, cfg: PolicyConfig) -> torch.Tensor:
-    """[N, d] unit text-sim vectors (mean-pooled frozen f, specials included) of the kept tokens (first-k when head is None)."""
-    kept = greedy_subsets(head, cat, list(range(len(cat.tokens))), cfg)
-    return F.normalize(mean_pool_tokens(llm, kept, specials=True), dim=-1)
-
-
-def evaluate_textsim(llm: ItemLLM, user: UserModel, head: PolicyHead | None, cat: Catalogue, hist: list[list[int]], tgt: list[int], cfg: PolicyConfig) -> dict[str, float]:
-    """Validation by the training-free text-sim recommender over the compressed catalogue (g unused)."""
-    return textsim_metrics(textsim_table(llm, head, cat, cfg), hist, tgt, cfg.history)
-
-
-def textsim_metrics(table: torch.Tensor, hist: list[list[int]], tgt: list[int], history: int) -> dict[str, float]:
-    """Text-sim R@10 / N@10 over a given table of unit item vectors (users = mean of their last `history` rows)."""
-    m = per_user_metrics(rank_users(history_means(hist, table, history), table, tgt, hist))
-    return {"R@10": round(float(m["R@10"].mean()), 3), "N@10": round(float(m["N@10"].mean()), 3)}
-
-
 def sample_masks(scores: torch.Tensor, n: torch.Tensor, samples: int, cfg: PolicyConfig, gen: torch.Generator) -> torch.Tensor:
     """[S, O, L] keep masks: Gumbel-perturbed chunk scores through the selection rule = sampling without replacement."""
     O, C = scores.shape
@@ -142,13 +120,11 @@ def train_stage2(
     cfg: PolicyConfig,
     temperature: float,
     log: Callable[[dict], None] = print,
+    reward: Reward | None = None,
 ) -> dict:
-    if cfg.reward not in REWARDS:
-        raise ValueError(f"unknown reward {cfg.reward!r} ({', '.join(REWARDS)})")
-    if cfg.objective not in ("paper", "bounded"):
-        raise ValueError(f"unknown objective {cfg.objective!r} (paper, bounded)")
-    if cfg.samples < 2:
-        raise ValueError("stage 2 needs at least 2 samples per history")
+    """Train `head` in place (cfg is validated by PolicyConfig); returns the log of the run."""
+    reward = reward or PAPER_REWARD
+    objective_term = OBJECTIVES[cfg.objective]
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -172,18 +148,9 @@ def train_stage2(
     n_items = cat.item.shape[0]
     item_table = cat.item.to(dev)
     t0 = time.perf_counter()
-    # target and text-sim rank a sampled subset against a first-k catalogue, from histories embedded the
-    # same way (everything compressed, as downstream), and validate over the compressed catalogue
-    # (their first-k validation ranks over that reference table: the catalogue is embedded once)
-    if cfg.reward == "target":
-        ref_table, evaluate = compressed_table(llm, None, cat, cfg).to(dev), evaluate_compressed
-        first_k = compressed_metrics(user, ref_table, v_h, v_t, cfg.history)
-    elif cfg.reward == "text-sim":  # mean-pooled vectors; validation by text-sim itself
-        ref_table, evaluate = textsim_table(llm, None, cat, cfg).to(dev), evaluate_textsim
-        first_k = textsim_metrics(ref_table, v_h, v_t, cfg.history)
-    else:
-        ref_table, evaluate = None, evaluate_selection
-        first_k = evaluate(llm, user, None, cat, v_h, v_t, cfg)
+    ref_table = item_table if reward.table is None else reward.table(llm, cat, cfg).to(dev)
+    evaluate = reward.validate
+    first_k = evaluate(llm, user, None, cat, v_h, v_t, cfg)
     start = evaluate(llm, user, head, cat, v_h, v_t, cfg)
     log({"valid first-k": first_k, "valid policy (start)": start})
     steps = []
@@ -199,14 +166,7 @@ def train_stage2(
             B = len(batch)
             tgt = torch.tensor([t for _, t in batch], device=dev)
             negs = torch.randint(0, n_items, (cfg.negatives,), generator=gen).to(dev)
-            if cfg.reward == "target":
-                got = _target_rewards(llm, user, head, cat, batch, tgt, negs, ref_table, cfg, temperature, gen)
-            elif cfg.reward == "text-sim":
-                got = _textsim_rewards(llm, head, cat, batch, negs, ref_table, cfg, temperature, gen)
-            elif cfg.reward in ("credit", "credit-both"):
-                got = _credit_rewards(llm, user, head, cat, batch, tgt, negs, item_table, cfg, temperature, gen)
-            else:
-                got = _history_rewards(llm, user, head, cat, batch, tgt, negs, item_table, cfg, temperature, gen)
+            got = reward.losses(llm, user, head, cat, batch, tgt, negs, ref_table, cfg, temperature, gen)
             if got is None:
                 continue
             loss_of, units, ce = got
@@ -214,7 +174,7 @@ def train_stage2(
             for a, b in pairs:
                 r = torch.where(loss_of[a] <= loss_of[b], 1.0, -1.0)
                 d = units[a] - units[b]
-                obj_terms.append(r * d if cfg.objective == "paper" else F.logsigmoid(cfg.beta * r * d))
+                obj_terms.append(objective_term(r, d, cfg))
                 # the reward of the subset the policy itself prefers: +1 if the likelier one won
                 agree.append(((torch.sign(d.detach()) * r) > 0).float())
             objective = torch.stack(obj_terms).mean()
@@ -296,7 +256,7 @@ def _sample(head: PolicyHead, cat: Catalogue, items: list[int], S: int, cfg: Pol
     return masks, (logp[None] * masks[..., : logp.shape[1]]).sum(-1)
 
 
-def _history_rewards(llm, user, head, cat, batch, tgt, negs, item_table, cfg, temperature, gen):
+def history_rewards(llm, user, head, cat, batch, tgt, negs, item_table, cfg, temperature, gen):
     """The paper's reward (eqs. 13-15): subsets of every history item, CE of the user's next item (full
     text) against shared negatives. Returns (loss per sample and user, log P per sample and user, CE)."""
     dev, S, B = item_table.device, cfg.samples, len(batch)
@@ -304,7 +264,6 @@ def _history_rewards(llm, user, head, cat, batch, tgt, negs, item_table, cfg, te
     sel = [o for o, (_, i) in enumerate(occ) if len(cat.tokens[i]) > cfg.k]
     logp_hist = torch.zeros(S, B, device=dev)
     emb = item_table[[i for _, i in occ]][None].repeat(S, 1, 1)  # short items: full text = kept text
-    sims = None
     if sel:
         items = [occ[o][1] for o in sel]
         masks, lp = _sample(head, cat, items, S, cfg, gen)
@@ -312,8 +271,6 @@ def _history_rewards(llm, user, head, cat, batch, tgt, negs, item_table, cfg, te
         logp_hist = logp_hist.index_add(1, owner, lp)
         with torch.no_grad():
             emb[:, sel] = _embed_subsets(llm, cat, items, masks)
-        if cfg.reward == "item":  # item-level proxy: how close each subset's embedding stays to its full-text one
-            sims = F.cosine_similarity(emb[:, sel], item_table[items][None], dim=-1)  # [S, O]
     seqs, ptr = [], 0
     for h, _ in batch:
         seqs.append(list(range(ptr, ptr + len(h))))
@@ -325,116 +282,20 @@ def _history_rewards(llm, user, head, cat, batch, tgt, negs, item_table, cfg, te
             eu = user.user_embedding(hs, mask)
             ces.append(infonce(infonce_logits(eu, item_table[tgt], item_table[negs], temperature, tgt, negs)))
     ce = torch.stack(ces)  # [S, B]
-    if cfg.reward == "item":  # lower is better: the negated similarity to the full-text embedding
-        return None if sims is None else (-sims, lp, ce)
     return ce, logp_hist, ce
 
 
-def _credit_rewards(llm, user, head, cat, batch, tgt, negs, item_table, cfg, temperature, gen):
-    """Per-item credit: the paper's CE of the next item, but only ONE history item's subset varies
-    between the compared samples; every other history item keeps its full text. The pairs are
-    formed within each history occurrence, so a subset is judged by its own effect on the target,
-    not by the sum of every other item's draw (the whole-history reward's variance). `credit-both`
-    adds the subset's CE as the positive after the items before it (`as_target_ce`)."""
-    S = cfg.samples
-    occ = [(b, pos, i) for b, (h, _) in enumerate(batch) for pos, i in enumerate(h)]
-    occ = [o for o in occ if len(cat.tokens[o[2]]) > cfg.k]
-    if not occ:
-        return None
-    masks, lp = _sample(head, cat, [i for _, _, i in occ], S, cfg, gen)  # lp: [S, O]
-    with torch.no_grad():
-        emb = _embed_subsets(llm, cat, [i for _, _, i in occ], masks)  # [S, O, d]
-        ce = swapped_ce(user, item_table, emb, occ, batch, tgt, negs, temperature, cfg.history)
-        if cfg.reward == "credit-both":  # the subset also stands as the positive after the items before it
-            ce = ce + as_target_ce(user, item_table, emb, occ, batch, negs, temperature, cfg.history)
-    return ce, lp, ce
+@dataclass(frozen=True)
+class Reward:
+    """How stage 2 judges sampled subsets: `losses` gives (loss per sample and unit, the units' log P, CE)
+    or None for a batch with nothing to compare (lower loss wins the pair); `validate` the validation
+    metrics of a head (None: first-k); `table`, when set, the item table `losses` receives instead of
+    the full-text [ITEM] states."""
+
+    losses: Callable
+    validate: Callable = evaluate_selection
+    table: Callable | None = None
+    name: str = "history"
 
 
-@torch.no_grad()
-def swapped_ce(user, item_table, emb, occ, batch, tgt, negs, temperature, history) -> torch.Tensor:
-    """[S, O] CE of each user's next item (full text, shared negatives) when sample s of occurrence
-    o = (row in batch, position, item) stands in for that history item; every other item full text."""
-    S, O, _ = emb.shape
-    N = item_table.shape[0]
-    table = torch.cat([item_table, emb.reshape(S * O, -1)])  # row N + s*O + o = sample s of occurrence o
-    seqs, users = [], []
-    for s in range(S):
-        for o, (b, pos, _) in enumerate(occ):
-            h = list(batch[b][0])
-            h[pos] = N + s * O + o
-            seqs.append(h)
-            users.append(b)
-    ce = torch.empty(len(seqs), device=item_table.device)
-    for c in range(0, len(seqs), 1024):
-        hs, mask = pad_histories(seqs[c : c + 1024], table, history)
-        t = tgt[users[c : c + 1024]]
-        eu = user.user_embedding(hs, mask)
-        ce[c : c + 1024] = infonce(infonce_logits(eu, item_table[t], item_table[negs], temperature, t, negs))
-    return ce.reshape(S, O)
-
-
-@torch.no_grad()
-def as_target_ce(user, table, emb, occ, batch, negs, temperature, history) -> torch.Tensor:
-    """[S, O] CE of each sampled subset as the positive after the (full-text) items before it in its
-    history, against shared negatives: how recognisable the kept text leaves the item, the way a
-    compressed catalogue is ranked downstream. Occurrences at position 0 have no history: 0."""
-    S, O, _ = emb.shape
-    out = torch.zeros(S, O, device=emb.device)
-    has = [o for o, (_, pos, _) in enumerate(occ) if pos > 0]
-    if not has:
-        return out
-    hs, mask = pad_histories([batch[occ[o][0]][0][: occ[o][1]] for o in has], table, history)
-    eu = user.user_embedding(hs, mask)  # [H, d]
-    ids = torch.tensor([occ[o][2] for o in has], device=emb.device)
-    for s in range(S):
-        out[s, has] = infonce(infonce_logits(eu, emb[s, has], table[negs], temperature, ids, negs))
-    return out
-
-
-def _target_rewards(llm, user, head, cat, batch, tgt, negs, ref_table, cfg, temperature, gen):
-    """Target reward: subsets of the user's NEXT item, scored by the CE of that subset's embedding against
-    the user embedding and shared negatives, history and negatives embedded from their first-k tokens.
-    Credit goes to one item's choice, and both sides are compressed, as in the downstream recommender."""
-    pick = [b for b, (_, t) in enumerate(batch) if len(cat.tokens[t]) > cfg.k]
-    if not pick:
-        return None
-    items = [batch[b][1] for b in pick]
-    masks, lp = _sample(head, cat, items, cfg.samples, cfg, gen)
-    with torch.no_grad():
-        emb = _embed_subsets(llm, cat, items, masks)  # [S, P, d]
-        hs, mask = pad_histories([batch[b][0] for b in pick], ref_table, cfg.history)
-        eu = user.user_embedding(hs, mask)
-        t = tgt[pick]
-        ce = torch.stack([infonce(infonce_logits(eu, emb[si], ref_table[negs], temperature, t, negs)) for si in range(cfg.samples)])
-    return ce, lp, ce
-
-
-def _textsim_rewards(llm, head, cat, batch, negs, ref_table, cfg, temperature, gen):
-    """Text-sim reward: sampled subsets of every long item that follows at least one item in a training
-    sequence (history items and the next item) stand as the positive of the training-free text-sim
-    scorer: user = mean of the unit text-sim vectors of the (first-k) items before it, InfoNCE against
-    shared first-k negatives. f and g's [ITEM] readout are not involved: this is the representation
-    under which retrained recommenders and text-sim alike prefer first-k to random chunks, and a
-    subset's effect here is mostly the item's own (bench/reward_signal, `text-sim` side). Measured on
-    amazon-scientific: learned, yet below first-k once every item is compressed (RESULTS.md)."""
-    occ = [(b, pos, i) for b, (h, t) in enumerate(batch) for pos, i in enumerate(list(h) + [t])]
-    occ = [o for o in occ if o[1] > 0 and len(cat.tokens[o[2]]) > cfg.k]
-    if not occ:
-        return None
-    items = [i for _, _, i in occ]
-    masks, lp = _sample(head, cat, items, cfg.samples, cfg, gen)
-    with torch.no_grad():
-        seqs = [(list(batch[b][0]) + [batch[b][1]])[:pos] for b, pos, _ in occ]
-        pooled = mean_pool_tokens(llm, _subset_tokens(cat, items, masks), specials=True).to(ref_table.device)
-        ce = textsim_positive_ce(pooled.reshape(cfg.samples, len(items), -1), seqs, items, negs, ref_table, cfg.history, temperature)
-    return ce, lp, ce
-
-
-@torch.no_grad()
-def textsim_positive_ce(emb: torch.Tensor, seqs: list[list[int]], items: list[int], negs: torch.Tensor, ref_table: torch.Tensor, history: int, temperature: float) -> torch.Tensor:
-    """[S, O] InfoNCE CE of each subset vector emb[s, o] (mean-pooled) as the positive after seqs[o], the
-    items before it, text-sim style: the user is the unit mean of their last `history` rows of ref_table
-    (unit vectors), scores are cosines / temperature, shared negatives with the item itself masked."""
-    users = F.normalize(history_means(seqs, ref_table, history), dim=-1)  # [O, d]
-    ids = torch.tensor(items, device=ref_table.device)
-    return torch.stack([infonce(infonce_logits(users, e, ref_table[negs], temperature, ids, negs)) for e in emb])
+PAPER_REWARD = Reward(history_rewards)
