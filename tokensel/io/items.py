@@ -1,7 +1,8 @@
 """Read item texts from Parquet: validate the columns up front, then stream record batches.
 
-The text of an item is built HLLM style from the chosen columns: `title: ... description: ...`,
-with HTML entities decoded and empty fields skipped.
+The text of an item is its chosen columns' values joined by spaces (`A B`), or HLLM style with
+labels (`title: A description: B`) when TextConfig.labels is on; HTML entities are decoded and empty
+fields skipped.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The item LLM's last block as a trainable `[ITEM]` readout over cached lower-layer states.
 
-HLLM trains the whole item LLM; on a CPU that costs ~15 min per epoch of amazon-scientific even with
-LoRA, because every step runs f over every item it touches. Training only the LAST block is cheap if
+HLLM trains the whole item LLM; on a CPU that is slow even with LoRA, because every step runs f over
+every item it touches. Training only the LAST block is cheap if
 the blocks below stay frozen: their output depends only on the item's tokens, so it is computed once
 per file (`cache_block_inputs`), and a training step runs the last block for the `[ITEM]` position
 alone: keys and values over the item's cached states, then query, attention output and feed-forward

@@ -170,9 +170,9 @@ class ItemAlign(Policy):
     """TSPORec's scoring rule without its learned projections: info(t_i) = <h_i, h_[ITEM]> / sqrt(d).
 
     Why offer it: the `[ITEM]` state is what stage 1 trains to stand for the item, so this rule is
-    already informed by the recommendation task. On amazon-scientific laid out description first it
-    did as well as the stage-2 head at k = 32 and better at k = 64, for no stage-2 cost; laid out
-    title first it was below both first-k and the trained head (RESULTS.md). Measure before choosing."""
+    already informed by the recommendation task, for no stage-2 cost, and it is the start every
+    trained head is judged against. Whether it beats first-k depends on where the informative text
+    lies (RESULTS.md): measure before choosing."""
 
     name = "item-align"
 
