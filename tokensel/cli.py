@@ -113,7 +113,7 @@ def train(
     train_chunk: Annotated[int, typer.Option()] = 8,
     select_chunk: Annotated[int, typer.Option()] = 8,
     samples: Annotated[int, typer.Option(help="Sampled subsets per history (2 = the paper's pair).")] = 2,
-    objective: Annotated[str, typer.Option(help="paper | bounded")] = "bounded",
+    objective: Annotated[str, typer.Option(help="paper | bounded | e2e (through the recommender, train/e2e.py)")] = "bounded",
     reward: Annotated[str, typer.Option(help="history (paper: CE of the next item from sampled history subsets) | credit (the same CE, one history item varied at a time, the rest full text) | credit-both (credit plus the subset as the positive after the items before it) | item (subset close to the full-text embedding) | target (sampled subsets of the next item, everything compressed) | text-sim (subsets as the positive of the training-free text-sim scorer)")] = "history",
     negatives: Annotated[int, typer.Option()] = 128,
     history: Annotated[int, typer.Option()] = 10,

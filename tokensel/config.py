@@ -79,12 +79,18 @@ class PolicyConfig:
     history: int = 10
     batch_size: int = 32
     samples: int = 2  # subsets per history; 2 is the paper's pair, more gives rank-based rewards
-    objective: str = "bounded"  # paper | bounded
+    objective: str = "bounded"  # paper | bounded | e2e (train/e2e.py: through the recommender's InfoNCE)
     reward: str = "history"  # history: the paper's CE of the next item | credit: the same CE, one history item's subset varied at a time | credit-both: credit + the subset as the positive after the items before it | item: subset stays close to the full-text embedding | target: subsets of the next item, everything compressed | text-sim: subsets as the positive under text-sim
     beta: float = 1.0
     seed: int = 0
     max_users: int | None = None
     valid_users: int | None = None  # validation users checked after each epoch (None: all)
+    # objective e2e only (train/e2e.py)
+    masked_side: str = "both"  # both | history | target: which items are embedded from their kept tokens
+    sigma: float = 0.5  # perturbed top-k noise, relative to each item's chunk-score spread
+    perturb_samples: int = 32  # rule evaluations per backward pass (antithetic pairs)
+    prior_lr: float = 0.01  # learning rate of the head's token position prior
+    model_lr: float = 1e-4  # learning rate of the surrogate user model and item readout
 
 
 def to_dict(obj: Any) -> Any:

@@ -20,6 +20,7 @@ from tokensel.models.user_model import UserModel
 from tokensel.models.bundle import Bundle, BundleConfig
 from tokensel.models.head import PolicyHead
 from tokensel.train.common import Catalogue, embed_tokens
+from tokensel.train.e2e import OBJECTIVE as E2E, check_e2e, train_e2e
 from tokensel.train.stage1 import train_stage1
 from tokensel.train.stage2 import REWARDS, stage2_warnings, train_stage2
 
@@ -39,8 +40,10 @@ def check_settings(item_cfg: ItemModelConfig | None, policy: PolicyConfig | None
     if item_cfg is not None and item_cfg.tuning == "top":
         check_top_tunable(item_cfg.base_model)
     if policy is not None:
-        if policy.objective not in ("paper", "bounded"):
-            raise TokenselError(f"unknown stage-2 objective {policy.objective!r}; choose paper or bounded")
+        if policy.objective not in ("paper", "bounded", E2E):
+            raise TokenselError(f"unknown stage-2 objective {policy.objective!r}; choose paper, bounded or {E2E}")
+        if policy.objective == E2E:
+            check_e2e(policy)
         if policy.reward not in REWARDS:
             raise TokenselError(f"unknown stage-2 reward {policy.reward!r}; choose {', '.join(REWARDS)}")
         if policy.samples < 2:
@@ -118,10 +121,13 @@ def train(
         policy = policy or PolicyConfig()
         config.policy = policy
         t1 = time.perf_counter()
-        item, hidden = embed_tokens(llm, tokens, keep_hidden=True, desc="stage 2: embedding full texts")
-        cat = Catalogue(tokens, item, hidden)
         head = PolicyHead(llm.hidden_size)
-        config.logs["stage2"] = train_stage2(llm, user, head, cat, hist, policy, stage1.temperature, log)
+        if policy.objective == E2E:
+            config.logs["stage2"] = train_e2e(llm, user, head, tokens, hist, policy, stage1.temperature, log)
+        else:
+            item, hidden = embed_tokens(llm, tokens, keep_hidden=True, desc="stage 2: embedding full texts")
+            cat = Catalogue(tokens, item, hidden)
+            config.logs["stage2"] = train_stage2(llm, user, head, cat, hist, policy, stage1.temperature, log)
         config.logs["stage2"]["seconds_total"] = round(time.perf_counter() - t1, 1)
         config.logs["stage2"]["warnings"] = stage2_warnings(config.logs["stage2"])  # the CLI prints them
     bundle = Bundle(config, llm, user, head, out)  # path: where a merged LoRA adapter is found again
