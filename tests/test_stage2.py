@@ -105,10 +105,12 @@ def test_policy_config_keeps_only_the_papers_reward_and_old_bundle_configs_still
 
 
 def test_every_objective_name_maps_to_a_term_that_rewards_the_right_sign():
-    """Each accepted objective name has its function, and each grows when the likelier subset won (r = +1)."""
+    """Each accepted objective name has its function (the pairwise ones here, e2e in train/e2e.py), and each
+    pairwise term grows when the likelier subset won (r = +1)."""
     from tokensel.config import OBJECTIVE_NAMES, PolicyConfig
+    from tokensel.train import e2e
 
-    assert set(stage2.OBJECTIVES) == set(OBJECTIVE_NAMES)
+    assert set(stage2.OBJECTIVES) | {e2e.OBJECTIVE} == set(OBJECTIVE_NAMES)
     d = torch.tensor([0.5])
     for name, term in stage2.OBJECTIVES.items():
         cfg = PolicyConfig(objective=name)

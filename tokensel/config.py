@@ -114,12 +114,18 @@ class PolicyConfig:
     history: int = 10
     batch_size: int = 32
     samples: int = 2  # subsets per history; 2 is the paper's pair, more gives rank-based rewards
-    objective: str = "bounded"  # paper | bounded
+    objective: str = "bounded"  # paper | bounded | e2e (train/e2e.py: through the recommender's InfoNCE)
     reward: str = "history"  # the paper's: CE of the next item from sampled history subsets (the only one in the product; research/stage2_rewards.py holds the variants that lost)
     beta: float = 1.0
     seed: int = 0
     max_users: int | None = None
     valid_users: int | None = None  # validation users checked after each epoch (None: all)
+    # objective e2e only (train/e2e.py)
+    masked_side: str = "both"  # both | history | target: which items are embedded from their kept tokens
+    sigma: float = 0.5  # perturbed top-k noise, relative to each item's chunk-score spread
+    perturb_samples: int = 32  # rule evaluations per backward pass (antithetic pairs)
+    prior_lr: float = 0.01  # learning rate of the head's token position prior
+    model_lr: float = 1e-4  # learning rate of the surrogate user model and item readout
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVE_NAMES:
@@ -141,7 +147,7 @@ class PolicyConfig:
 
 
 # the names stage 2 accepts (tokensel.train.stage2.OBJECTIVES maps each to its function)
-OBJECTIVE_NAMES = ("paper", "bounded")
+OBJECTIVE_NAMES = ("paper", "bounded", "e2e")  # e2e: through the recommender (train/e2e.py)
 
 
 def to_dict(obj: Any) -> Any:

@@ -138,7 +138,11 @@ class Bundle:
             save_file({k: v.detach().cpu().contiguous() for k, v in self.user_model.state_dict().items()}, path / "user_model.safetensors")
         if self.policy is not None:
             save_file(
-                {"w_q": self.policy.w_q.weight.detach().float().cpu().contiguous(), "w_k": self.policy.w_k.weight.detach().float().cpu().contiguous()},
+                {
+                    "w_q": self.policy.w_q.weight.detach().float().cpu().contiguous(),
+                    "w_k": self.policy.w_k.weight.detach().float().cpu().contiguous(),
+                    "pos_prior": self.policy.pos_prior.detach().float().cpu().contiguous(),
+                },
                 path / "policy.safetensors",
             )
         write_json(path / "config.json", self.config.to_json())
@@ -197,6 +201,9 @@ class Bundle:
                 raise TokenselError(f"{path}: policy weights are {tuple(w['w_q'].shape)}, model hidden size is {llm.hidden_size}")
             policy.w_q.weight.data.copy_(w["w_q"])
             policy.w_k.weight.data.copy_(w["w_k"])
+            if "pos_prior" in w:  # heads saved before the position prior existed keep it at zero
+                n = min(w["pos_prior"].shape[0], policy.pos_prior.shape[0])
+                policy.pos_prior.data[:n].copy_(w["pos_prior"][:n])
             policy.to(device).eval()
         return cls(config, llm, user, policy, path)
 

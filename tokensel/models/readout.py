@@ -127,8 +127,12 @@ class ItemReadout(nn.Module):
         for p in self.block.parameters():
             p.requires_grad_(True)
 
-    def forward(self, states: torch.Tensor, mask: torch.Tensor, item_pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, states: torch.Tensor, mask: torch.Tensor, item_pos: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """[B, W, d] block inputs, [B, W] key mask, [B] [ITEM] columns -> [B, d] final [ITEM] states.
+
+        `weights` [B, W] (optional): a keep mask on the `[ITEM]` query's attention, applied
+        multiplicatively and renormalised. With 0/1 weights it is exactly -inf masking of the dropped
+        positions, and it still gives every position's weight a gradient (the end-to-end stage 2).
 
         With one query, attention needs no keys or values per position: q.(Wk h + bk) = (Wk^T q).h + const
         (the constant cancels in the softmax) and sum_w p_w (Wv h_w + bv) = Wv (sum_w p_w h_w) + bv sum_w p_w.
@@ -143,7 +147,11 @@ class ItemReadout(nn.Module):
         q_state = torch.einsum("bhe,hed->bhd", q, att.key.weight.view(heads, dh, d))  # [B, H, d]
         scores = torch.einsum("bhd,bwd->bhw", q_state, states) * (dh**-0.5)
         scores = scores.masked_fill(~mask[:, None, :], -torch.inf)
-        probs = att.dropout(scores.softmax(-1))  # [B, H, W]
+        probs = scores.softmax(-1)
+        if weights is not None:
+            probs = probs * weights[:, None, :].to(probs.dtype)
+            probs = probs / probs.sum(-1, keepdim=True).clamp(min=1e-12)
+        probs = att.dropout(probs)  # [B, H, W]
         mixed = torch.einsum("bhw,bwd->bhd", probs, states)  # [B, H, d]
         ctx = torch.einsum("bhd,hed->bhe", mixed, att.value.weight.view(heads, dh, d))
         ctx = ctx + probs.sum(-1, keepdim=True) * att.value.bias.view(heads, dh)

@@ -20,6 +20,7 @@ from tokensel.models.user_model import UserModel
 from tokensel.models.bundle import Bundle, BundleConfig
 from tokensel.models.head import PolicyHead
 from tokensel.train.common import Catalogue, embed_tokens
+from tokensel.train.e2e import OBJECTIVE as E2E, check_e2e, train_e2e
 from tokensel.train.stage1 import train_stage1
 from tokensel.train.stage2 import Reward, stage2_warnings, train_stage2
 
@@ -39,6 +40,8 @@ def check_settings(item_cfg: ItemModelConfig | None, policy: PolicyConfig | None
     if item_cfg is not None and item_cfg.tuning == "top":
         check_top_tunable(item_cfg.base_model)
     # PolicyConfig and Stage1Config validate themselves when built
+    if policy is not None and policy.objective == E2E:
+        check_e2e(policy)
 
 
 def train(
@@ -111,12 +114,15 @@ def train(
         policy = policy or PolicyConfig()
         config.policy = policy
         t1 = time.perf_counter()
-        item, hidden = embed_tokens(llm, tokens, keep_hidden=True, desc="stage 2: embedding full texts")
-        cat = Catalogue(tokens, item, hidden)
         head = PolicyHead(llm.hidden_size)
-        config.logs["stage2"] = train_stage2(llm, user, head, cat, hist, policy, stage1.temperature, log, reward)
-        if reward is not None:
-            config.logs["stage2"]["reward"] = reward.name
+        if policy.objective == E2E:
+            config.logs["stage2"] = train_e2e(llm, user, head, tokens, hist, policy, stage1.temperature, log)
+        else:
+            item, hidden = embed_tokens(llm, tokens, keep_hidden=True, desc="stage 2: embedding full texts")
+            cat = Catalogue(tokens, item, hidden)
+            config.logs["stage2"] = train_stage2(llm, user, head, cat, hist, policy, stage1.temperature, log, reward)
+            if reward is not None:
+                config.logs["stage2"]["reward"] = reward.name
         config.logs["stage2"]["seconds_total"] = round(time.perf_counter() - t1, 1)
         config.logs["stage2"]["warnings"] = stage2_warnings(config.logs["stage2"])  # the CLI prints them
     bundle = Bundle(config, llm, user, head, out)  # path: where a merged LoRA adapter is found again

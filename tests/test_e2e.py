@@ -1,0 +1,157 @@
+"""End-to-end stage 2: the hard mask is the selection rule, the relaxed gradient is right, training moves the head."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tokensel.config import PolicyConfig, TextConfig
+from tokensel.errors import TokenselError
+from tokensel.io.interactions import read_histories
+from tokensel.io.items import read_items
+from tokensel.models.head import PolicyHead
+from tokensel.models.item_llm import ItemLLM
+from tokensel.models.readout import ItemReadout
+from tokensel.models.user_model import UserModel
+from tokensel.config import UserModelConfig
+from tokensel.select.rule import select_mask, select_positions_reference
+from tokensel.train import e2e
+from tokensel.train.pipeline import check_settings
+
+
+def _apply(scores, n, k, prefix, chunk, width, sigma=0.5, samples=8):
+    gen = torch.Generator().manual_seed(0)
+    s = scores.clone().requires_grad_(True)
+    return e2e.PerturbedMask.apply(s, n, torch.full((len(n),), sigma), k, prefix, chunk, width, samples, gen), s
+
+
+@pytest.mark.parametrize("k,prefix,chunk", [(8, 2, 3), (5, 0, 4), (16, 4, 2), (3, 6, 3)])
+def test_training_mask_is_the_selection_rule(k, prefix, chunk):
+    """Ties (integer scores), a short last chunk (n not a multiple of chunk), n <= k, prefix > k."""
+    g = torch.Generator().manual_seed(1)
+    n = torch.tensor([2, k, k + 1, 13, 17, 30, 31])
+    width = int(n.max())
+    C = math.ceil((width - min(prefix, k)) / chunk)
+    scores = torch.randint(0, 3, (len(n), C), generator=g).float()  # many ties
+    mask, _ = _apply(scores, n, k, prefix, chunk, width)
+    want = select_mask(scores, n, k=k, prefix=prefix, chunk=chunk, width=width)
+    assert torch.equal(mask.bool(), want)
+    for r, nr in enumerate(n.tolist()):
+        ref = select_positions_reference(scores[r].tolist(), nr, k=k, prefix=prefix, chunk=chunk)
+        assert mask[r].nonzero().flatten().tolist() == ref
+
+
+def test_perturbed_gradient_matches_the_smoothed_rule():
+    """Two chunks of 2 tokens, k = 2: the first is kept with probability Phi((s0 - s1) / (sigma sqrt 2)),
+    so d/ds0 of E[<g, mask>] with g = 1 on the first chunk's tokens is known in closed form; the
+    estimator must match it and a finite difference of a Monte-Carlo smoothed rule."""
+    sigma, s0, s1 = 0.7, 0.3, 0.0
+    scores = torch.tensor([[s0, s1]])
+    n = torch.tensor([4])
+    g = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    gen = torch.Generator().manual_seed(0)
+    s = scores.clone().requires_grad_(True)
+    mask = e2e.PerturbedMask.apply(s, n, torch.tensor([sigma]), 2, 0, 2, 4, 200_000, gen)
+    assert torch.equal(mask, torch.tensor([[1.0, 1.0, 0.0, 0.0]]))
+    (mask * g).sum().backward()
+    z = (s0 - s1) / (sigma * math.sqrt(2))
+    exact = 2 * math.exp(-z * z / 2) / math.sqrt(2 * math.pi) / (sigma * math.sqrt(2))
+    assert s.grad[0, 0].item() == pytest.approx(exact, rel=0.03)
+    assert s.grad[0, 1].item() == pytest.approx(-exact, rel=0.03)
+
+    # finite difference of the smoothed rule itself (common random numbers), no formula involved
+    noise = torch.randn(400_000, 1, 2, generator=torch.Generator().manual_seed(3))
+
+    def smoothed(a: float) -> float:
+        m = select_mask((torch.tensor([[a, s1]]) + sigma * noise).reshape(-1, 2), n.repeat(len(noise)), k=2, prefix=0, chunk=2, width=4)
+        return (m.float() * g).sum(-1).mean().item()
+
+    h = 0.05
+    fd = (smoothed(s0 + h) - smoothed(s0 - h)) / (2 * h)
+    assert s.grad[0, 0].item() == pytest.approx(fd, rel=0.05)
+
+
+def test_no_gradient_where_the_rule_does_not_depend_on_scores():
+    """Items with n <= k keep everything whatever the scores: their chunk scores get exactly 0."""
+    scores = torch.randn(2, 4)
+    n = torch.tensor([6, 20])
+    mask, s = _apply(scores, n, 8, 2, 4, 20, samples=16)
+    (mask * torch.randn(2, 20)).sum().backward()
+    assert torch.all(s.grad[0] == 0) and s.grad[1].abs().sum() > 0
+
+
+def test_readout_weights_equal_hard_masking():
+    """0/1 weights on the [ITEM] attention give the same vector as removing those keys from the mask."""
+    torch.manual_seed(0)
+    from transformers import BertConfig, BertModel
+
+    class Tiny:  # only what ItemReadout needs from an ItemLLM
+        pass
+
+    model = BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0))
+    llm = Tiny()
+    llm.model, llm.name = model, "tiny"
+    readout = ItemReadout(llm).eval()
+    states, key = torch.randn(3, 9, 16), torch.ones(3, 9, dtype=torch.bool)
+    key[2, 7:] = False
+    item_pos = torch.tensor([8, 8, 6])
+    w = (torch.rand(3, 9) > 0.4).float()
+    w[torch.arange(3), item_pos] = 1.0
+    got = readout(states, key, item_pos, w)
+    want = readout(states, key & w.bool(), item_pos)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    wg = w.clone().requires_grad_(True)
+    (readout(states, key, item_pos, wg) * torch.randn(3, 16)).sum().backward()  # (a plain sum of a LayerNorm output is constant)
+    assert wg.grad[0][w[0] == 0].abs().sum() > 0  # dropped positions still get a gradient
+
+
+def test_position_prior_is_zero_and_saved(tmp_path):
+    head = PolicyHead(8)
+    h, item = torch.randn(2, 10, 8), torch.randn(2, 8)
+    base = (head.w_q(h) * head.w_k(item)[:, None]).sum(-1) / math.sqrt(8)
+    assert torch.equal(head.info(h, item), base)  # zero prior: item-align exactly
+    torch.testing.assert_close(head.info_folded(h, item), base, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        head.pos_prior[:5] = 10.0
+    logp = head.log_probs(h, item, torch.tensor([10, 10]), prefix=0)
+    assert torch.all(logp[:, :5].exp().sum(1) > 0.99)  # a strong prior makes first positions win
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_bert, items_path, interactions_path):
+    llm = ItemLLM.from_pretrained(tiny_bert)
+    ids, texts = read_items(items_path, TextConfig())
+    tokens = llm.tokenize(texts, 64)
+    hist = read_histories(interactions_path, {i: n for n, i in enumerate(ids)}, "user_id", "item_id", "timestamp")
+    return llm, tokens, hist
+
+
+def test_a_training_step_changes_the_head_and_nothing_else(setup):
+    llm, tokens, hist = setup
+    cfg = PolicyConfig(objective="e2e", k=8, prefix=2, train_chunk=2, epochs=1, batch_size=16, negatives=16, valid_users=20, lr=1e-2, prior_lr=0.1)
+    user = UserModel(llm.hidden_size, UserModelConfig())
+    before_user = {k: v.clone() for k, v in user.state_dict().items()}
+    before_f = {k: v.clone() for k, v in llm.model.state_dict().items()}
+    head = PolicyHead(llm.hidden_size)
+    logs = []
+    out = e2e.train_e2e(llm, user, head, tokens, hist, cfg, 0.05, logs.append)
+    assert not torch.equal(head.w_q.weight, torch.eye(llm.hidden_size))
+    assert head.pos_prior.detach().abs().sum() > 0
+    assert all(torch.equal(v, before_user[k]) for k, v in user.state_dict().items())  # surrogate copies trained
+    assert all(torch.equal(v, before_f[k]) for k, v in llm.model.state_dict().items())
+    ep = out["epochs"]
+    assert [e["epoch"] for e in ep] == [0, 1]
+    assert set(ep[1]) >= {"policy", "identity", "first_k", "loss", "seconds"}
+    assert ep[0]["policy"] == ep[0]["identity"]  # the start is the identity head
+
+
+def test_e2e_is_selectable_and_validated():
+    check_settings(None, PolicyConfig(objective="e2e"))
+    with pytest.raises(TokenselError, match="masked side"):
+        check_settings(None, PolicyConfig(objective="e2e", masked_side="neither"))
+    with pytest.raises(TokenselError, match="sigma"):
+        check_settings(None, PolicyConfig(objective="e2e", sigma=0.0))
+    with pytest.raises(TokenselError, match="objective"):
+        check_settings(None, PolicyConfig(objective="e3e"))

@@ -1,0 +1,315 @@
+"""End-to-end stage 2 (`objective="e2e"`): the policy head learns from the recommendation loss itself.
+
+The pairwise reward of `stage2.py` compares two sampled subsets with frozen models; its sign carries
+almost no item-level signal. Here the head's selection acts inside the recommender it serves and the
+InfoNCE loss of that recommender trains the head, the user model and the item readout together:
+
+- Selection: the head scores tokens against the `[ITEM]` state (W_Q, W_K and a position prior), chunk
+  scores are sums of log p as in the `policy` strategy, and the forward pass keeps exactly the tokens
+  `select_mask` keeps (prefix always, budget k, ties to the earlier chunk, short last chunk cut).
+- Relaxation: perturbed top-k (Berthet et al. 2020) with a hard forward. The backward pass returns
+  E_Z[<dL/dmask, mask(s + sigma Z)> Z] / sigma, the gradient of the Gaussian-smoothed mask,
+  estimated with antithetic samples of the same rule. Chosen over Gumbel / soft top-k because it
+  needs no second relaxed definition of the rule (short chunks, prefix and ties are handled by
+  `select_mask` itself), and its samples are cheap: only the rule runs per sample, not the model.
+  sigma is relative to each item's chunk-score spread, so it means the same as the head's scale moves.
+- Where the mask acts: the top readout (`ItemReadout`: f's last block at `[ITEM]` over cached
+  lower-layer states). Dropped tokens get weight 0 in the `[ITEM]` query's attention (renormalised),
+  i.e. -inf masking, while the weight still receives a gradient. Approximation: lower layers saw the
+  full text, at inference they see only the kept tokens (measured in research/e2e_approx.py).
+- Masked side (`masked_side`): `both` by default (history items, the target and the sampled
+  negatives), because downstream every item, the ranked catalogue included, is embedded from its
+  compressed text; `history` or `target` mask one side only and embed the other from full text.
+- Start: the identity head with a zero prior is `item-align`, so each epoch's validation reports the
+  trained head, the identity head and first-k under the same (jointly trained) user model and readout.
+
+Only the head is kept: the user model and readout trained here are surrogates (downstream retrains
+its own recommender on the compressed texts), so the bundle's stage-1 models are left untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tokensel.config import PolicyConfig
+from tokensel.errors import TokenselError
+from tokensel.io.interactions import Histories
+from tokensel.models.batching import length_buckets
+from tokensel.models.head import PolicyHead
+from tokensel.models.item_llm import ItemLLM
+from tokensel.models.readout import BlockInputs, ItemReadout, last_block
+from tokensel.models.user_model import UserModel, pad_histories
+from tokensel.select.rule import chunk_sums, select_mask
+from tokensel.train.common import infonce, infonce_logits
+from tokensel.train.stage1 import validate
+
+OBJECTIVE = "e2e"
+MASKED_SIDES = ("both", "history", "target")
+
+
+def check_e2e(cfg: PolicyConfig) -> None:
+    """Refuse bad end-to-end settings as user errors, before anything is loaded."""
+    if cfg.masked_side not in MASKED_SIDES:
+        raise TokenselError(f"unknown masked side {cfg.masked_side!r}; choose {', '.join(MASKED_SIDES)}")
+    if not cfg.sigma > 0:
+        raise TokenselError(f"the e2e objective needs sigma > 0 (got {cfg.sigma})")
+    if cfg.perturb_samples < 2:
+        raise TokenselError(f"the e2e objective needs at least 2 perturbation samples (got {cfg.perturb_samples})")
+
+
+# ----------------------------------------------------------------------------------------- relaxation
+class PerturbedMask(torch.autograd.Function):
+    """Hard keep mask from `select_mask` forward; perturbed-optimizer gradient backward.
+
+    apply(scores [B, C], n [B], sigma [B], k, prefix, chunk, width, samples, generator) -> [B, width]
+    float 0/1 mask. The backward pass estimates d/ds E_Z[<g, mask(s + sigma Z)>] with Z ~ N(0, I):
+    E[<g, mask(s + sigma Z)> Z] / sigma, antithetic (Z, -Z) pairs, the per-item mean of <g, mask>
+    subtracted as a baseline (E[Z] = 0, so the expectation is unchanged).
+    """
+
+    @staticmethod
+    def forward(ctx, scores, n, sigma, k, prefix, chunk, width, samples, generator):
+        mask = select_mask(scores.detach(), n, k=k, prefix=prefix, chunk=chunk, width=width)
+        ctx.save_for_backward(scores.detach(), n, sigma)
+        ctx.rule = (k, prefix, chunk, width, samples, generator)
+        return mask.to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        scores, n, sigma = ctx.saved_tensors
+        k, prefix, chunk, width, samples, generator = ctx.rule
+        B, C = scores.shape
+        half = max(1, samples // 2)
+        z = torch.randn(half, B, C, generator=generator).to(scores.device)
+        z = torch.cat([z, -z])
+        M = z.shape[0]
+        pert = (scores[None] + sigma[None, :, None] * z).reshape(M * B, C)
+        masks = select_mask(pert, n.repeat(M), k=k, prefix=prefix, chunk=chunk, width=width).reshape(M, B, width)
+        f = (masks.to(grad.dtype) * grad[None]).sum(-1)  # [M, B]
+        f = f - f.mean(0, keepdim=True)
+        g = (f[..., None] * z).mean(0) / sigma[:, None].clamp(min=1e-12)
+        return g, None, None, None, None, None, None, None, None
+
+
+def relative_sigma(scores: torch.Tensor, n_chunks_valid: torch.Tensor, sigma: float) -> torch.Tensor:
+    """[B] noise scale: sigma times the std of each item's real chunk scores (1 where undefined)."""
+    C = scores.shape[1]
+    valid = torch.arange(C, device=scores.device)[None] < n_chunks_valid[:, None]
+    s = scores.detach().masked_fill(~valid, 0.0)
+    cnt = valid.sum(1).clamp(min=1)
+    mean = s.sum(1) / cnt
+    var = ((s - mean[:, None]) ** 2).masked_fill(~valid, 0.0).sum(1) / cnt
+    std = var.sqrt()
+    return sigma * torch.where(std > 0, std, torch.ones_like(std))
+
+
+# ----------------------------------------------------------------------------------------- data
+@dataclass
+class E2EData:
+    """Per item: tokens, the cached inputs of f's last block, final-layer text states and [ITEM] states."""
+
+    tokens: list[list[int]]
+    cache: BlockInputs
+    hidden: list[torch.Tensor]  # [n_i, d] fp16, what the head scores (as at inference)
+    item: torch.Tensor  # [N, d] final [ITEM] states of the full text
+    offset: int  # cache column of each item's first text token
+
+
+@torch.inference_mode()
+def prepare(llm: ItemLLM, tokens: list[list[int]], batch_tokens: int = 16384, max_batch: int = 128) -> E2EData:
+    """One frozen forward over the catalogue: the last block's inputs (for the readout) and the final
+    states (for the head) from the same pass."""
+    last_block(llm)
+    ids, mask, off = llm.build_inputs(tokens)
+    N, W = ids.shape
+    d = llm.hidden_size
+    states = torch.zeros(N, W, d)
+    item = torch.zeros(N, d)
+    hidden: list = [None] * N
+    llm.model.eval()
+    for group in length_buckets([len(t) for t in tokens], max_batch, batch_tokens):
+        w = off + max(len(tokens[i]) for i in group) + 1
+        out = llm.model(input_ids=ids[group, :w].to(llm.device), attention_mask=mask[group, :w].to(llm.device), output_hidden_states=True)
+        states[group, :w] = out.hidden_states[-2].float().cpu()
+        top = out.hidden_states[-1].float().cpu()
+        for j, i in enumerate(group):
+            n = len(tokens[i])
+            hidden[i] = top[j, off : off + n].to(torch.float16).clone()
+            item[i] = top[j, off + n]
+    item_pos = torch.tensor([off + len(t) for t in tokens], dtype=torch.long)
+    return E2EData(tokens, BlockInputs(states, mask.bool(), item_pos), hidden, item, off)
+
+
+def pad_states(data: E2EData, items: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, L, d] float final-layer text states of these items (zeros past each end), [B] lengths."""
+    n = torch.tensor([len(data.tokens[i]) for i in items], dtype=torch.long)
+    out = torch.zeros(len(items), max(int(n.max()) if len(items) else 0, 1), data.item.shape[1])
+    for r, i in enumerate(items):
+        out[r, : n[r]] = data.hidden[i].float()
+    return out, n
+
+
+# ----------------------------------------------------------------------------------------- selection
+def chunk_scores(head: PolicyHead, data: E2EData, items: list[int], cfg: PolicyConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, C] chunk scores (sum of log p, as the `policy` strategy) and [B] token counts."""
+    h, n = pad_states(data, items)
+    logp = head.log_probs(h, data.item[items], n, cfg.prefix, folded=True)
+    return chunk_sums(logp, cfg.prefix, cfg.train_chunk), n
+
+
+def keep_mask(head: PolicyHead | None, data: E2EData, items: list[int], cfg: PolicyConfig, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, L] keep mask over the items' text tokens at budget k, [B] lengths. head None: first-k.
+    With a generator the mask carries the perturbed-top-k gradient to the head; without, it is the
+    plain rule (validation)."""
+    if head is None:
+        n = torch.tensor([len(data.tokens[i]) for i in items], dtype=torch.long)
+        width = max(int(n.max()), 1)
+        zeros = torch.zeros(len(items), max(1, -(-(width - cfg.prefix) // cfg.train_chunk)))
+        return select_mask(zeros, n, k=cfg.k, prefix=cfg.prefix, chunk=cfg.train_chunk, width=width).float(), n
+    scores, n = chunk_scores(head, data, items, cfg)
+    width = max(int(n.max()), 1)
+    if generator is None:
+        return select_mask(scores.detach(), n, k=cfg.k, prefix=cfg.prefix, chunk=cfg.train_chunk, width=width).float(), n
+    p = min(cfg.prefix, cfg.k)
+    real = (n - p).clamp(min=0).add(cfg.train_chunk - 1).div(cfg.train_chunk, rounding_mode="floor")
+    sigma = relative_sigma(scores, real, cfg.sigma)
+    mask = PerturbedMask.apply(scores, n, sigma, cfg.k, cfg.prefix, cfg.train_chunk, width, cfg.perturb_samples, generator)
+    return mask, n
+
+
+def readout_weights(data: E2EData, items: list[int], token_mask: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """[B, W] attention weights over the cache columns: 1 for the lead and `[ITEM]`, the keep mask on text."""
+    idx = torch.as_tensor(items, dtype=torch.long)
+    W = int(data.cache.lengths[idx].max())
+    L = token_mask.shape[1]
+    text = torch.where(torch.arange(L)[None] < n[:, None], token_mask, torch.ones_like(token_mask))
+    weights = torch.ones(len(items), W, dtype=token_mask.dtype)
+    return torch.cat([weights[:, : data.offset], text[:, : W - data.offset], weights[:, data.offset + L :]], 1)
+
+
+def item_vectors(readout: ItemReadout, data: E2EData, items: list[int], token_mask: torch.Tensor | None, n: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, d] readout `[ITEM]` states; with a keep mask, dropped text tokens are masked out of the
+    `[ITEM]` query's attention (lower layers still saw the full text: the approximation)."""
+    idx = torch.as_tensor(items, dtype=torch.long)
+    W = int(data.cache.lengths[idx].max())
+    c = data.cache
+    weights = None if token_mask is None else readout_weights(data, items, token_mask, n)
+    return readout(c.states[idx, :W], c.mask[idx, :W], c.item_pos[idx], weights)
+
+
+@torch.no_grad()
+def masked_table(readout: ItemReadout, head: PolicyHead | None, data: E2EData, cfg: PolicyConfig, batch: int = 256) -> torch.Tensor:
+    """[N, d] every item's masked-readout vector under the hard rule (head None: first-k)."""
+    readout.eval()
+    N = len(data.tokens)
+    out = []
+    for s in range(0, N, batch):
+        items = list(range(s, min(s + batch, N)))
+        mask, n = keep_mask(head, data, items, cfg)
+        out.append(item_vectors(readout, data, items, mask, n))
+    return torch.cat(out)
+
+
+def masked_validation(readout, user, heads: dict[str, PolicyHead | None], data, hist_v, tgt_v, cfg) -> dict:
+    """R@10 / N@10 of each selection under the same user model and readout (every item masked)."""
+    out = {}
+    for name, h in heads.items():
+        m = validate(user, masked_table(readout, h, data, cfg), hist_v, tgt_v, cfg.history)
+        out[name] = {"R@10": m["R@10"], "N@10": m["N@10"]}
+    return out
+
+
+# ----------------------------------------------------------------------------------------- training
+def train_e2e(
+    llm: ItemLLM,
+    user: UserModel,
+    head: PolicyHead,
+    tokens: list[list[int]],
+    hist: Histories,
+    cfg: PolicyConfig,
+    temperature: float,
+    log: Callable[[dict], None] = print,
+    data: E2EData | None = None,
+) -> dict:
+    """Train `head` in place (the user model and readout are trained copies, then dropped); returns the
+    log: per epoch the masked-readout validation of the head, the identity head and first-k."""
+    check_e2e(cfg)
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    data = data or prepare(llm, tokens)
+    prep_s = round(time.perf_counter() - t0, 1)
+    user = copy.deepcopy(user).cpu()
+    for p in user.parameters():
+        p.requires_grad_(True)
+    readout = ItemReadout(llm).cpu()
+    head.cpu()
+    identity = PolicyHead(head.dim).eval()
+    opt = torch.optim.Adam(
+        [
+            {"params": [head.w_q.weight, head.w_k.weight], "lr": cfg.lr},
+            {"params": [head.pos_prior], "lr": cfg.prior_lr},
+            {"params": list(user.parameters()) + list(readout.parameters()), "lr": cfg.model_lr},
+        ]
+    )
+    train_h, train_t = hist.split("train")
+    pairs = [(h[-cfg.history :], t) for h, t in zip(train_h, train_t) if h]
+    if cfg.max_users:
+        rng.shuffle(pairs)
+        pairs = pairs[: cfg.max_users]
+    v_h, v_t = hist.split("valid")
+    v_idx = list(range(len(v_t)))
+    rng.shuffle(v_idx)
+    v_idx = v_idx[: cfg.valid_users] if cfg.valid_users else v_idx
+    v_h, v_t = [v_h[i][-cfg.history :] for i in v_idx], [v_t[i] for i in v_idx]
+    n_items = len(data.tokens)
+    heads = {"policy": head, "identity": identity, "first_k": None}
+    start = masked_validation(readout, user, heads, data, v_h, v_t, cfg)
+    epochs = [{"epoch": 0, **start, "seconds_prepare": prep_s}]
+    log({"e2e": "start (stage-1 user model, untrained readout)", **epochs[0]})
+    for epoch in range(1, cfg.epochs + 1):
+        t1 = time.perf_counter()
+        rng.shuffle(pairs)
+        head.train(), user.train(), readout.train()
+        total, seen = 0.0, 0
+        for s in range(0, len(pairs), cfg.batch_size):
+            batch = pairs[s : s + cfg.batch_size]
+            negs = torch.randint(0, n_items, (cfg.negatives,), generator=gen)
+            tgt = torch.tensor([t for _, t in batch])
+            hist_items = sorted({i for h, _ in batch for i in h})
+            side_items = sorted(set(tgt.tolist()) | set(negs.tolist()))
+            table = torch.zeros(n_items, data.item.shape[1])
+            if cfg.masked_side == "both":  # every item once, masked
+                groups = [(sorted(set(hist_items) | set(side_items)), True)]
+            else:  # an item on both sides is embedded as the later (target/negative) side wants
+                groups = [(hist_items, cfg.masked_side == "history"), (side_items, cfg.masked_side == "target")]
+            for group, masked in groups:
+                mask, n = keep_mask(head, data, group, cfg, gen) if masked else (None, None)
+                table = table.index_copy(0, torch.tensor(group), item_vectors(readout, data, group, mask, n))
+            hs, hm = pad_histories([h for h, _ in batch], table, cfg.history)
+            eu = user.user_embedding(hs, hm)
+            loss = infonce(infonce_logits(eu, table[tgt], table[negs], temperature, tgt, negs)).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, seen = total + loss.item() * len(batch), seen + len(batch)
+        row = {"epoch": epoch, "loss": round(total / max(seen, 1), 4), "seconds": round(time.perf_counter() - t1, 1)}
+        head.eval()
+        row.update(masked_validation(readout, user, heads, data, v_h, v_t, cfg))
+        prior = head.pos_prior.detach()
+        row["prior"] = {"mean_first_k": round(float(prior[cfg.prefix : cfg.k].mean()), 3), "mean_after_k": round(float(prior[cfg.k : 256].mean()), 3)}
+        with torch.no_grad():
+            row["w_change"] = round(float((head.w_q.weight - torch.eye(head.dim)).norm() + (head.w_k.weight - torch.eye(head.dim)).norm()), 4)
+        epochs.append(row)
+        log(row)
+    head.eval()
+    head.to(llm.device)
+    return {"objective": OBJECTIVE, "epochs": epochs, "seconds": round(time.perf_counter() - t0, 1)}
