@@ -14,7 +14,7 @@ from tokensel.compress import CompressOptions, CompressSummary, compress_file
 from tokensel.config import TextConfig
 from tokensel.device import pick_device, pick_dtype
 from tokensel.errors import TokenselError
-from tokensel.io.items import open_parquet
+from tokensel.io.readers import open_items  # [formats hook]
 from tokensel.models.item_llm import DEFAULT_MODEL, ItemLLM
 from tokensel.models.bundle import DEFAULT_BUNDLE, Bundle
 from tokensel.select.strategies import BUNDLE_STRATEGIES, STRATEGIES, FirstK, ItemAlign, Policy, RandomChunks, Rarity, TopkLogits
@@ -90,7 +90,7 @@ def compress(
     if engine not in ("local", "ray"):
         raise TokenselError(f"unknown engine {engine!r}; choose local or ray")
     items = Path(items)
-    open_parquet(items)  # fail on a missing or unreadable file before loading any model
+    open_items(items)  # [formats hook] fail on a missing or unreadable file before loading any model
     if engine == "ray":
         from tokensel.engines.ray_engine import check_ray
 
@@ -125,8 +125,8 @@ def compress(
         return run(on_progress)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    total = open_parquet(items).metadata.num_rows
-    total = min(total, limit) if limit else total
+    total = open_items(items).num_rows  # [formats hook] None for CSV / JSON Lines: an open-ended bar
+    total = (min(total, limit) if total is not None else limit) if limit else total
     columns = [TextColumn("compress"), BarColumn(), MofNCompleteColumn(), TextColumn("[cyan]{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, transient=False) as bar:
         task = bar.add_task("compress", total=total, rate="")

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from tokensel.errors import TokenselError
 from tokensel.evaluate.command import evaluate_command, fail, headroom_command
+from tokensel.io import writers  # [formats hook]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Keep the most informative tokens of item texts (TSPORec).")
 console = Console(stderr=True)
@@ -22,6 +23,16 @@ out_console = Console()
 
 def _cols(value: str) -> list[str]:
     return [c.strip() for c in value.split(",") if c.strip()]
+
+
+def _export_target(items: Path, out: Path | None, k: int, strategy: str, fmt: str) -> tuple[Path | None, Path | None]:
+    """[formats hook] For --format recbole/hllm: compress to a hidden Parquet beside the target, export after."""
+    if fmt == "parquet":
+        return out, None
+    if fmt not in writers.FORMATS:
+        raise TokenselError(f"unknown --format {fmt!r}; choose one of {', '.join(writers.FORMATS)}")
+    target = out or Path.cwd() / f"{items.stem}.k{k}-{strategy}{writers.SUFFIX[fmt]}"
+    return target.with_name(f".{target.name}.parquet"), target
 
 
 @app.command()
@@ -50,8 +61,9 @@ def compress(
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the selection cache.")] = False,
     engine: Annotated[str, typer.Option(help="local | ray (Ray Data with --workers model actors; pip install 'tokensel\\[ray]').")] = "local",  # \\[ escapes rich markup
     workers: Annotated[int, typer.Option(help="Model actors for --engine ray.")] = 2,
+    fmt: Annotated[str, typer.Option("--format", help="parquet | recbole (an atomic .item file) | hllm (HLLM's item_id,title,tag,description CSV).")] = "parquet",  # [formats hook]
 ) -> None:
-    """Compress every item's text to K tokens and write Parquet.
+    """Compress every item's text to K tokens and write Parquet (or, with --format, a RecBole or HLLM item file).
 
     With a forward-pass strategy (policy, item-align, topk-logits) finished items are kept in a selection cache
     beside the output, so re-running the same command after an interruption resumes, and re-running
@@ -60,6 +72,7 @@ def compress(
     from tokensel import api
 
     try:
+        out, export_to = _export_target(items, out, k, strategy, fmt)  # [formats hook]
         summary = api.compress(
             items, out, k=k, chunk=chunk, prefix=prefix, strategy=strategy, policy=policy, model=model,
             id_col=id_col, text_cols=_cols(text_cols) if text_cols else None, max_len=max_len, template=template, labels=labels,
@@ -67,6 +80,12 @@ def compress(
             device=device, dtype=dtype, progress=True, cache=False if no_cache else (cache or True), engine=engine,
             workers=workers,
         )
+        if export_to is not None:  # [formats hook] the Parquet result, re-written in the asked layout
+            try:
+                writers.export(out, export_to, fmt)
+            finally:
+                out.unlink(missing_ok=True)
+            summary.out = str(export_to)
     except TokenselError as exc:
         fail(console, exc)
     t = Table(title=f"tokensel compress: {escape(str(summary.out))}", show_header=False)

@@ -40,7 +40,9 @@ import torch
 from tokensel import __version__
 from tokensel.config import TextConfig
 from tokensel.errors import TokenselError
-from tokensel.io.items import ItemBatch, check_columns, iter_item_batches, open_parquet
+from tokensel.io.fields import field_columns, per_field  # [formats hook]
+from tokensel.io.items import ItemBatch, check_columns, iter_item_batches
+from tokensel.io.readers import open_items  # [formats hook]
 from tokensel.io.parquet_out import AtomicParquetWriter
 from tokensel.models.item_llm import ItemLLM
 from tokensel.select.rule import select_mask
@@ -230,8 +232,8 @@ def compress_tokens(llm: ItemLLM, strategy: Strategy, token_lists: list[list[int
 
 
 # ---------------------------------------------------------------------------------------- output
-def output_schema(id_col: str, id_type: pa.DataType, passthrough: pa.Schema | None) -> pa.Schema:
-    fields = [
+def output_schema(id_col: str, id_type: pa.DataType, passthrough: pa.Schema | None, fields: list[str] = ()) -> pa.Schema:
+    fields_out = [
         pa.field(id_col, id_type),
         pa.field("text", pa.string()),
         pa.field("token_ids", pa.list_(pa.int32())),
@@ -239,9 +241,10 @@ def output_schema(id_col: str, id_type: pa.DataType, passthrough: pa.Schema | No
         pa.field("n_tokens", pa.int32()),
         pa.field("n_kept", pa.int32()),
     ]
+    fields_out += [pa.field(c, pa.string()) for c in fields]  # [formats hook] per-field compressed values
     if passthrough is not None:
-        fields.extend(passthrough)
-    return pa.schema(fields)
+        fields_out.extend(passthrough)
+    return pa.schema(fields_out)
 
 
 def flatten_tokens(token_lists: list[list[int]], lengths: np.ndarray) -> np.ndarray:
@@ -267,10 +270,10 @@ def output_columns(llm: ItemLLM, token_lists: list[list[int]], keep: np.ndarray)
     }
 
 
-def output_table(schema: pa.Schema, id_col: str, ids, cols: dict[str, pa.Array], passthrough: pa.Table | None) -> pa.Table:
+def output_table(schema: pa.Schema, id_col: str, ids, cols: dict[str, pa.Array], passthrough: pa.Table | None, fields: list[str] = ()) -> pa.Table:
     arrays = [ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(ids, type=schema.field(id_col).type)]
-    arrays += [cols[name] for name in ("text", "token_ids", "positions", "n_tokens", "n_kept")]
-    names = [id_col, "text", "token_ids", "positions", "n_tokens", "n_kept"]
+    names = [id_col, "text", "token_ids", "positions", "n_tokens", "n_kept", *fields]  # [formats hook] fields
+    arrays += [cols[name] for name in names[1:]]
     if passthrough is not None:
         arrays += [passthrough.column(c) for c in passthrough.column_names]
         names += passthrough.column_names
@@ -360,8 +363,13 @@ def preflight(items: Path, out: Path, text: TextConfig, opts: CompressOptions) -
     """Checks every engine makes before any work: output is not the input, the file opens, the columns exist."""
     if out.resolve() == items.resolve():
         raise TokenselError(f"{out}: the output would overwrite the input")
-    schema_in = open_parquet(items).schema_arrow
+    schema_in = open_items(items).schema  # [formats hook] Parquet, CSV or JSON Lines
     check_columns(items, schema_in, text.id_col, text.text_cols, opts.passthrough)
+    if per_field(text.text_cols):  # [formats hook] per-field columns must not collide with the output's own
+        taken = {text.id_col, "text", "token_ids", "positions", "n_tokens", "n_kept", *opts.passthrough}
+        for col in text.text_cols:
+            if col in taken:
+                raise TokenselError(f"{items}: text column {col!r} would collide with the output column of that name; rename it in the input")
     return schema_in
 
 
@@ -388,7 +396,8 @@ def compress_file(
         fitted = fit_rarity(items, llm, text, opts)
         strategy.doc_freq, strategy.n_docs, strategy._cache = fitted.doc_freq, fitted.n_docs, {}
     pass_schema = pa.schema([schema_in.field(c) for c in opts.passthrough]) if opts.passthrough else None
-    schema = output_schema(text.id_col, schema_in.field(text.id_col).type, pass_schema)
+    fields = list(text.text_cols) if per_field(text.text_cols) else []  # [formats hook]
+    schema = output_schema(text.id_col, schema_in.field(text.id_col).type, pass_schema, fields)
     meta = compress_meta(strategy, text, opts, provenance)
     summary = CompressSummary(out=str(out))
     store = None
@@ -410,7 +419,11 @@ def compress_file(
             def write(job: tuple[Window, np.ndarray]) -> None:
                 w, keep = job
                 cols = output_columns(llm, w.toks, keep)
-                writer.write(output_table(schema, text.id_col, w.batch.ids, cols, w.batch.passthrough))
+                if fields:  # [formats hook] per-field values, slices of `text` (tokensel.io.fields)
+                    texts = cols["text"].to_pylist()
+                    values = field_columns(llm.tokenizer, llm.decode_batch, w.batch.texts, w.batch.spans, w.toks, keep, texts)
+                    cols.update({c: pa.array(v, type=pa.string()) for c, v in zip(fields, values)})
+                writer.write(output_table(schema, text.id_col, w.batch.ids, cols, w.batch.passthrough, fields))
 
             sink = BackgroundWriter(write, enabled=pipeline)
             windows = prefetch(read(), 2) if pipeline else read()

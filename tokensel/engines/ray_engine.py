@@ -42,7 +42,9 @@ from tokensel.compress import (
 from tokensel.config import TextConfig
 from tokensel.errors import TokenselError
 from tokensel.io.item_ids import IdCheck
-from tokensel.io.items import build_text, open_parquet
+from tokensel.io.fields import build_text_spans, field_columns, per_field  # [formats hook]
+from tokensel.io.items import open_parquet
+from tokensel.io.readers import item_format  # [formats hook]
 from tokensel.io.parquet_out import AtomicParquetWriter
 from tokensel.select.strategies import Rarity, Strategy
 
@@ -75,18 +77,23 @@ class Selector:
     def __call__(self, batch: pa.Table) -> pa.Table:
         text = self.text
         data = batch.select(text.text_cols).to_pydict()
-        texts = [build_text({c: data[c][i] for c in text.text_cols}, text.text_cols, text.labels) for i in range(batch.num_rows)]
+        built = [build_text_spans({c: data[c][i] for c in text.text_cols}, text.text_cols, text.labels) for i in range(batch.num_rows)]
+        texts = [t for t, _ in built]
         ids = batch.column(text.id_col).to_pylist()
         toks = self.llm.tokenize(texts, text.max_len)
         keep = select_keep(self.llm, self.sel, toks, ids, self.opts)
         cols = output_columns(self.llm, toks, keep)
+        fields = list(text.text_cols) if per_field(text.text_cols) else []  # [formats hook] per-field values
+        if fields:
+            values = field_columns(self.llm.tokenizer, self.llm.decode_batch, texts, [sp for _, sp in built], toks, keep, cols["text"].to_pylist())
+            cols.update({c: pa.array(v, type=pa.string()) for c, v in zip(fields, values)})
         extra = batch.select(self.opts.passthrough) if self.opts.passthrough else None
-        return output_table_any(text.id_col, batch.column(text.id_col), cols, extra)
+        return output_table_any(text.id_col, batch.column(text.id_col), cols, extra, fields)
 
 
-def output_table_any(id_col: str, ids, cols: dict, passthrough: pa.Table | None) -> pa.Table:
-    arrays = [ids] + [cols[n] for n in ("text", "token_ids", "positions", "n_tokens", "n_kept")]
-    names = [id_col, "text", "token_ids", "positions", "n_tokens", "n_kept"]
+def output_table_any(id_col: str, ids, cols: dict, passthrough: pa.Table | None, fields: list[str] = ()) -> pa.Table:
+    names = [id_col, "text", "token_ids", "positions", "n_tokens", "n_kept", *fields]  # [formats hook] fields
+    arrays = [ids] + [cols[n] for n in names[1:]]
     if passthrough is not None:
         arrays += [passthrough.column(c) for c in passthrough.column_names]
         names += passthrough.column_names
@@ -135,6 +142,9 @@ def compress_file_ray(
     items, out = Path(items), Path(out)
     t0 = time.perf_counter()
     schema_in = preflight(items, out, text, opts)
+    if item_format(items) != "parquet":  # [formats hook] Ray Data reads the Parquet row groups itself
+        raise TokenselError(f"{items}: --engine ray reads Parquet only; use --engine local for CSV / JSON Lines")
+
     def local(p):  # workers may run elsewhere: hand them absolute paths for local files
         return str(Path(p).resolve()) if p is not None and Path(p).exists() else (str(p) if p is not None else None)
 
@@ -149,7 +159,8 @@ def compress_file_ray(
             strategy.doc_freq, strategy.n_docs = fitted.doc_freq, fitted.n_docs
         spec["doc_freq"], spec["n_docs"] = strategy.doc_freq, strategy.n_docs
     pass_schema = pa.schema([schema_in.field(c) for c in opts.passthrough]) if opts.passthrough else None
-    schema = output_schema(text.id_col, schema_in.field(text.id_col).type, pass_schema)
+    fields = list(text.text_cols) if per_field(text.text_cols) else []  # [formats hook]
+    schema = output_schema(text.id_col, schema_in.field(text.id_col).type, pass_schema, fields)
     meta = {**compress_meta(strategy, text, opts, provenance), "engine": "ray"}
 
     started = False
