@@ -48,12 +48,17 @@ def big_items(tmp_path_factory):
     return path
 
 
+def rows_of(table, col):
+    return table.column(col).to_pylist()
+
+
 @pytest.mark.parametrize("strategy", ["first-k", "random", "rarity"])
 def test_output_contract(tmp_path, tiny_bert, strategy):
     out, summary = run(tmp_path, tiny_bert, strategy)
     table = check_contract(out, ITEMS, tiny_bert, K)
     assert table.num_rows == 48 == summary.items
-    assert table.column_names == ["item_id", "text", "token_ids", "positions", "n_tokens", "n_kept"]
+    assert table.column_names == ["item_id", "text", "token_ids", "positions", "n_tokens", "n_kept", "title", "description"]
+    assert ["".join(p) for p in zip(rows_of(table, "title"), rows_of(table, "description"))] == table.column("text").to_pylist()
     rows = table.to_pydict()
     assert summary.tokens_in == sum(rows["n_tokens"]) and summary.tokens_out == sum(rows["n_kept"])
     assert summary.tokens_out < summary.tokens_in

@@ -20,7 +20,8 @@ from tokensel import api
 from tokensel import inspect as ins
 from tokensel.config import OBJECTIVE_NAMES, ItemModelConfig, PolicyConfig, Stage1Config, TextConfig, UserModelConfig
 from tokensel.errors import TokenselError
-from tokensel.io.items import open_parquet
+from tokensel.io import writers
+from tokensel.io.readers import open_items
 from tokensel.models.bundle import DEFAULT_BUNDLE, bundle_hash
 from tokensel.train.stage2 import stage2_warnings
 from tokensel.evaluate.command import evaluate_command, fail, headroom_command
@@ -57,6 +58,19 @@ def _budgets(value: str) -> int | list[int]:
     return ks[0] if len(ks) == 1 else ks
 
 
+def _export_plan(items: Path, out: str | None, ks: list[int], strategy: str, fmt: str) -> tuple[str | None, dict[int, Path]]:
+    """For --format recbole / hllm: (a hidden Parquet output to compress to, k -> the file to export)."""
+    if fmt == "parquet":
+        return out, {}
+    if fmt not in writers.FORMATS:
+        raise TokenselError(f"unknown --format {fmt!r}; choose one of {', '.join(writers.FORMATS)}")
+    pattern = out or str(items.with_name(f"{items.stem}.k{{k}}-{strategy}{writers.SUFFIX[fmt]}"))
+    if len(ks) > 1 and "{k}" not in pattern:
+        raise TokenselError(f"--out {pattern}: with several budgets the output name must contain {{k}}, e.g. items.k{{k}}{writers.SUFFIX[fmt]}")
+    hidden = str(Path(pattern).with_name(f".{Path(pattern).name}.parquet"))
+    return hidden, {k: Path(pattern.replace("{k}", str(k))) for k in ks}
+
+
 @app.command()
 def compress(
     items: Annotated[Path, typer.Argument(help="Items Parquet: an id column and text columns.")],
@@ -83,22 +97,33 @@ def compress(
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the score cache.")] = False,
     engine: Annotated[str, typer.Option(help="local | ray (Ray Data with --workers model actors; pip install 'tokensel\\[ray]').")] = "local",  # \\[ escapes rich markup
     workers: Annotated[int, typer.Option(help="Model actors for --engine ray.")] = 2,
+    fmt: Annotated[str, typer.Option("--format", help="parquet | recbole (an atomic .item file) | hllm (HLLM's item_id,title,tag,description CSV).")] = "parquet",  # [formats hook]
 ) -> None:
-    """Compress every item's text to K tokens and write Parquet.
+    """Compress every item's text to K tokens and write Parquet (or, with --format, a RecBole or HLLM item file).
 
     With a forward-pass strategy (policy, item-align, topk-logits) each item's token scores are kept in a
     score cache beside the output, so re-running after an interruption resumes, re-running on an
     updated catalogue scores only the items whose text changed, and another budget runs no model.
     """
     try:
+        budgets = _budgets(k)
+        ks = [budgets] if isinstance(budgets, int) else budgets
+        out, exports = _export_plan(items, out, ks, strategy, fmt)
         with progress_bar(items, limit) as tick:
             summary = api.compress(
-                items, out, k=_budgets(k), chunk=chunk, prefix=prefix, strategy=strategy, policy=policy, model=model,
+                items, out, k=budgets, chunk=chunk, prefix=prefix, strategy=strategy, policy=policy, model=model,
                 id_col=id_col, text_cols=_cols(text_cols) if text_cols else None, max_len=max_len, template=template, labels=labels,
                 passthrough=_cols(passthrough), seed=seed, batch_rows=batch_rows, batch_tokens=batch_tokens, limit=limit,
                 device=device, dtype=dtype, cache=False if no_cache else (cache or True), engine=engine,
                 workers=workers, on_progress=tick,
             )
+        for s in summary if isinstance(summary, list) else [summary]:  # the Parquet result, re-written in the asked layout
+            if s.k in exports:
+                try:
+                    writers.export(s.out, exports[s.k], fmt)
+                finally:
+                    Path(s.out).unlink(missing_ok=True)
+                s.out = str(exports[s.k])
     except TokenselError as exc:
         fail(console, exc)
     print_summary(summary if isinstance(summary, list) else [summary])
@@ -108,10 +133,10 @@ def compress(
 def progress_bar(items: Path, limit: int | None):
     """A bar with items/s that advances as forward batches finish (not once per window)."""
     try:
-        total = open_parquet(items).metadata.num_rows
+        total = open_items(items).num_rows  # None for CSV / JSON Lines: an open-ended bar
     except TokenselError:
         total = None  # api.compress names the problem
-    total = min(total, limit) if total is not None and limit else total
+    total = (min(total, limit) if total is not None else limit) if limit else total
     columns = [TextColumn("compress"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task("compress", total=total, rate="")

@@ -18,7 +18,9 @@ from tokensel import __version__
 from tokensel.compress.cache import weights_fingerprint
 from tokensel.config import CompressConfig
 from tokensel.errors import TokenselError
-from tokensel.io.items import check_columns, open_parquet
+from tokensel.io.fields import per_field
+from tokensel.io.items import check_columns
+from tokensel.io.readers import open_items
 from tokensel.select.keep import COLUMNS
 from tokensel.select.selector import Selector
 
@@ -79,19 +81,31 @@ def preflight(items: Path, outs: list[Path], sel: Selector, cfg: CompressConfig)
         if out.resolve() == items.resolve():
             raise TokenselError(f"{out}: the output would overwrite the input")
     text = sel.text
-    schema_in = open_parquet(items).schema_arrow
+    schema_in = open_items(items).schema  # Parquet, CSV or JSON Lines
     check_columns(items, schema_in, text.id_col, text.text_cols, list(cfg.passthrough))
+    per = field_names(sel)
+    taken = {text.id_col, *COLUMNS, *cfg.passthrough}
+    for col in per:  # the per-field columns are named after the text columns
+        if col in taken:
+            raise TokenselError(f"{items}: text column {col!r} would collide with the output column of that name; rename it in the input")
     fields = [pa.field(text.id_col, schema_in.field(text.id_col).type), pa.field("text", pa.string()),
               pa.field("token_ids", pa.list_(pa.int32())), pa.field("positions", pa.list_(pa.int32())),
               pa.field("n_tokens", pa.int32()), pa.field("n_kept", pa.int32())]
+    fields += [pa.field(c, pa.string()) for c in per]
     return pa.schema(fields + [schema_in.field(c) for c in cfg.passthrough])
 
 
-def output_table(id_col: str, ids, cols: dict, passthrough: pa.Table | None, schema: pa.Schema) -> pa.Table:
-    """One batch of output rows: the id column, the output contract's columns, the pass-through columns."""
+def field_names(sel: Selector) -> list[str]:
+    """The per-field output columns (one per text column when there are two or more)."""
+    return list(sel.text.text_cols) if per_field(sel.text.text_cols) else []
+
+
+def output_table(id_col: str, ids, cols: dict, passthrough: pa.Table | None, schema: pa.Schema, fields: list[str] = ()) -> pa.Table:
+    """One batch of output rows: the id column, the output contract's columns, the per-field columns,
+    the pass-through columns."""
     id_array = ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(ids, type=schema.field(id_col).type)
-    arrays = [id_array] + [cols[name] for name in COLUMNS]
-    names = [id_col, *COLUMNS]
+    arrays = [id_array] + [cols[name] for name in (*COLUMNS, *fields)]
+    names = [id_col, *COLUMNS, *fields]
     if passthrough is not None:
         arrays += [passthrough.column(c) for c in passthrough.column_names]
         names += passthrough.column_names

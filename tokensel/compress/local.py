@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from tokensel.compress.cache import ScoreCache, item_key
-from tokensel.compress.job import CompressSummary, compress_meta, output_table, preflight, scorer_config
+from tokensel.compress.job import CompressSummary, compress_meta, field_names, output_table, preflight, scorer_config
 from tokensel.compress.threads import BackgroundWriter, prefetch
 from tokensel.config import CompressConfig
 from tokensel.io.items import ItemBatch, iter_item_batches
@@ -74,6 +74,7 @@ def compress_file(
     t0 = time.perf_counter()
     schema = preflight(items, [Path(outs[k]) for k in ks], sel, cfg)
     text = sel.text
+    fields = field_names(sel)
     if isinstance(sel.strategy, Rarity) and not sel.strategy.fitted:
         sel.fit(batches=(sel.tokenize(b.texts) for b in iter_item_batches(items, text, cfg.batch_rows, check_duplicates=False, limit=cfg.limit)))
     summaries = [CompressSummary(out=str(outs[k]), k=k) for k in ks]
@@ -99,7 +100,8 @@ def compress_file(
             def write(job: tuple[Window, list[np.ndarray]]) -> None:
                 w, keeps = job
                 for writer, keep in zip(writers, keeps):
-                    writer.write(output_table(text.id_col, w.batch.ids, sel.columns(w.toks, keep), w.batch.passthrough, schema))
+                    cols = sel.columns(w.toks, keep, w.batch.texts, w.batch.spans)
+                    writer.write(output_table(text.id_col, w.batch.ids, cols, w.batch.passthrough, schema, fields))
 
             sink = BackgroundWriter(write, enabled=pipeline)
             windows = prefetch(read(), 2) if pipeline else read()

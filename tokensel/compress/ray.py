@@ -29,11 +29,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tokensel.compress.job import CompressSummary, compress_meta, preflight
+from tokensel.compress.job import CompressSummary, compress_meta, field_names, preflight
 from tokensel.config import CompressConfig
 from tokensel.errors import TokenselError
 from tokensel.io.item_ids import IdCheck
 from tokensel.io.items import iter_item_batches, open_parquet
+from tokensel.io.readers import item_format
 from tokensel.io.parquet_out import AtomicParquetWriter
 from tokensel.select.selector import Selector
 from tokensel.select.strategies import Rarity
@@ -59,7 +60,7 @@ class SelectorActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         text, cfg = self.sel.text, self.cfg
         out = self.sel(batch.select([text.id_col, *text.text_cols]), k=self.k, chunk=cfg.chunk, prefix=cfg.prefix, batch_rows=batch.num_rows)
-        names = [text.id_col, "text", "token_ids", "positions", "n_tokens", "n_kept"]
+        names = [text.id_col, "text", "token_ids", "positions", "n_tokens", "n_kept", *field_names(self.sel)]
         extra = [batch.column(c) for c in cfg.passthrough]
         return pa.Table.from_arrays([out.column(n) for n in names] + extra, names=names + list(cfg.passthrough))
 
@@ -97,6 +98,8 @@ def compress_file_ray(
         raise TokenselError("--engine ray compresses one budget per run; give one --k, or use the local engine")
     k = cfg.ks[0]
     items, out = Path(items), Path(out)
+    if item_format(items) != "parquet":  # Ray Data reads the Parquet row groups itself
+        raise TokenselError(f"{items}: --engine ray reads Parquet only; use --engine local for CSV / JSON Lines")
     t0 = time.perf_counter()
     schema = preflight(items, [out], sel, cfg)
     text = sel.text

@@ -12,7 +12,7 @@ from tokensel.compress.local import compress_file
 from tokensel.compress.ray import check_ray, compress_file_ray
 from tokensel.config import CompressConfig
 from tokensel.errors import TokenselError
-from tokensel.io.items import open_parquet
+from tokensel.io.readers import open_items
 from tokensel.select.batching import BatchConfig
 from tokensel.select.selector import Selector, SelectorSpec, check_budgets
 
@@ -65,7 +65,7 @@ def compress(
     if engine not in ("local", "ray"):
         raise TokenselError(f"unknown engine {engine!r}; choose local or ray")
     items = Path(items)
-    open_parquet(items)  # fail on a missing or unreadable file before loading any model
+    open_items(items)  # fail on a missing or unreadable file before loading any model
     if engine == "ray":
         check_ray()  # before loading the model: say how to install the extra
         if len(cfg.ks) > 1:

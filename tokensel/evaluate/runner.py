@@ -34,6 +34,7 @@ from tokensel.evaluate.stats import paired_pvalues, paired_test_name
 from tokensel.io.interactions import DataCounts, first_users, read_histories
 from tokensel.io.item_ids import IdCheck
 from tokensel.io.items import open_parquet
+from tokensel.io.readers import open_items  # [formats hook]
 from tokensel.io.parquet_out import read_metadata
 from tokensel.models.item_llm import DEFAULT_MODEL, ItemLLM, resolve_model_path
 from tokensel.models.readout import check_top_tunable
@@ -108,10 +109,10 @@ class Evaluation:
 def read_item_ids(path: str | Path, id_col: str) -> list:
     """The catalogue: every item id of the items file, in file order (nulls and duplicates are errors)."""
     path = Path(path)
-    pf = open_parquet(path)
-    if id_col not in pf.schema_arrow.names:
-        raise TokenselError(f"{path}: no column {id_col!r}; the file has {pf.schema_arrow.names}. Choose it with --id-col.")
-    ids = pf.read(columns=[id_col]).column(id_col).to_pylist()
+    src = open_items(path)  # [formats hook] the catalogue may be Parquet, CSV or JSON Lines
+    if id_col not in src.schema.names:
+        raise TokenselError(f"{path}: no column {id_col!r}; the file has {src.schema.names}. Choose it with --id-col.")
+    ids = [v for rb in src.iter_batches(65536, [id_col]) for v in rb.column(0).to_pylist()]
     IdCheck(path, id_col)(ids, 0)
     return ids
 

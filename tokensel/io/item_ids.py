@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from tokensel.errors import TokenselError
+from tokensel.io.readers import open_items
 
 
 class IdSet:
@@ -54,9 +54,8 @@ def first_row_of(path: Path, id_col: str, value, before: int) -> int | None:
     """The first row (before `before`) whose id equals `value`: confirms a duplicate, rarely needed.
 
     The file was already opened and read up to `before` by the caller, so it opens here without checks."""
-    pf = pq.ParquetFile(path, pre_buffer=False)
     row = 0
-    for rb in pf.iter_batches(batch_size=65536, columns=[id_col]):
+    for rb in open_items(path).iter_batches(65536, [id_col]):  # [formats hook] any item format
         if row >= before:
             return None
         vals = rb.column(0).to_pylist()

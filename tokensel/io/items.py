@@ -1,4 +1,4 @@
-"""Read item texts from Parquet: validate the columns up front, then stream record batches.
+"""Read item texts (Parquet, CSV or JSON Lines: tokensel.io.readers): validate the columns up front, then stream record batches.
 
 The text of an item is its chosen columns' values joined by spaces (`A B`), or HLLM style with
 labels (`title: A description: B`) when TextConfig.labels is on; HTML entities are decoded and empty
@@ -7,7 +7,6 @@ fields skipped.
 
 from __future__ import annotations
 
-import html
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,9 @@ import pyarrow.parquet as pq
 
 from tokensel.config import TextConfig
 from tokensel.errors import TokenselError
+from tokensel.io.fields import Span, build_text_spans
 from tokensel.io.item_ids import IdCheck
+from tokensel.io.readers import open_items
 
 
 def open_parquet(path: str | Path) -> pq.ParquetFile:
@@ -44,15 +45,7 @@ def check_columns(path: Path, schema: pa.Schema, id_col: str, text_cols: list[st
 
 def build_text(fields: dict[str, str | None], text_cols: list[str], labels: bool = True) -> str:
     """`title: A description: B` (or `A B` without labels), entities decoded; empty or null fields left out."""
-    parts = []
-    for col in text_cols:
-        value = fields.get(col)
-        if value is None:
-            continue
-        value = " ".join(html.unescape(value).split())
-        if value:
-            parts.append(f"{col}: {value}" if labels else value)
-    return " ".join(parts)
+    return build_text_spans(fields, text_cols, labels)[0]  # [formats hook] one builder, so field spans match the text
 
 
 @dataclass
@@ -64,6 +57,7 @@ class ItemBatch:
     texts: list[str]
     passthrough: pa.Table | None
     filled: dict[str, int] = field(default_factory=dict)  # per text column: rows with a non-blank value
+    spans: list[list[Span]] | None = None  # [formats hook] each text column's [start, end) in texts[i]
 
 
 def iter_item_batches(
@@ -79,13 +73,13 @@ def iter_item_batches(
     Empty ids raise an error naming the row, duplicate ids one naming both rows (tokensel.io.item_ids).
     """
     path = Path(path)
-    pf = open_parquet(path)
-    check_columns(path, pf.schema_arrow, text.id_col, text.text_cols, list(passthrough))
+    src = open_items(path)  # [formats hook] Parquet, CSV or JSON Lines by extension
+    check_columns(path, src.schema, text.id_col, text.text_cols, list(passthrough))
     columns = list(dict.fromkeys([text.id_col, *text.text_cols, *passthrough]))
     check_ids = IdCheck(path, text.id_col, duplicates=check_duplicates)
     row = 0
     try:
-        for rb in pf.iter_batches(batch_size=batch_rows, columns=columns):
+        for rb in src.iter_batches(batch_rows, columns):
             if limit is not None and row >= limit:
                 return
             if limit is not None and row + rb.num_rows > limit:
@@ -93,10 +87,10 @@ def iter_item_batches(
             data = rb.to_pydict()
             ids = data[text.id_col]
             check_ids(ids, row)
-            texts = [build_text({c: data[c][i] for c in text.text_cols}, text.text_cols, text.labels) for i in range(rb.num_rows)]
+            built = [build_text_spans({c: data[c][i] for c in text.text_cols}, text.text_cols, text.labels) for i in range(rb.num_rows)]
             extra = pa.Table.from_batches([rb]).select(list(passthrough)) if passthrough else None
             filled = {c: sum(1 for v in data[c] if v is not None and not v.isspace() and v) for c in text.text_cols}
-            yield ItemBatch(row, ids, texts, extra, filled)
+            yield ItemBatch(row, ids, [t for t, _ in built], extra, filled, [sp for _, sp in built])
             row += rb.num_rows
     except (pa.ArrowInvalid, OSError) as exc:
         raise TokenselError(f"{path}: the file is damaged or truncated near row {row} ({exc})") from None

@@ -19,11 +19,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from tokensel.config import TextConfig
 from tokensel.device import pick_device, pick_dtype
 from tokensel.errors import TokenselError
+from tokensel.io.fields import build_text_spans, field_columns, per_field
 from tokensel.io.items import build_text
 from tokensel.models.bundle import Bundle
 from tokensel.models.item_llm import DEFAULT_MODEL, ItemLLM
@@ -194,16 +196,22 @@ class Selector:
             keep[offs[idx[r]] + c] = True
         return keep
 
-    def columns(self, token_lists: list[list[int]], keep: np.ndarray) -> dict:
-        """The output contract's arrays (text, token_ids, positions, n_tokens, n_kept) for a keep mask."""
-        return output_columns(self.llm, token_lists, keep)
+    def columns(self, token_lists: list[list[int]], keep: np.ndarray, texts: list[str] | None = None, spans=None) -> dict:
+        """The output contract's arrays (text, token_ids, positions, n_tokens, n_kept) for a keep mask and,
+        given the built texts and their field spans with two or more text columns, each field's
+        compressed value as a column named after it (tokensel.io.fields: they re-join to `text`)."""
+        cols = output_columns(self.llm, token_lists, keep)
+        if spans is not None and per_field(self.text.text_cols):
+            values = field_columns(self.llm.tokenizer, self.llm.decode_batch, texts, spans, token_lists, keep, cols["text"].to_pylist())
+            cols.update({c: pa.array(v, type=pa.string()) for c, v in zip(self.text.text_cols, values)})
+        return cols
 
     def fit(self, data=None, *, text_cols: list[str] | None = None, batches=None) -> Selector:
         """Rarity: document frequencies over a catalogue (texts or a table), or over `batches` of token lists."""
         if not isinstance(self.strategy, Rarity):
             return self
         if batches is None:
-            texts, _, _ = self._texts(data, text_cols, None)
+            texts = self._texts(data, text_cols, None)[0]
             batches = [self.tokenize(texts[s : s + 4096]) for s in range(0, len(texts), 4096)]
         self.strategy.fit(batches)
         return self
@@ -216,14 +224,17 @@ class Selector:
         check_budgets([k], chunk, prefix, self.text.max_len, self.name)
         if isinstance(self.strategy, Rarity) and not self.strategy.fitted:
             raise TokenselError("strategy 'rarity' weighs tokens by their document frequency: call .fit(catalogue) first")
-        texts, keys, table = self._texts(data, text_cols, id_col)
+        texts, keys, table, spans = self._texts(data, text_cols, id_col)
+        sel = self if table is None or not text_cols else self.with_text(text_cols=list(text_cols))
         parts = []
         for s in range(0, len(texts), max(1, batch_rows)):
-            toks = self.tokenize(texts[s : s + batch_rows])
-            parts.append(self.columns(toks, self.keep(toks, keys[s : s + batch_rows], k, chunk, prefix)))
+            toks = sel.tokenize(texts[s : s + batch_rows])
+            keep = sel.keep(toks, keys[s : s + batch_rows], k, chunk, prefix)
+            parts.append(sel.columns(toks, keep, texts[s : s + batch_rows], None if spans is None else spans[s : s + batch_rows]))
             if on_progress:
                 on_progress(len(toks))
-        cols = frames.concat_columns(parts, COLUMNS)
+        names = COLUMNS if not parts else tuple(parts[0])
+        cols = frames.concat_columns(parts, names)
         if table is None:
             rows = zip(*(cols[c].to_pylist() for c in COLUMNS))
             return [Selection(t, ids, pos, n_in, n_out) for t, ids, pos, n_in, n_out in rows]
@@ -237,8 +248,9 @@ class Selector:
 
         return fn
 
-    def _texts(self, data, text_cols, id_col) -> tuple[list[str], list, object]:
-        """(built texts, keys of the random strategy, the input as an arrow table or None for strings)."""
+    def _texts(self, data, text_cols, id_col) -> tuple[list[str], list, object, list | None]:
+        """(built texts, keys of the random strategy, the input as an arrow table or None for strings,
+        each text's field spans or None)."""
         if isinstance(data, str) or data is None:
             raise TokenselError("give a list of strings or a table (pyarrow, polars, pandas), not a single string")
         table = frames.to_arrow(data)
@@ -248,14 +260,15 @@ class Selector:
             if bad is not None:
                 raise TokenselError(f"text {bad} is {type(texts[bad]).__name__}, not a string")
             built = [build_text({"text": t}, ["text"], labels=False) for t in texts]
-            return built, built, None  # without ids, the random strategy is seeded by the text itself
+            return built, built, None, None  # without ids, the random strategy is seeded by the text itself
         cols = text_cols or self.text.text_cols
         frames.check_text_columns(table, cols)
         data_cols = table.select(cols).to_pydict()
-        built = [build_text({c: data_cols[c][i] for c in cols}, cols, self.text.labels) for i in range(table.num_rows)]
+        built = [build_text_spans({c: data_cols[c][i] for c in cols}, cols, self.text.labels) for i in range(table.num_rows)]
+        texts = [t for t, _ in built]
         id_col = id_col or self.text.id_col
-        keys = table.column(id_col).to_pylist() if id_col in table.column_names else built
-        return built, keys, table
+        keys = table.column(id_col).to_pylist() if id_col in table.column_names else texts
+        return texts, keys, table, [sp for _, sp in built]
 
 
 __all__ = ["Selector", "SelectorSpec", "Selection", "check_budgets", "load"]
