@@ -55,3 +55,18 @@ def infonce_logits(user: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, tem
 def infonce(logits: torch.Tensor) -> torch.Tensor:
     """Cross-entropy with the positive at index 0 (paper eq. 2), per row."""
     return -torch.log_softmax(logits, -1)[..., 0]
+
+
+def stage2_users(hist, cfg, rng) -> tuple[list[tuple[list[int], int]], list[list[int]], list[int]]:
+    """Stage 2's (history, next item) training pairs (at most cfg.max_users, sampled with `rng`) and its
+    validation histories and targets (at most cfg.valid_users): the same draws for every objective."""
+    train_h, train_t = hist.split("train")
+    pairs = [(h[-cfg.history :], t) for h, t in zip(train_h, train_t) if h]
+    if cfg.max_users:
+        rng.shuffle(pairs)
+        pairs = pairs[: cfg.max_users]
+    v_h, v_t = hist.split("valid")
+    v_idx = list(range(len(v_t)))
+    rng.shuffle(v_idx)
+    v_idx = v_idx[: cfg.valid_users] if cfg.valid_users else v_idx
+    return pairs, [v_h[i][-cfg.history :] for i in v_idx], [v_t[i] for i in v_idx]

@@ -47,7 +47,7 @@ from tokensel.models.item_llm import ItemLLM
 from tokensel.models.readout import BlockInputs, ItemReadout, last_block
 from tokensel.models.user_model import UserModel, pad_histories
 from tokensel.select.rule import chunk_sums, select_mask
-from tokensel.train.common import infonce, infonce_logits
+from tokensel.train.common import infonce, infonce_logits, stage2_users
 from tokensel.train.stage1 import validate
 
 OBJECTIVE = "e2e"
@@ -260,16 +260,7 @@ def train_e2e(
             {"params": list(user.parameters()) + list(readout.parameters()), "lr": cfg.model_lr},
         ]
     )
-    train_h, train_t = hist.split("train")
-    pairs = [(h[-cfg.history :], t) for h, t in zip(train_h, train_t) if h]
-    if cfg.max_users:
-        rng.shuffle(pairs)
-        pairs = pairs[: cfg.max_users]
-    v_h, v_t = hist.split("valid")
-    v_idx = list(range(len(v_t)))
-    rng.shuffle(v_idx)
-    v_idx = v_idx[: cfg.valid_users] if cfg.valid_users else v_idx
-    v_h, v_t = [v_h[i][-cfg.history :] for i in v_idx], [v_t[i] for i in v_idx]
+    pairs, v_h, v_t = stage2_users(hist, cfg, rng)
     n_items = len(data.tokens)
     heads = {"policy": head, "identity": identity, "first_k": None}
     start = masked_validation(readout, user, heads, data, v_h, v_t, cfg)

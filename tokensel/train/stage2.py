@@ -30,7 +30,7 @@ from tokensel.models.item_llm import ItemLLM
 from tokensel.models.user_model import UserModel, pad_histories
 from tokensel.models.head import PolicyHead
 from tokensel.select.rule import chunk_sums, select_mask
-from tokensel.train.common import Catalogue, embed_tokens, infonce, infonce_logits
+from tokensel.train.common import Catalogue, embed_tokens, infonce, infonce_logits, stage2_users
 
 
 def paper_objective(r: torch.Tensor, d: torch.Tensor, cfg: PolicyConfig) -> torch.Tensor:
@@ -135,16 +135,7 @@ def train_stage2(
         p.requires_grad_(False)
     head.to(dev).train()
     opt = torch.optim.Adam(head.parameters(), lr=cfg.lr)
-    train_h, train_t = hist.split("train")
-    data = [(h[-cfg.history :], t) for h, t in zip(train_h, train_t) if h]
-    if cfg.max_users:
-        rng.shuffle(data)
-        data = data[: cfg.max_users]
-    v_h, v_t = hist.split("valid")
-    v_idx = list(range(len(v_t)))
-    rng.shuffle(v_idx)
-    v_idx = v_idx[: cfg.valid_users] if cfg.valid_users else v_idx
-    v_h, v_t = [v_h[i][-cfg.history :] for i in v_idx], [v_t[i] for i in v_idx]
+    data, v_h, v_t = stage2_users(hist, cfg, rng)
     n_items = cat.item.shape[0]
     item_table = cat.item.to(dev)
     t0 = time.perf_counter()
