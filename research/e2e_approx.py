@@ -30,7 +30,9 @@ from tokensel.train.common import embed_tokens
 from tokensel.train.e2e import item_vectors, keep_mask, prepare
 
 
-def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
+def agreement(a: torch.Tensor, b: torch.Tensor, center: bool = False) -> dict:
+    if center:  # as the hllm recommender does (--center): the catalogue mean carries no ranking signal
+        a, b = a - a.mean(0), b - b.mean(0)
     a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
     cos = (a * b).sum(-1)
     sa, sb = a @ a.T, b @ b.T
@@ -72,7 +74,8 @@ def main() -> None:
                 masked = item_vectors(readout, data, items, mask, n)
                 kept = [torch.tensor(t)[mask[r, : len(t)].bool()].tolist() for r, t in enumerate(tokens)]
                 real, _ = embed_tokens(llm, kept)
-                row = {"k": k, "selection": name, "items": len(items), "masked_vs_real": agreement(masked, real), "full_vs_real": agreement(full, real), "masked_vs_full": agreement(masked, full)}
+                row = {"k": k, "selection": name, "items": len(items), "masked_vs_real": agreement(masked, real), "full_vs_real": agreement(full, real), "masked_vs_full": agreement(masked, full),
+                       "centered": {"masked_vs_real": agreement(masked, real, True), "full_vs_real": agreement(full, real, True), "masked_vs_full": agreement(masked, full, True)}}
                 print(json.dumps(row), flush=True)
 
 
