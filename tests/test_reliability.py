@@ -266,3 +266,20 @@ def test_inspect_with_another_items_file_than_the_one_compressed_is_refused(work
     for other, says in ((fewer, "holds48itemsbut"), (edited, "itwascompressedfromanothertext")):
         r = cli("inspect", other, out)
         assert r.exit_code == 2 and says in flat(r.output), r.output
+
+
+def test_stale_temp_files_of_dead_runs_are_removed_and_only_those(work, tiny_bert):
+    """A killed run leaves `.<out>.tmp-<pid>`; the next run of the same output removes it, but not the
+    temporary file of a run still alive, nor another output's."""
+    import os
+    import subprocess
+    import sys
+
+    folder, items = work
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    stale, live, other = folder / f".out.parquet.tmp-{dead}", folder / f".out.parquet.tmp-{os.getppid()}", folder / f".other.parquet.tmp-{dead}"
+    for p in (stale, live, other):
+        p.write_bytes(b"partial")
+    r = cli("compress", items, "-o", folder / "out.parquet", "--model", tiny_bert, "--strategy", "first-k", "--k", "16")
+    assert r.exit_code == 0, r.output
+    assert not stale.exists() and live.exists() and other.exists()
