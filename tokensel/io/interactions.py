@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from tokensel.errors import TokenselError
 from tokensel.io.items import open_parquet
@@ -66,6 +66,23 @@ class Histories:
         return [seq[:-2] for seq in self.sequences]
 
 
+_ROW = "__tokensel_row"
+
+
+def _orderable(t: pa.DataType) -> bool:
+    """Numbers and timestamps sort in time order; text does not."""
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t) or pa.types.is_temporal(t)
+
+
+def _runs(users: list[str], items: list[str]):
+    """(user, [items]) for each run of equal users in a user-sorted column pair."""
+    start = 0
+    for r in range(1, len(users) + 1):
+        if r == len(users) or users[r] != users[start]:
+            yield users[start], items[start:r]
+            start = r
+
+
 def read_histories(
     path: str | Path,
     item_index: dict,
@@ -83,34 +100,43 @@ def read_histories(
                 f"{path}: no column {col!r}; the file has {names}. Choose columns with --user-col / --item-col / --order-col."
             )
     try:
-        df = pl.from_arrow(pf.read(columns=[user_col, item_col, order_col]))
+        table = pf.read(columns=[user_col, item_col, order_col])
     except (pa.ArrowInvalid, OSError) as exc:
         raise TokenselError(f"{path}: the file is damaged or truncated ({exc})") from None
     for col in (user_col, item_col, order_col):
-        nulls = df[col].null_count()
+        nulls = table[col].null_count
         if nulls:
-            row = int(df.with_row_index().filter(pl.col(col).is_null())["index"][0])
+            row = pc.index(pc.is_null(table[col]), True).as_py()
             raise TokenselError(f"{path}: row {row}, column {col!r}: {nulls} null value(s)")
-    order_type = df[order_col].dtype
-    if not (order_type.is_numeric() or order_type.is_temporal()):
+    order_type = table.schema.field(order_col).type
+    if not _orderable(order_type):
         raise TokenselError(
             f"{path}: column {order_col!r} is {order_type} (text); the order must be numbers or timestamps, or "
-            f"'10' sorts before '2'. Cast it (e.g. polars .cast(pl.Int64) or .str.to_datetime()) and save the file, "
-            "or choose another --order-col."
+            f"'10' sorts before '2'. Cast it to integers or timestamps (e.g. pandas pd.to_datetime, polars "
+            ".str.to_datetime()) and save the file, or choose another --order-col."
         )
-    rows = df.height
-    df = df.with_columns(pl.col(user_col).cast(pl.String), pl.col(item_col).cast(pl.String))
-    df = df.unique(maintain_order=True)
-    duplicates = rows - df.height
-    ties = df.filter(pl.len().over([user_col, order_col]) > 1).height
-    known = pl.Series(list(map(str, item_index.keys())), dtype=pl.String)
-    unknown = df.filter(~pl.col(item_col).is_in(known.implode()))
-    df = df.filter(pl.col(item_col).is_in(known.implode()))
+    rows = table.num_rows
+    table = pa.table({
+        user_col: pc.cast(table[user_col], pa.string()),
+        item_col: pc.cast(table[item_col], pa.string()),
+        order_col: table[order_col],
+        _ROW: pa.array(range(rows), pa.int64()),
+    })
+    # exact duplicates: keep each (user, item, order) triple's first row
+    first = table.group_by([user_col, item_col, order_col], use_threads=False).aggregate([(_ROW, "min")])
+    keep = first[f"{_ROW}_min"]
+    table = table.take(keep.take(pc.sort_indices(keep)))
+    duplicates = rows - table.num_rows
+    sizes = table.group_by([user_col, order_col], use_threads=False).aggregate([([], "count_all")])["count_all"]
+    ties = pc.sum(pc.filter(sizes, pc.greater(sizes, 1))).as_py() or 0
+    is_known = pc.is_in(table[item_col], value_set=pa.array(list(map(str, item_index.keys())), pa.string()))
+    unknown = table.num_rows - (pc.sum(is_known).as_py() or 0)
+    table = table.filter(is_known)
     str_index = {str(k): v for k, v in item_index.items()}
-    df = df.sort([user_col, order_col], maintain_order=True)
-    grouped = df.group_by(user_col, maintain_order=True).agg(pl.col(item_col))
+    # stable: a user's ties keep their file order
+    table = table.take(pc.sort_indices(table, sort_keys=[(user_col, "ascending"), (order_col, "ascending"), (_ROW, "ascending")]))
     users, seqs, short = [], [], 0
-    for user, items in grouped.iter_rows():
+    for user, items in _runs(table[user_col].to_pylist(), table[item_col].to_pylist()):
         if len(items) < min_len:
             short += 1
             continue
@@ -118,8 +144,8 @@ def read_histories(
         seqs.append([str_index[i] for i in items])
     if not users:
         raise TokenselError(f"{path}: no user has {min_len} or more interactions with known items")
-    counts = DataCounts(rows, duplicates, ties, unknown.height, short, len(users))
-    return Histories(users, seqs, unknown.height, short, counts)
+    counts = DataCounts(rows, duplicates, ties, unknown, short, len(users))
+    return Histories(users, seqs, unknown, short, counts)
 
 
 def first_users(hist: Histories, n: int | None) -> Histories:
