@@ -9,6 +9,10 @@ of the two vectors per item, Spearman correlation of the item-item cosine simila
 mean overlap of each item's 10 nearest neighbours (within the sample). The unmasked readout
 (full text) against the real kept-token forward is printed as the reference for how far apart
 "full" and "kept" are at all.
+
+--item-from prefix: the `[ITEM]` position's own input to the last block (its query, its residual and
+its own key) comes from a forward over the always-kept prefix alone, not the full text, so the
+readout's only route to the dropped text is the other kept positions' states (see `prefix_item`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,20 @@ from tokensel.models.bundle import Bundle
 from tokensel.models.head import PolicyHead
 from tokensel.models.readout import ItemReadout
 from tokensel.train.common import embed_tokens
-from tokensel.train.e2e import item_vectors, keep_mask, prepare
+from tokensel.train.e2e import E2EData, item_vectors, keep_mask, prepare
+
+
+@torch.inference_mode()
+def prefix_item(llm, data: E2EData, prefix: int) -> None:
+    """Replace each cached `[ITEM]` block input by the one a forward over the first `prefix` tokens gives."""
+    short = [t[:prefix] for t in data.tokens]
+    ids, mask, off = llm.build_inputs(short)
+    for s in range(0, len(short), 128):
+        g = list(range(s, min(s + 128, len(short))))
+        out = llm.model(input_ids=ids[g].to(llm.device), attention_mask=mask[g].to(llm.device), output_hidden_states=True)
+        h = out.hidden_states[-2].float().cpu()
+        for j, i in enumerate(g):
+            data.cache.states[i, data.cache.item_pos[i]] = h[j, off + len(short[i])]
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor, center: bool = False) -> dict:
@@ -52,6 +69,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--k", default="32,64")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--item-from", choices=("full", "prefix"), default="full", help="where the [ITEM] position's last-block input comes from")
     a = ap.parse_args()
     torch.set_num_threads(1)
     b = Bundle.from_pretrained(a.bundle, need_policy=False)
@@ -63,6 +81,8 @@ def main() -> None:
     pick = sorted(random.Random(a.seed).sample(long, min(a.n, len(long))))
     tokens = [tokens_all[i] for i in pick]
     data = prepare(llm, tokens)
+    if a.item_from == "prefix":
+        prefix_item(llm, data, PolicyConfig().prefix)
     readout = ItemReadout(llm).eval()
     items = list(range(len(tokens)))
     with torch.no_grad():

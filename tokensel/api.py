@@ -3,7 +3,8 @@
     from tokensel import api
     api.compress("items.parquet", "out.parquet", k=64, chunk=8)
     api.compress("items.parquet", "items.k{k}.parquet", k=[32, 64, 128])   # one model pass, three files
-    api.train("items.parquet", "interactions.parquet", "my_bundle")
+    api.train("items.parquet", "interactions.parquet", "my_bundle")   # ends with the strategy check
+    api.check("my_bundle", "items.parquet", "interactions.parquet")   # re-run it (e.g. on other data)
 
 In memory (lists of strings, DataFrames, datasets) use `tokensel.Selector`: `compress` is the file job
 around it.
@@ -11,9 +12,28 @@ around it.
 
 from __future__ import annotations
 
-from tokensel.compress.run import compress
-from tokensel.models.bundle import DEFAULT_BUNDLE
-from tokensel.select.selector import Selector
-from tokensel.train.pipeline import train
+from collections.abc import Callable
+from pathlib import Path
 
-__all__ = ["compress", "train", "Selector", "DEFAULT_BUNDLE"]
+from tokensel.compress.run import compress
+from tokensel.evaluate.check import strategy_check as check
+from tokensel.models.bundle import DEFAULT_BUNDLE, Bundle
+from tokensel.select.selector import Selector
+from tokensel.train import pipeline
+
+__all__ = ["compress", "train", "check", "Selector", "DEFAULT_BUNDLE"]
+
+
+def train(
+    items: str | Path, interactions: str | Path, out: str | Path, *, check_strategies: bool = True,
+    check_epochs: int | None = None, log: Callable[[dict], None] = print, **kwargs,
+) -> Bundle:
+    """`tokensel.train.pipeline.train`, then (when stage 2 ran and check_strategies) the downstream
+    strategy check (tokensel.evaluate.check) on the same data, saved in the bundle: which strategy to
+    trust, and what `compress --strategy auto` runs."""
+    bundle = pipeline.train(items, interactions, out, log=log, **kwargs)
+    if check_strategies and 2 in kwargs.get("stages", (1, 2)):
+        extra = {"epochs": check_epochs} if check_epochs else {}
+        bundle.check = check(bundle.path, items, interactions, columns=kwargs.get("columns", ("user_id", "item_id", "timestamp")),
+                             device=kwargs.get("device", "auto"), log=log, **extra)
+    return bundle

@@ -22,7 +22,9 @@ from tokensel.config import OBJECTIVE_NAMES, ItemModelConfig, PolicyConfig, Stag
 from tokensel.errors import TokenselError
 from tokensel.io import writers
 from tokensel.io.readers import open_items
-from tokensel.models.bundle import DEFAULT_BUNDLE, bundle_hash
+from tokensel.evaluate.check import CHECK_EPOCHS
+from tokensel.models.bundle import CHECK_FILE, DEFAULT_BUNDLE, bundle_hash
+from tokensel.select.auto import current_check, lost_to_first_k
 from tokensel.train.stage2 import stage2_warnings
 from tokensel.evaluate.command import evaluate_command, fail, headroom_command
 
@@ -78,7 +80,7 @@ def compress(
     k: Annotated[str, typer.Option(help="Tokens kept per item (the budget); several as 32,64,128 write one file each from one model pass (-o must then contain {k}).")] = "64",
     chunk: Annotated[int, typer.Option(help="Selection chunk size in tokens.")] = 8,
     prefix: Annotated[int, typer.Option(help="Leading tokens always kept.")] = 16,
-    strategy: Annotated[str, typer.Option(help="policy | item-align (the policy rule with W_Q = W_K = I: needs only stage 1) | first-k | random | rarity | topk-logits")] = "policy",
+    strategy: Annotated[str, typer.Option(help="policy | auto (what the bundle's strategy check chose; see tokensel info) | item-align (the policy rule with W_Q = W_K = I: needs only stage 1) | first-k | random | rarity | topk-logits")] = "policy",
     policy: Annotated[Optional[Path], typer.Option(help="Trained bundle folder (default: the one shipped with tokensel).")] = None,
     model: Annotated[Optional[str], typer.Option(help="Item LLM: hub id or folder (default: the bundle's model, or all-MiniLM-L6-v2).")] = None,
     id_col: Annotated[Optional[str], typer.Option(help="Item id column.")] = None,
@@ -174,6 +176,8 @@ def print_summary(summaries: list) -> None:
     lines += [f"wrote {s.out}" for s in summaries]
     for line in lines:
         out_console.print(line, markup=False, highlight=False, soft_wrap=True)
+    for note in first.notes:
+        out_console.print(note, markup=False, highlight=False, soft_wrap=True)
     for col in first.empty_columns:
         console.print(f"warning: text column {col!r} is null or blank in every row: check --text-cols", markup=False, highlight=False, soft_wrap=True)
 
@@ -211,9 +215,12 @@ def train(
     history: Annotated[int, typer.Option(help="History length, both stages and the user model.")] = Stage1Config.history,
     max_users: Annotated[Optional[int], typer.Option(help="Stage 2 on at most this many users.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of both stages.")] = Stage1Config.seed,
+    check: Annotated[bool, typer.Option("--check/--no-check", help="After stage 2, the downstream strategy check (see tokensel check): which strategy to trust.")] = True,
+    check_epochs: Annotated[int, typer.Option(help="Epochs of each recommender the check trains.")] = CHECK_EPOCHS,
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
-    """Train a policy bundle: stage 1 (recommender pretraining) and stage 2 (policy learning, the paper's reward).
+    """Train a policy bundle: stage 1 (recommender pretraining) and stage 2 (policy learning), then the
+    strategy check: first-k, item-align and the policy, each retrained downstream and scored on validation.
 
     Each flag sets one field of a stage's config (tokensel.config), which checks its values; the defaults are theirs.
     """
@@ -232,12 +239,66 @@ def train(
         bundle = api.train(
             items, interactions, out, stages=stages, **configs, columns=(user_col, item_col, order_col), device=device,
             log=lambda row: console.print(json.dumps(row), markup=False, highlight=False, soft_wrap=True),
+            check_strategies=check, check_epochs=check_epochs,
         )
     except TokenselError as exc:
         fail(console, exc)
     out_console.print(f"bundle written to {bundle.path} (hash {bundle.hash})", markup=False)
     for w in bundle.config.logs.get("stage2", {}).get("warnings", []):
         console.print(f"[yellow]stage 2:[/] {escape(w)}")
+    if bundle.check:
+        print_lines(check_table(bundle.check))
+
+
+@app.command("check")
+def check_command(
+    items: Annotated[Path, typer.Argument(help="Items Parquet (the bundle's training items, or a catalogue to check it on).")],
+    interactions: Annotated[Path, typer.Argument(help="Interactions Parquet: user id, item id, order column.")],
+    bundle: Annotated[Optional[Path], typer.Option("--policy", help="Bundle folder (default: the shipped one).")] = None,
+    k: Annotated[Optional[int], typer.Option(help="Budget (default: the one the policy was trained at).")] = None,
+    epochs: Annotated[int, typer.Option(help="Epochs of each recommender (fixed: validation is what is scored).")] = CHECK_EPOCHS,
+    seeds: Annotated[int, typer.Option(help="Training runs per strategy.")] = 1,
+    user_col: Annotated[str, typer.Option()] = "user_id",
+    item_col: Annotated[str, typer.Option()] = "item_id",
+    order_col: Annotated[str, typer.Option()] = "timestamp",
+    max_users: Annotated[Optional[int], typer.Option(help="Only the first N users (a quick look).")] = None,
+    save: Annotated[bool, typer.Option("--save/--no-save", help="Write the verdict into the bundle (check.json), where compress --strategy auto reads it.")] = True,
+    device: Annotated[str, typer.Option()] = "auto",
+) -> None:
+    """Which strategy to trust with a bundle: first-k, item-align and the policy compressed at k, the same
+    recommender (hllm) retrained on each, VALIDATION targets scored (never test), each paired with first-k."""
+    try:
+        result = api.check(
+            bundle or DEFAULT_BUNDLE, items, interactions, k=k, seeds=seeds, epochs=epochs, columns=(user_col, item_col, order_col),
+            max_users=max_users, device=device, save=save,
+            log=lambda row: console.print(json.dumps(row), markup=False, highlight=False, soft_wrap=True),
+        )
+    except TokenselError as exc:
+        fail(console, exc)
+    print_lines(check_table(result))
+    if save:
+        out_console.print(f"saved in {(bundle or DEFAULT_BUNDLE) / CHECK_FILE}", markup=False)
+
+
+def check_table(check: dict) -> list[str]:
+    """The check as a few plain lines (info, train and check print it)."""
+    lines = [
+        f"strategy check: k={check['k']}, {check['recommender']}, {check['epochs']} epochs x {check['seeds']} seed(s), "
+        f"{check['users']:,} users' {check['scored']} targets ({Path(check['data']['items']).name}), {check['seconds']:.0f} s",
+        f"  {'strategy':<11} {'N@10':>6} {'vs first-k':>10} {'p':>8} {'R@10':>6} {'vs first-k':>10} {'p':>8}",
+    ]
+    for r in check["rows"]:
+        ratio = lambda m: "-" if r["strategy"] == "first-k" or r.get(f"ratio_{m}") is None else f"{r[f'ratio_{m}']:.3f}x"  # noqa: E731
+        pv = lambda m: "-" if r.get(f"p_{m}") is None else f"{r[f'p_{m}']:.2g}"  # noqa: E731
+        mark = "  lost to first-k" if lost_to_first_k(r) else ""
+        lines.append(f"  {r['strategy']:<11} {r['N@10']:>6.3f} {ratio('N@10'):>10} {pv('N@10'):>8} {r['R@10']:>6.3f} {ratio('R@10'):>10} {pv('R@10'):>8}{mark}")
+    lines.append(f"  --strategy auto runs: {check['chosen']} ({check['rule']})")
+    return lines
+
+
+def print_lines(lines: list[str]) -> None:
+    for line in lines:  # plain lines, never wrapped into table cells: easy to read and to grep
+        out_console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -280,8 +341,12 @@ def info(
         first, *rest = value.split("\n")
         lines.append(f"  {label + ':':<18} {first}")
         lines += [f"  {'':<18} {more}" for more in rest]
-    for line in lines:  # plain lines, never wrapped into table cells: easy to read and to grep
-        out_console.print(line, markup=False, highlight=False, soft_wrap=True)
+    try:
+        check = current_check(path)
+    except TokenselError as exc:
+        fail(console, exc)
+    lines += check_table(check) if check else [f"  {'strategy check:':<18} none for these weights (tokensel check); --strategy auto runs first-k"]
+    print_lines(lines)
 
 
 def bundle_summary(cfg: dict) -> list[tuple[str, str]]:

@@ -189,13 +189,19 @@ class TrainConfig:
     item_tuning: str = "none"  # hllm: none (f frozen) | top (f's last block trains; CPU-affordable) | lora | full (a GPU setting)
     item_lr: float = 1e-4  # hllm with item_tuning: learning rate of the item LLM
     amp: str = "auto"  # bf16 autocast of the user model: auto (on CUDA) | bf16 | off
+    # which targets are ranked: "test" (best epoch chosen on validation) or "valid" (a check that must
+    # never see the test targets: every epoch is trained and the last one is scored, no selection)
+    score: str = "test"
 
     def __post_init__(self) -> None:
+        if self.score not in SCORED_SPLITS:
+            raise TokenselError(f"score must be one of {', '.join(SCORED_SPLITS)} (got {self.score!r})")
         if self.pooling not in POOLINGS:
             raise TokenselError(f"--pooling must be one of {', '.join(POOLINGS)} (got {self.pooling!r})")
         if self.item_tuning not in ITEM_TUNINGS:
             raise TokenselError(f"item tuning {self.item_tuning!r}: choose one of {', '.join(ITEM_TUNINGS)}, and anything but none only with --recommender hllm")
 
 
+SCORED_SPLITS = ("test", "valid")
 POOLINGS = ("mean", "mean-specials")  # text-sim / sasrec-init item vectors
 ITEM_TUNINGS = ("none", "top", "lora", "full")  # hllm: how much of the item LLM trains with the user model

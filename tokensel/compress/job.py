@@ -44,6 +44,7 @@ class CompressSummary:
     engine: str = "local"
     k: int = 0
     filled: dict[str, int] = field(default_factory=dict)  # per text column: rows with a non-blank value
+    notes: list[str] = field(default_factory=list)  # what --strategy auto chose, or that the strategy lost the bundle's check
 
     @property
     def ratio(self) -> float:

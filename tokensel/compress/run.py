@@ -13,7 +13,10 @@ from tokensel.compress.ray import check_ray, compress_file_ray
 from tokensel.config import CompressConfig
 from tokensel.errors import TokenselError
 from tokensel.io.readers import open_items
+from tokensel.models.bundle import read_bundle_config
+from tokensel.select.auto import AUTO, lost_note, resolve
 from tokensel.select.batching import BatchConfig
+from tokensel.select.strategies import BUNDLE_STRATEGIES
 from tokensel.select.selector import Selector, SelectorSpec, check_budgets
 
 
@@ -47,6 +50,9 @@ def compress(
 ) -> CompressSummary | list[CompressSummary]:
     """Compress an items file; text settings default to the bundle's (for `policy`) or TextConfig().
 
+    strategy "auto": the strategy the bundle's downstream check chose (tokensel.select.auto; first-k
+    where it has none), with the bundle's text settings; the summaries' `notes` say which and why.
+
     k: one budget, or several (one file each, from one model pass; a list of summaries is returned).
     out: the output file; with several budgets it must contain `{k}`. Default: beside the items file,
     `<items>.k<k>-<strategy>.parquet`.
@@ -57,6 +63,18 @@ def compress(
     batch_rows / batch_tokens: rows per window and padded tokens per forward pass (defaults scale
     with the device: larger on CUDA). The selection does not depend on them.
     """
+    notes: list[str] = []
+    if strategy == AUTO:  # what the bundle's downstream check chose, with the bundle's text settings
+        strategy, why = resolve(policy)
+        notes.append(why)
+        if strategy not in BUNDLE_STRATEGIES:
+            bundle_cfg = read_bundle_config(policy)
+            model = model or bundle_cfg.item.base_model
+            t = bundle_cfg.text
+            id_col, text_cols, max_len = id_col or t.id_col, text_cols or t.text_cols, max_len or t.max_len
+            template, labels = t.template if template is None else template, t.labels if labels is None else labels
+    elif strategy in BUNDLE_STRATEGIES and (note := lost_note(strategy, policy)):
+        notes.append(note)
     cfg = CompressConfig(
         ks=(k,) if isinstance(k, int) else tuple(k), chunk=chunk, prefix=prefix, passthrough=tuple(passthrough), limit=limit,
         pipeline=pipeline, **({"batch_rows": batch_rows} if batch_rows else {}),
@@ -83,4 +101,6 @@ def compress(
         first = outs[cfg.ks[0]]
         cache_path = (first.with_name(f"{items.stem}.cache.sqlite") if cache is True else Path(cache)) if cache else None
         summaries = compress_file(items, outs, sel, cfg, on_progress=on_progress, cache=cache_path)
+    for summary in summaries:
+        summary.notes = notes
     return summaries[0] if isinstance(k, int) else summaries

@@ -6,6 +6,8 @@
     item_adapter/             the LoRA adapter when tuning=lora (peft format)
     user_model.safetensors    the user model g
     policy.safetensors        W_Q, W_K (absent until stage 2 has run)
+    check.json                the downstream strategy check (tokensel.evaluate.check): which strategy to
+                              trust; written after training, so it is not part of the bundle's hash
 
 Loading checks that the model and tokenizer match the ones it was trained with and says exactly
 what differs.
@@ -89,10 +91,44 @@ def check_identity(expected: dict, actual: dict, bundle: Path, model_name: str) 
         )
 
 
+CHECK_FILE = "check.json"
+
+
+def read_bundle_config(path: str | Path | None = None) -> BundleConfig:
+    """A bundle's config alone (no weights loaded); default: the shipped bundle."""
+    path = Path(path) if path is not None else DEFAULT_BUNDLE
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise TokenselError(f"{path}: not a tokensel bundle (no config.json)")
+    try:
+        return BundleConfig.from_json(json.loads(cfg_file.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise TokenselError(f"{cfg_file}: unreadable bundle config ({exc})") from None
+
+
+def read_check(path: str | Path | None = None) -> dict | None:
+    """The bundle's strategy check (tokensel.evaluate.check), or None where it has not run."""
+    f = (Path(path) if path is not None else DEFAULT_BUNDLE) / CHECK_FILE
+    if not f.exists():
+        return None
+    try:
+        check = json.loads(f.read_text())
+        if not isinstance(check, dict) or "chosen" not in check or "rows" not in check:
+            raise ValueError("no chosen strategy or rows")
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise TokenselError(f"{f}: unreadable strategy check ({exc}); run tokensel check again") from None
+    return check
+
+
+def write_check(path: Path, check: dict) -> None:
+    write_json(Path(path) / CHECK_FILE, check)
+
+
 def bundle_hash(path: Path) -> str:
-    """A short content hash of the bundle (config and weights), recorded in compressed files."""
+    """A short content hash of the bundle (config and weights), recorded in compressed files. The
+    strategy check is a verdict about the bundle written after it, not part of what selects: left out."""
     h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.relative_to(path) != Path(CHECK_FILE)):
         h.update(str(f.relative_to(path)).encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
@@ -107,6 +143,7 @@ class Bundle:
         self.user_model = user_model
         self.policy = policy
         self.path = path
+        self.check: dict | None = read_check(path) if path is not None else None  # the downstream strategy check
 
     @property
     def hash(self) -> str | None:
@@ -116,6 +153,9 @@ class Bundle:
     def save_pretrained(self, path: str | Path) -> Path:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        (path / CHECK_FILE).unlink(missing_ok=True)  # a verdict about the weights being replaced
+        if self.path is not None and Path(self.path).resolve() == path.resolve():
+            self.check = None
         llm = self.item_llm
         emb = llm.model.get_input_embeddings().weight
         item_tensors = {"item_embedding": emb[llm.item_token_id].detach().float().cpu().contiguous()}
@@ -163,13 +203,7 @@ class Bundle:
     ) -> Bundle:
         """Load a bundle (default: the one shipped in the package); `model` overrides where the base model is found."""
         path = Path(path) if path is not None else DEFAULT_BUNDLE
-        cfg_file = path / "config.json"
-        if not cfg_file.exists():
-            raise TokenselError(f"{path}: not a tokensel bundle (no config.json)")
-        try:
-            config = BundleConfig.from_json(json.loads(cfg_file.read_text()))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise TokenselError(f"{cfg_file}: unreadable bundle config ({exc})") from None
+        config = read_bundle_config(path)
         if need_policy and not (path / "policy.safetensors").exists():
             raise TokenselError(f"{path}: the bundle has no policy yet (stage 2 has not run): tokensel train --stage 2, or compress with --strategy item-align (needs only stage 1)")
         name = model or config.item.base_model

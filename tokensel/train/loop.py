@@ -32,9 +32,9 @@ from tokensel.train.common import embed_tokens, infonce, infonce_logits
 
 @dataclass
 class TrainedRun:
-    """What `fit` returns: test ranks of the best epoch and how it got there."""
+    """What `fit` returns: the ranks of the scored targets (cfg.score) and how it got there."""
 
-    test_ranks: torch.Tensor  # [U] 0-based rank of each user's test target, history masked
+    test_ranks: torch.Tensor  # [U] 0-based rank of each user's scored target (test, or validation), history masked
     best_epoch: int
     valid: dict[str, float]  # validation metrics of the chosen epoch
     seconds: float
@@ -295,6 +295,9 @@ def fit(user: UserModel, items: ItemTable, hist: Histories, seed: int, cfg: Trai
     """Train `user` (and the items' trainable part) in place, keep the epoch with the best validation
     NDCG@10 (stopping after cfg.patience epochs without one), and rank the test targets with it.
 
+    cfg.score "valid" (the strategy check): the validation targets are what is ranked, so they cannot
+    also choose the epoch: every epoch trains, the last is kept, and the test targets are never read.
+
     Per epoch: one random window of up to history + 1 items per user, batched by similar length."""
     c, dev = cfg, device
     t0 = time.perf_counter()
@@ -317,8 +320,13 @@ def fit(user: UserModel, items: ItemTable, hist: Histories, seed: int, cfg: Trai
             emb = items.step(sorted({i for w in batch for i in w} | set(negs.tolist()))) if items.needs_rows else items.step([])
             losses.append(infonce_step(user, opt, emb, batch, negs, width, c.temperature, amp))
         items.after_epoch()
+        row = {"seed": seed, "epoch": epoch, "loss": round(sum(losses) / max(len(losses), 1), 4), "seconds": round(time.perf_counter() - t0, 1)}
+        if c.score == "valid":
+            rows.append(row)
+            log(row)
+            continue
         v = mean_metrics(user_ranks(user, items.all_rows().detach(), v_hist, v_tgt, c.history))
-        row = {"seed": seed, "epoch": epoch, "loss": round(sum(losses) / max(len(losses), 1), 4), "seconds": round(time.perf_counter() - t0, 1), "valid_N@10": round(v["N@10"], 3)}
+        row["valid_N@10"] = round(v["N@10"], 3)
         rows.append(row)
         log(row)
         if v["N@10"] > best[0]:
@@ -328,6 +336,9 @@ def fit(user: UserModel, items: ItemTable, hist: Histories, seed: int, cfg: Trai
             stale += 1
             if c.patience is not None and stale >= c.patience:
                 break
+    if c.score == "valid":
+        ranks = user_ranks(user, items.all_rows().detach(), v_hist, v_tgt, c.history)
+        return TrainedRun(ranks.cpu(), len(rows), mean_metrics(ranks), time.perf_counter() - t0, rows)
     if best[1] is not None:
         user.load_state_dict(best[1])
     if best[2] is not None:

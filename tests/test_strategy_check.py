@@ -1,0 +1,176 @@
+"""The downstream strategy check (issue 17, part 3): the rule, validation-only scoring, where the
+verdict is kept, and what compress / info / train do with it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from tokensel import api
+from tokensel.cli import app
+from tokensel.config import TrainConfig
+from tokensel.errors import TokenselError
+from tokensel.evaluate.runner import evaluate_detailed
+from tokensel.models.bundle import CHECK_FILE, Bundle, bundle_hash, read_check, write_check
+from tokensel.select.auto import choose, current_check, lost_note, lost_to_first_k, resolve
+from tokensel.select.selector import Selector
+
+runner = CliRunner()
+
+
+def row(strategy, n10, ratio=None, p=None):
+    return {"strategy": strategy, "N@10": n10, "R@10": n10, "ratio_N@10": ratio, "p_N@10": p, "ratio_R@10": ratio, "p_R@10": p}
+
+
+# ------------------------------------------------------------------------------------------- the rule
+def test_choose_takes_the_best_strategy_that_did_not_lose():
+    rows = [row("first-k", 5.0), row("item-align", 5.4, 1.08, 0.2), row("policy", 5.2, 1.04, 0.5)]
+    assert choose(rows) == "item-align"
+
+
+def test_choose_skips_a_strategy_that_lost_significantly_and_keeps_first_k():
+    rows = [row("first-k", 5.0), row("item-align", 4.5, 0.90, 0.001), row("policy", 4.9, 0.98, 0.6)]
+    assert choose(rows) == "first-k"  # policy did not lose significantly, but it is not better than first-k
+    assert [lost_to_first_k(r) for r in rows] == [False, True, False]
+
+
+def test_choose_breaks_a_tie_towards_first_k():
+    assert choose([row("first-k", 5.0), row("policy", 5.0, 1.0, 1.0)]) == "first-k"
+
+
+def test_a_significant_gain_is_not_a_loss():
+    assert not lost_to_first_k(row("policy", 6.0, 1.2, 0.001))
+
+
+# ------------------------------------------------------------------------------------------- scoring
+def _interactions_with_other_tests(src: Path, dst: Path, n_items: list[str]) -> Path:
+    """The same file with each user's LAST interaction (the test target) moved to another item."""
+    t = pq.read_table(src).to_pandas().sort_values(["user_id", "timestamp"], kind="stable")
+    last = t.groupby("user_id").tail(1).index
+    rng = np.random.default_rng(0)
+    t.loc[last, "item_id"] = rng.choice(n_items, size=len(last))
+    pq.write_table(pa.Table.from_pandas(t, preserve_index=False), dst)
+    return dst
+
+
+def test_validation_scoring_never_reads_the_test_targets(tmp_path, tiny_bert, items_path, interactions_path):
+    texts = tmp_path / "first.parquet"
+    api.compress(items_path, texts, k=32, strategy="first-k", model=tiny_bert, cache=False, device="cpu")
+    ids = [str(i) for i in pq.read_table(items_path, columns=["item_id"])["item_id"].to_pylist()]
+    other = _interactions_with_other_tests(interactions_path, tmp_path / "other.parquet", ids)
+
+    def per_user(inter, score):
+        cfg = TrainConfig(score=score, negatives=8, patience=None)
+        ev = evaluate_detailed(items_path, inter, [texts], "hllm", 1, model=tiny_bert, train=cfg, epochs=2, device="cpu")
+        return ev.files[0].per_user["N@10"]
+
+    assert np.array_equal(per_user(interactions_path, "valid"), per_user(other, "valid"))
+    assert not np.array_equal(per_user(interactions_path, "test"), per_user(other, "test"))  # the test targets did change
+
+
+def test_an_unknown_scored_split_is_refused():
+    with pytest.raises(TokenselError, match="score must be one of"):
+        TrainConfig(score="train")
+
+
+# ------------------------------------------------------------------------------------------- the check
+@pytest.fixture()
+def checked_bundle(tmp_path, tiny_bundle, items_path, interactions_path):
+    """A copy of the tiny bundle with a real (short) check saved in it."""
+    path = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, path)
+    before = bundle_hash(path)
+    check = api.check(path, items_path, interactions_path, epochs=1, device="cpu")
+    assert bundle_hash(path) == before  # the verdict is not part of what selects
+    return path, check
+
+
+def test_the_check_pairs_each_strategy_with_first_k_and_is_saved(checked_bundle):
+    path, check = checked_bundle
+    assert [r["strategy"] for r in check["rows"]] == ["first-k", "item-align", "policy"]
+    assert check["scored"] == "validation" and check["users"] > 0
+    assert check["rows"][0]["ratio_N@10"] == 1.0 and check["rows"][0]["p_N@10"] is None
+    assert all(r["p_N@10"] is not None for r in check["rows"][1:])
+    assert check["chosen"] == choose(check["rows"])
+    assert read_check(path) == json.loads(json.dumps(check))
+    assert Bundle.from_pretrained(path).check["chosen"] == check["chosen"]
+
+
+def _with_verdict(path: Path, chosen: str, policy_row: dict) -> None:
+    check = read_check(path)
+    check["rows"] = [row("first-k", 5.0, 1.0), row("item-align", 5.1, 1.02, 0.6), policy_row]
+    check["chosen"] = chosen
+    write_check(path, check)
+
+
+def test_auto_runs_the_chosen_strategy_with_the_bundles_text(checked_bundle, items_path, tmp_path):
+    path, _ = checked_bundle
+    _with_verdict(path, "item-align", row("policy", 4.0, 0.8, 0.001))
+    assert resolve(path)[0] == "item-align"
+    out = tmp_path / "auto.parquet"
+    s = api.compress(items_path, out, k=32, strategy="auto", policy=path, cache=False, device="cpu")
+    ref = api.compress(items_path, tmp_path / "ia.parquet", k=32, strategy="item-align", policy=path, cache=False, device="cpu")
+    assert pq.read_table(out).equals(pq.read_table(tmp_path / "ia.parquet"))
+    assert s.notes and s.notes[0].startswith("auto: item-align") and not ref.notes
+    assert Selector.from_pretrained(path, strategy="auto", device="cpu").name == Selector.from_pretrained(path, strategy="item-align", device="cpu").name
+
+
+def test_compress_says_when_the_strategy_lost_the_check(checked_bundle, items_path, tmp_path):
+    path, _ = checked_bundle
+    _with_verdict(path, "first-k", row("policy", 4.0, 0.8, 0.001))
+    s = api.compress(items_path, tmp_path / "p.parquet", k=32, strategy="policy", policy=path, cache=False, device="cpu")
+    assert len(s.notes) == 1 and "policy lost to first-k" in s.notes[0] and "0.80x" in s.notes[0]
+    r = runner.invoke(app, ["compress", str(items_path), "-o", str(tmp_path / "p2.parquet"), "--k", "32", "--policy", str(path), "--no-cache", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "policy lost to first-k" in r.output
+    a = api.compress(items_path, tmp_path / "a.parquet", k=32, strategy="auto", policy=path, cache=False, device="cpu")
+    assert a.notes[0].startswith("auto: first-k")
+    base = Bundle.from_pretrained(path).config.item.base_model
+    api.compress(items_path, tmp_path / "f.parquet", k=32, strategy="first-k", model=base, cache=False, device="cpu")
+    assert pq.read_table(tmp_path / "a.parquet").column("token_ids").equals(pq.read_table(tmp_path / "f.parquet").column("token_ids"))
+
+
+def test_a_stale_or_missing_check_makes_auto_keep_first_k(checked_bundle):
+    path, _ = checked_bundle
+    check = read_check(path)
+    check["bundle_hash"] = "0" * 16  # made for other weights
+    write_check(path, check)
+    assert current_check(path) is None
+    strategy, why = resolve(path)
+    assert strategy == "first-k" and "no strategy check" in why
+    assert lost_note("policy", path) is None
+    (path / CHECK_FILE).unlink()
+    assert resolve(path)[0] == "first-k"
+
+
+def test_a_damaged_check_is_named(checked_bundle):
+    path, _ = checked_bundle
+    (path / CHECK_FILE).write_text("{not json")
+    with pytest.raises(TokenselError, match="check.json: unreadable strategy check"):
+        resolve(path)
+    r = runner.invoke(app, ["info", str(path)])
+    assert r.exit_code == 2 and "check.json" in r.output and "Traceback" not in r.output
+
+
+def test_info_prints_the_check_as_a_table(checked_bundle):
+    path, check = checked_bundle
+    r = runner.invoke(app, ["info", str(path)])
+    assert r.exit_code == 0, r.output
+    assert "strategy check: k=" in r.output and f"--strategy auto runs: {check['chosen']}" in r.output
+    for s in ("first-k", "item-align", "policy"):
+        assert any(line.strip().startswith(s) for line in r.output.splitlines())
+
+
+def test_retraining_a_bundle_drops_its_old_check(checked_bundle):
+    path, _ = checked_bundle
+    b = Bundle.from_pretrained(path)
+    assert b.check is not None
+    b.save_pretrained(path)
+    assert not (path / CHECK_FILE).exists() and b.check is None

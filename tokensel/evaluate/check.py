@@ -1,0 +1,121 @@
+"""Which strategy to trust with a bundle: the downstream check that `tokensel train` ends with.
+
+A trained head is only worth running if the recommender retrained on its texts does better than on
+the first k tokens. Where the title and the key facts come first, every selection can lose: what the
+check measures is that verdict, on this bundle's own data, before anyone relies on the head.
+
+It compresses the catalogue with first-k, item-align and the trained policy at the bundle's k,
+retrains the same downstream recommender on each (hllm with f's last block trained where the model
+allows it, else hllm over frozen vectors; one seed by default) and scores the VALIDATION targets:
+the recommender trains a fixed number of epochs and the last one is scored, so the validation
+targets never choose anything and the test targets are never read (`TrainConfig.score`). Each
+strategy is paired with first-k over users. The result is written beside the bundle's weights
+(`check.json`, see `tokensel.models.bundle.write_check`); `tokensel info` prints it, and
+`tokensel compress --strategy auto` runs the strategy it chose (`tokensel.select.auto.RULE`: the
+best validation NDCG@10 among the strategies not significantly below first-k, first-k included; a
+tie goes to first-k, which needs no model).
+
+    from tokensel.evaluate.check import strategy_check
+    check = strategy_check("bundle/", "items.parquet", "interactions.parquet")
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tokensel.compress.run import compress
+from tokensel.config import TrainConfig
+from tokensel.errors import TokenselError
+from tokensel.evaluate.runner import VectorCache, evaluate_detailed
+from tokensel.evaluate.stats import paired_pvalues
+from tokensel.models.bundle import BundleConfig, bundle_hash, read_bundle_config, write_check
+from tokensel.models.readout import check_top_tunable
+from tokensel.select.auto import RULE, choose
+from tokensel.train.pipeline import file_digest
+
+CHECKED = ("first-k", "item-align", "policy")
+CHECK_EPOCHS = 6  # fixed: the validation targets are scored, so they cannot pick the epoch
+
+
+def item_tuning_for(model: str) -> str:
+    """f's last block trains where the model is BERT-style (cheap on a CPU); else the vectors stay frozen."""
+    try:
+        check_top_tunable(model)
+    except TokenselError:
+        return "none"
+    return "top"
+
+
+def strategy_check(
+    bundle: str | Path,
+    items: str | Path,
+    interactions: str | Path,
+    *,
+    k: int | None = None,
+    seeds: int = 1,
+    epochs: int = CHECK_EPOCHS,
+    columns: tuple[str, str, str] = ("user_id", "item_id", "timestamp"),
+    max_users: int | None = None,
+    device: str = "auto",
+    save: bool = True,
+    log: Callable[[dict], None] | None = None,
+) -> dict:
+    """Run the check for `bundle` on these items and interactions, save it in the bundle (unless
+    save=False) and return it. k defaults to the budget the bundle's policy was trained at."""
+    bundle = Path(bundle)
+    cfg: BundleConfig = read_bundle_config(bundle)
+    if cfg.policy is None:
+        raise TokenselError(f"{bundle}: the bundle has no policy yet (stage 2 has not run), so there is nothing to check")
+    k = k or cfg.policy.k
+    chunk, prefix = cfg.policy.select_chunk, cfg.policy.prefix
+    model = cfg.item.base_model
+    tuning = item_tuning_for(model)
+    train = TrainConfig(item_tuning=tuning, score="valid", patience=None)
+    text = cfg.text
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="tokensel-check-") as tmp:
+        files = []
+        for strategy in CHECKED:
+            out = Path(tmp) / f"{strategy}.parquet"
+            compress(
+                items, out, k=k, chunk=chunk, prefix=prefix, strategy=strategy,
+                policy=bundle if strategy != "first-k" else None, model=model if strategy == "first-k" else None,
+                id_col=text.id_col, text_cols=text.text_cols, max_len=text.max_len, template=text.template, labels=text.labels,
+                device=device, cache=False,
+            )
+            files.append(out)
+            if log:
+                log({"check": "compressed", "strategy": strategy, "seconds": round(time.perf_counter() - t0, 1)})
+        ev = evaluate_detailed(
+            items, interactions, files, "hllm", seeds, model=model, train=train, epochs=epochs, device=device,
+            id_col=text.id_col, user_col=columns[0], item_col=columns[1], order_col=columns[2], max_users=max_users,
+            cache=VectorCache(), log=log,
+        )
+    first = ev.files[0]
+    rows = []
+    for strategy, f in zip(CHECKED, ev.files):
+        p = paired_pvalues(f.per_user, first.per_user) if f is not first else {}
+        rows.append({
+            "strategy": strategy,
+            "N@10": round(f.metrics["N@10"], 4),
+            "R@10": round(f.metrics["R@10"], 4),
+            "ratio_N@10": round(f.metrics["N@10"] / first.metrics["N@10"], 4) if first.metrics["N@10"] else None,
+            "ratio_R@10": round(f.metrics["R@10"] / first.metrics["R@10"], 4) if first.metrics["R@10"] else None,
+            "p_N@10": p.get("N@10"),
+            "p_R@10": p.get("R@10"),
+        })
+    check = {
+        "k": k, "chunk": chunk, "prefix": prefix,
+        "recommender": f"hllm, item tuning {tuning}", "epochs": epochs, "seeds": seeds, "scored": "validation",
+        "users": ev.n_users, "items": ev.n_items,
+        "data": {"items": str(items), "items_sha": file_digest(Path(items)), "interactions": str(interactions), "interactions_sha": file_digest(Path(interactions))},
+        "bundle_hash": bundle_hash(bundle),
+        "rows": rows, "rule": RULE, "chosen": choose(rows) if all(r["ratio_N@10"] is not None for r in rows) else "first-k",
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    if save:
+        write_check(bundle, check)
+    return check
