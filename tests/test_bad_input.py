@@ -278,7 +278,7 @@ def test_unreadable_file_via_api(tmp_path, tiny_bert):
 
 
 def test_bundle_for_another_model(tmp_path, out, tiny_bundle, tiny_llama):
-    r = cli("compress", ITEMS, "-o", out, "--policy", tiny_bundle, "--model", tiny_llama, "--k", "16")
+    r = cli("compress", ITEMS, "-o", out, "--policy", tiny_bundle, "--strategy", "policy", "--model", tiny_llama, "--k", "16")
     assert_failed_cleanly(r, out, str(tiny_bundle), "model_type", "'bert'", "'llama'", "tokenizer")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -148,18 +149,29 @@ def test_info_on_a_folder_that_is_not_a_bundle(tmp_path):
     assert r.exit_code == 2 and "notatokenselbundle" in "".join(r.output.split())
 
 
-def test_policy_is_the_default_strategy_and_uses_the_default_bundle(tmp_path, tiny_bundle, tiny_bert, monkeypatch):
-    """`tokensel compress items` with no options: strategy policy, the shipped bundle, its base model."""
-    monkeypatch.setattr(bundle_mod, "DEFAULT_BUNDLE", tiny_bundle)
+def test_auto_is_the_default_strategy_and_follows_the_default_bundles_check(tmp_path, tiny_bundle, tiny_bert, monkeypatch):
+    """`tokensel compress items` with no options: what the shipped bundle's check chose, its base model
+    and text settings; without a check for its weights, first-k (and the summary says so)."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    monkeypatch.setattr(bundle_mod, "DEFAULT_BUNDLE", bundle)
+    cfg = json.loads((bundle / "config.json").read_text())
     out = tmp_path / "o.parquet"
     r = invoke("compress", ITEMS, "-o", out, "--k", "32", "--chunk", "4", "--prefix", "8")
     assert r.exit_code == 0, r.output
     meta = read_metadata(out)
-    assert meta["strategy"] == "policy" and meta["policy_hash"] == bundle_hash(tiny_bundle)
-    assert meta["model"] == tiny_bert
-    check_contract(out, ITEMS, tiny_bert, 32)
-    cfg = json.loads((tiny_bundle / "config.json").read_text())
+    assert meta["strategy"] == "first-k" and meta["model"] == tiny_bert
     assert meta["max_len"] == cfg["text"]["max_len"] and meta["text_cols"] == cfg["text"]["text_cols"]
+    assert "auto: first-k" in r.output and "no strategy check" in " ".join(r.output.split())
+    rows = [{"strategy": s, "N@10": n, "R@10": n, "ratio_N@10": n / 5, "p_N@10": p, "ratio_R@10": n / 5, "p_R@10": p}
+            for s, n, p in (("first-k", 5.0, None), ("item-align", 5.1, 0.7), ("policy", 5.5, 0.04))]
+    bundle_mod.write_check(bundle, {"k": 32, "rows": rows, "chosen": "policy", "bundle_hash": bundle_hash(bundle), "data": {"items": str(ITEMS)}})
+    r = invoke("compress", ITEMS, "-o", out, "--k", "32", "--chunk", "4", "--prefix", "8")
+    assert r.exit_code == 0, r.output
+    meta = read_metadata(out)
+    assert meta["strategy"] == "policy" and meta["policy_hash"] == bundle_hash(bundle) and meta["model"] == tiny_bert
+    assert "auto: policy" in r.output
+    check_contract(out, ITEMS, tiny_bert, 32)
 
 
 def test_cli_train_prints_stage2_warnings_then_item_align_uses_the_bundle(tmp_path, tiny_bert):

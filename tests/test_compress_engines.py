@@ -384,7 +384,7 @@ def tick(n):
     ticks.append(n)
     if len(ticks) == int(sys.argv[4]):
         os.kill(os.getpid(), signal.SIGKILL)
-api.compress(sys.argv[1], sys.argv[2], policy=sys.argv[3], k={k}, chunk={chunk}, prefix={prefix}, device="cpu",
+api.compress(sys.argv[1], sys.argv[2], strategy="policy", policy=sys.argv[3], k={k}, chunk={chunk}, prefix={prefix}, device="cpu",
              batch_rows=1000, pipeline=False, on_progress=tick)
 """
 

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from tokensel import api
 from tokensel.cli import app
+from tokensel.select.auto import resolve
 from tokensel.io.parquet_out import read_metadata
 from tokensel.models.item_llm import resolve_model_path
 from tokensel.models.bundle import DEFAULT_BUNDLE
@@ -50,10 +51,18 @@ def test_first_k_with_the_default_model(first_k_default, default_model_path):
 
 @pytest.mark.skipif(not (DEFAULT_BUNDLE / "config.json").exists(), reason=f"no shipped default bundle yet ({DEFAULT_BUNDLE / 'config.json'} absent)")
 def test_shipped_bundle_via_cli(tmp_path, first_k_default, default_model_path):
-    out = tmp_path / "policy.parquet"
+    """The README's main job runs what the shipped bundle's check chose, and says so; the shipped
+    policy itself (--strategy policy) selects something other than first-k."""
+    out = tmp_path / "auto.parquet"
     r = CliRunner().invoke(app, ["compress", str(ITEMS), "--k", "64", "--chunk", "8", "-o", str(out)])
     assert r.exit_code == 0, f"{r.exception!r}\n{r.output}"
     assert "Traceback" not in r.output
+    chosen, why = resolve(None)
+    assert read_metadata(out)["strategy"] == chosen and why in " ".join(r.output.split())
+    check_contract(out, ITEMS, default_model_path, 64)
+    out = tmp_path / "policy.parquet"
+    r = CliRunner().invoke(app, ["compress", str(ITEMS), "--k", "64", "--chunk", "8", "--strategy", "policy", "-o", str(out)])
+    assert r.exit_code == 0, f"{r.exception!r}\n{r.output}"
     table = check_contract(out, ITEMS, default_model_path, 64)
     meta = read_metadata(out)
     assert meta["strategy"] == "policy" and meta["policy_hash"]

@@ -35,7 +35,7 @@ def leftovers(folder, keep=()):
 
 
 def policy_cli(items, out, bundle, *extra):
-    return cli("compress", items, "-o", out, "--policy", bundle, "--k", "16", "--chunk", "4", "--prefix", "4", *extra)
+    return cli("compress", items, "-o", out, "--policy", bundle, "--strategy", "policy", "--k", "16", "--chunk", "4", "--prefix", "4", *extra)
 
 
 @pytest.fixture

@@ -105,7 +105,7 @@ def test_rarity_needs_a_fit_and_then_equals_compress(tmp_path, tiny_bert):
     (dict(data=["fine"], prefix=40, k=16), "--prefix 40 >= --k 16"),
 ])
 def test_bad_input_raises_one_clear_error_and_prints_nothing(tiny_bundle, capsys, bad, says):
-    sel = tokensel.Selector.from_pretrained(tiny_bundle, device="cpu")
+    sel = tokensel.Selector.from_pretrained(tiny_bundle, strategy="policy", device="cpu")
     kw = {"k": 16, "chunk": 4, "prefix": 4, **bad}
     data = kw.pop("data")
     with pytest.raises(TokenselError, match=says):

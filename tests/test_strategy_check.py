@@ -45,6 +45,12 @@ def test_choose_breaks_a_tie_towards_first_k():
     assert choose([row("first-k", 5.0), row("policy", 5.0, 1.0, 1.0)]) == "first-k"
 
 
+def test_a_significant_loss_in_recall_alone_counts():
+    r = {**row("item-align", 5.2, 1.04, 0.3), "ratio_R@10": 0.93, "p_R@10": 0.001}
+    assert lost_to_first_k(r)
+    assert choose([row("first-k", 5.0), r, row("policy", 5.1, 1.02, 0.6)]) == "policy"
+
+
 def test_a_significant_gain_is_not_a_loss():
     assert not lost_to_first_k(row("policy", 6.0, 1.2, 0.001))
 
@@ -127,7 +133,7 @@ def test_compress_says_when_the_strategy_lost_the_check(checked_bundle, items_pa
     _with_verdict(path, "first-k", row("policy", 4.0, 0.8, 0.001))
     s = api.compress(items_path, tmp_path / "p.parquet", k=32, strategy="policy", policy=path, cache=False, device="cpu")
     assert len(s.notes) == 1 and "policy lost to first-k" in s.notes[0] and "0.80x" in s.notes[0]
-    r = runner.invoke(app, ["compress", str(items_path), "-o", str(tmp_path / "p2.parquet"), "--k", "32", "--policy", str(path), "--no-cache", "--device", "cpu"])
+    r = runner.invoke(app, ["compress", str(items_path), "-o", str(tmp_path / "p2.parquet"), "--k", "32", "--strategy", "policy", "--policy", str(path), "--no-cache", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert "policy lost to first-k" in r.output
     a = api.compress(items_path, tmp_path / "a.parquet", k=32, strategy="auto", policy=path, cache=False, device="cpu")

@@ -24,7 +24,8 @@ from tokensel.io import writers
 from tokensel.io.readers import open_items
 from tokensel.evaluate.check import CHECK_EPOCHS
 from tokensel.models.bundle import CHECK_FILE, DEFAULT_BUNDLE, bundle_hash
-from tokensel.select.auto import current_check, lost_to_first_k
+from tokensel.compress.job import output_paths
+from tokensel.select.auto import AUTO, current_check, lost_to_first_k, resolve
 from tokensel.train.stage2 import stage2_warnings
 from tokensel.evaluate.command import evaluate_command, fail, headroom_command
 
@@ -60,17 +61,18 @@ def _budgets(value: str) -> int | list[int]:
     return ks[0] if len(ks) == 1 else ks
 
 
-def _export_plan(items: Path, out: str | None, ks: list[int], strategy: str, fmt: str) -> tuple[str | None, dict[int, Path]]:
-    """For --format recbole / hllm: (a hidden Parquet output to compress to, k -> the file to export)."""
+def _export_plan(items: Path, out: str | None, ks: list[int], strategy: str, policy: Path | None, fmt: str) -> tuple[str | None, dict[int, Path]]:
+    """For --format recbole / hllm: (a hidden Parquet output to compress to, k -> the file to export),
+    named as compress names its Parquet output (auto: after the strategy it runs)."""
     if fmt == "parquet":
         return out, {}
     if fmt not in writers.FORMATS:
         raise TokenselError(f"unknown --format {fmt!r}; choose one of {', '.join(writers.FORMATS)}")
-    pattern = out or str(items.with_name(f"{items.stem}.k{{k}}-{strategy}{writers.SUFFIX[fmt]}"))
-    if len(ks) > 1 and "{k}" not in pattern:
-        raise TokenselError(f"--out {pattern}: with several budgets the output name must contain {{k}}, e.g. items.k{{k}}{writers.SUFFIX[fmt]}")
+    name = resolve(policy)[0] if strategy == AUTO else strategy
+    exports = output_paths(items, out, tuple(ks), name, writers.SUFFIX[fmt])
+    pattern = out or str(exports[ks[0]])
     hidden = str(Path(pattern).with_name(f".{Path(pattern).name}.parquet"))
-    return hidden, {k: Path(pattern.replace("{k}", str(k))) for k in ks}
+    return hidden, exports
 
 
 @app.command()
@@ -80,7 +82,7 @@ def compress(
     k: Annotated[str, typer.Option(help="Tokens kept per item (the budget); several as 32,64,128 write one file each from one model pass (-o must then contain {k}).")] = "64",
     chunk: Annotated[int, typer.Option(help="Selection chunk size in tokens.")] = 8,
     prefix: Annotated[int, typer.Option(help="Leading tokens always kept.")] = 16,
-    strategy: Annotated[str, typer.Option(help="policy | auto (what the bundle's strategy check chose; see tokensel info) | item-align (the policy rule with W_Q = W_K = I: needs only stage 1) | first-k | random | rarity | topk-logits")] = "policy",
+    strategy: Annotated[str, typer.Option(help="auto (default: what the bundle's strategy check chose, first-k where it has none; see tokensel info) | policy | item-align (the policy rule with W_Q = W_K = I: needs only stage 1) | first-k | random | rarity | topk-logits")] = "auto",
     policy: Annotated[Optional[Path], typer.Option(help="Trained bundle folder (default: the one shipped with tokensel).")] = None,
     model: Annotated[Optional[str], typer.Option(help="Item LLM: hub id or folder (default: the bundle's model, or all-MiniLM-L6-v2).")] = None,
     id_col: Annotated[Optional[str], typer.Option(help="Item id column.")] = None,
@@ -110,7 +112,7 @@ def compress(
     try:
         budgets = _budgets(k)
         ks = [budgets] if isinstance(budgets, int) else budgets
-        out, exports = _export_plan(items, out, ks, strategy, fmt)
+        out, exports = _export_plan(items, out, ks, strategy, policy, fmt)
         with progress_bar(items, limit) as tick:
             summary = api.compress(
                 items, out, k=budgets, chunk=chunk, prefix=prefix, strategy=strategy, policy=policy, model=model,

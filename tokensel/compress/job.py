@@ -66,13 +66,14 @@ class CompressSummary:
             self.filled[c] = self.filled.get(c, 0) + n
 
 
-def output_paths(items: Path, out: str | Path | None, ks: tuple[int, ...], strategy: str) -> dict[int, Path]:
-    """k -> output file. Default: beside the items; several budgets need `{k}` in an explicit name."""
+def output_paths(items: Path, out: str | Path | None, ks: tuple[int, ...], strategy: str, suffix: str = ".parquet") -> dict[int, Path]:
+    """k -> output file. Default: beside the items, `<items>.k<k>-<strategy><suffix>`; several budgets
+    need `{k}` in an explicit name."""
     if out is None:
-        return {k: items.with_name(f"{items.stem}.k{k}-{strategy}.parquet") for k in ks}
+        return {k: items.with_name(f"{items.stem}.k{k}-{strategy}{suffix}") for k in ks}
     out = str(out)
     if len(ks) > 1 and "{k}" not in out:
-        raise TokenselError(f"--out {out}: with several budgets the output name must contain {{k}}, e.g. items.k{{k}}.parquet")
+        raise TokenselError(f"--out {out}: with several budgets the output name must contain {{k}}, e.g. items.k{{k}}{suffix}")
     return {k: Path(out.replace("{k}", str(k))) for k in ks}
 
 

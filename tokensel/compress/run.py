@@ -27,7 +27,7 @@ def compress(
     k: int | Sequence[int] = 64,
     chunk: int = 8,
     prefix: int = 16,
-    strategy: str = "policy",
+    strategy: str = "auto",
     policy: str | Path | None = None,
     model: str | None = None,
     id_col: str | None = None,

@@ -94,9 +94,14 @@ def check_identity(expected: dict, actual: dict, bundle: Path, model_name: str) 
 CHECK_FILE = "check.json"
 
 
+def bundle_path(path: str | Path | None) -> Path:
+    """A bundle folder; None is the shipped one."""
+    return Path(path) if path is not None else DEFAULT_BUNDLE
+
+
 def read_bundle_config(path: str | Path | None = None) -> BundleConfig:
     """A bundle's config alone (no weights loaded); default: the shipped bundle."""
-    path = Path(path) if path is not None else DEFAULT_BUNDLE
+    path = bundle_path(path)
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise TokenselError(f"{path}: not a tokensel bundle (no config.json)")
@@ -108,7 +113,7 @@ def read_bundle_config(path: str | Path | None = None) -> BundleConfig:
 
 def read_check(path: str | Path | None = None) -> dict | None:
     """The bundle's strategy check (tokensel.evaluate.check), or None where it has not run."""
-    f = (Path(path) if path is not None else DEFAULT_BUNDLE) / CHECK_FILE
+    f = bundle_path(path) / CHECK_FILE
     if not f.exists():
         return None
     try:
@@ -202,7 +207,7 @@ class Bundle:
         need_policy: bool = True,
     ) -> Bundle:
         """Load a bundle (default: the one shipped in the package); `model` overrides where the base model is found."""
-        path = Path(path) if path is not None else DEFAULT_BUNDLE
+        path = bundle_path(path)
         config = read_bundle_config(path)
         if need_policy and not (path / "policy.safetensors").exists():
             raise TokenselError(f"{path}: the bundle has no policy yet (stage 2 has not run): tokensel train --stage 2, or compress with --strategy item-align (needs only stage 1)")

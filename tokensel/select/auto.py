@@ -10,17 +10,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokensel.models.bundle import DEFAULT_BUNDLE, bundle_hash, read_check
+from tokensel.models.bundle import bundle_hash, bundle_path, read_check
 
 AUTO = "auto"
 ALPHA = 0.05
-RULE = "best validation NDCG@10 among strategies not significantly below first-k (paired test, p < 0.05); ties go to first-k"
+METRICS = ("N@10", "R@10")
+RULE = "best validation NDCG@10 among strategies not significantly below first-k in NDCG@10 or Recall@10 (paired test, p < 0.05); ties go to first-k"
+
+
+def lost_metrics(row: dict) -> list[str]:
+    """The metrics in which `row` is significantly below first-k on validation."""
+    if row["strategy"] == "first-k":
+        return []
+    return [m for m in METRICS if row.get(f"p_{m}") is not None and row.get(f"ratio_{m}") is not None and row[f"ratio_{m}"] < 1 and row[f"p_{m}"] < ALPHA]
 
 
 def lost_to_first_k(row: dict) -> bool:
-    """Significantly below first-k on validation NDCG@10."""
-    p = row.get("p_N@10")
-    return row["strategy"] != "first-k" and p is not None and row.get("ratio_N@10") is not None and row["ratio_N@10"] < 1 and p < ALPHA
+    """Significantly below first-k on validation NDCG@10 or Recall@10: a user who keeps first-k
+    would rank better by one of the measures the issue's readers quote."""
+    return bool(lost_metrics(row))
 
 
 def choose(rows: list[dict]) -> str:
@@ -33,7 +41,7 @@ def choose(rows: list[dict]) -> str:
 
 def current_check(policy: str | Path | None) -> dict | None:
     """The bundle's check if it was made for these very weights (a retrained bundle's old check is stale)."""
-    path = Path(policy) if policy is not None else DEFAULT_BUNDLE
+    path = bundle_path(policy)
     check = read_check(path)
     if check is None or check.get("bundle_hash") != bundle_hash(path):
         return None
@@ -42,7 +50,7 @@ def current_check(policy: str | Path | None) -> dict | None:
 
 def resolve(policy: str | Path | None) -> tuple[str, str]:
     """(strategy to run, one line saying why) for --strategy auto."""
-    path = Path(policy) if policy is not None else DEFAULT_BUNDLE
+    path = bundle_path(policy)
     check = current_check(path)
     if check is None:
         return "first-k", f"auto: first-k (bundle {path} has no strategy check for its weights; run tokensel check)"
@@ -57,7 +65,6 @@ def lost_note(strategy: str, policy: str | Path | None) -> str | None:
     row = next((r for r in check["rows"] if r["strategy"] == strategy), None) if check else None
     if row is None or not lost_to_first_k(row):
         return None
-    return (
-        f"note: {strategy} lost to first-k in this bundle's downstream check ({row['ratio_N@10']:.2f}x NDCG@10, "
-        f"p {row['p_N@10']:.2g}, k={check['k']}, validation); --strategy auto runs {check['chosen']}"
-    )
+    name = {"N@10": "NDCG@10", "R@10": "Recall@10"}
+    lost = ", ".join(f"{row[f'ratio_{m}']:.2f}x {name[m]} (p {row[f'p_{m}']:.2g})" for m in lost_metrics(row))
+    return f"note: {strategy} lost to first-k in this bundle's downstream check ({lost}; k={check['k']}, validation); --strategy auto runs {check['chosen']}"

@@ -108,7 +108,7 @@ class Selector:
     # ------------------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(
-        cls, policy=None, strategy: str = "policy", model: str | None = None, *, device: str = "auto", dtype: str = "auto",
+        cls, policy=None, strategy: str = "auto", model: str | None = None, *, device: str = "auto", dtype: str = "auto",
         seed: int = 0, text: TextConfig | None = None, batch: BatchConfig | None = None,
     ) -> Selector:
         """Load the item LLM and the strategy once. `policy=None` is the shipped default bundle; text
