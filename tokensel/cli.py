@@ -25,8 +25,8 @@ from tokensel.io.readers import open_items
 from tokensel.evaluate.check import CHECK_EPOCHS
 from tokensel.models.bundle import CHECK_FILE, DEFAULT_BUNDLE, bundle_hash
 from tokensel.compress.job import output_paths
-from tokensel.select.auto import AUTO, current_check, lost_to_first_k, resolve
-from tokensel.train.stage2 import stage2_warnings
+from tokensel.report import bundle_summary, check_table
+from tokensel.select.auto import AUTO, current_check, resolve
 from tokensel.evaluate.command import evaluate_command, fail, headroom_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Keep the most informative tokens of item texts (TSPORec).")
@@ -213,6 +213,11 @@ def train(
     select_chunk: Annotated[int, typer.Option()] = PolicyConfig.select_chunk,
     samples: Annotated[int, typer.Option(help="Sampled subsets per history (2 = the paper's pair).")] = PolicyConfig.samples,
     objective: Annotated[str, typer.Option(help=" | ".join(OBJECTIVE_NAMES))] = PolicyConfig.objective,
+    masked_side: Annotated[str, typer.Option(help="e2e: which items are embedded from their kept tokens: both | history | target.")] = PolicyConfig.masked_side,
+    sigma: Annotated[float, typer.Option(help="e2e: perturbed top-k noise, relative to each item's chunk-score spread.")] = PolicyConfig.sigma,
+    perturb_samples: Annotated[int, typer.Option(help="e2e: rule evaluations per backward pass (antithetic pairs).")] = PolicyConfig.perturb_samples,
+    prior_lr: Annotated[float, typer.Option(help="e2e: learning rate of the head's token position prior.")] = PolicyConfig.prior_lr,
+    model_lr: Annotated[float, typer.Option(help="e2e: learning rate of the surrogate user model and item readout.")] = PolicyConfig.model_lr,
     negatives: Annotated[int, typer.Option(help="Sampled negatives, both stages.")] = Stage1Config.negatives,
     history: Annotated[int, typer.Option(help="History length, both stages and the user model.")] = Stage1Config.history,
     max_users: Annotated[Optional[int], typer.Option(help="Stage 2 on at most this many users.")] = None,
@@ -236,7 +241,8 @@ def train(
             item_cfg=ItemModelConfig(base_model=model, tuning=tuning),
             user_cfg=UserModelConfig(kind="pretrained" if user_pretrained else "transformer", layers=user_layers, max_history=history, pretrained=user_pretrained),
             stage1=Stage1Config(epochs=epochs1, lr=lr1, item_lr=item_lr, negatives=negatives, history=history, seed=seed),
-            policy=PolicyConfig(prefix=prefix, k=k, train_chunk=train_chunk, select_chunk=select_chunk, epochs=epochs2, lr=lr2, negatives=negatives, history=history, samples=samples, objective=objective, seed=seed, max_users=max_users),
+            policy=PolicyConfig(prefix=prefix, k=k, train_chunk=train_chunk, select_chunk=select_chunk, epochs=epochs2, lr=lr2, negatives=negatives, history=history, samples=samples, objective=objective, seed=seed, max_users=max_users,
+                                masked_side=masked_side, sigma=sigma, perturb_samples=perturb_samples, prior_lr=prior_lr, model_lr=model_lr),
         )
         bundle = api.train(
             items, interactions, out, stages=stages, **configs, columns=(user_col, item_col, order_col), device=device,
@@ -280,22 +286,6 @@ def check_command(
     print_lines(check_table(result))
     if save:
         out_console.print(f"saved in {(bundle or DEFAULT_BUNDLE) / CHECK_FILE}", markup=False)
-
-
-def check_table(check: dict) -> list[str]:
-    """The check as a few plain lines (info, train and check print it)."""
-    lines = [
-        f"strategy check: k={check['k']}, {check['recommender']}, {check['epochs']} epochs x {check['seeds']} seed(s), "
-        f"{check['users']:,} users' {check['scored']} targets ({Path(check['data']['items']).name}), {check['seconds']:.0f} s",
-        f"  {'strategy':<11} {'N@10':>6} {'vs first-k':>10} {'p':>8} {'R@10':>6} {'vs first-k':>10} {'p':>8}",
-    ]
-    for r in check["rows"]:
-        ratio = lambda m: "-" if r["strategy"] == "first-k" or r.get(f"ratio_{m}") is None else f"{r[f'ratio_{m}']:.3f}x"  # noqa: E731
-        pv = lambda m: "-" if r.get(f"p_{m}") is None else f"{r[f'p_{m}']:.2g}"  # noqa: E731
-        mark = "  lost to first-k" if lost_to_first_k(r) else ""
-        lines.append(f"  {r['strategy']:<11} {r['N@10']:>6.3f} {ratio('N@10'):>10} {pv('N@10'):>8} {r['R@10']:>6.3f} {ratio('R@10'):>10} {pv('R@10'):>8}{mark}")
-    lines.append(f"  --strategy auto runs: {check['chosen']} ({check['rule']})")
-    return lines
 
 
 def print_lines(lines: list[str]) -> None:
@@ -349,37 +339,6 @@ def info(
         fail(console, exc)
     lines += check_table(check) if check else [f"  {'strategy check:':<18} none for these weights (tokensel check); --strategy auto runs first-k"]
     print_lines(lines)
-
-
-def bundle_summary(cfg: dict) -> list[tuple[str, str]]:
-    """The rows of `tokensel info`: what a user needs to judge a bundle, from its config.json."""
-    get = lambda *keys: _dig(cfg, keys)  # noqa: E731
-    text, data, s1, pol = get("text") or {}, get("data") or {}, get("stage1") or {}, get("policy")
-    rows = [
-        ("model", f"{get('identity', 'name')} ({get('identity', 'model_type')}, hidden {get('identity', 'hidden_size')}); item-LLM tuning {get('item', 'tuning')}"),
-        ("text", f"columns {','.join(text.get('text_cols', []))}; labels {'on' if text.get('labels') else 'off'}; max_len {text.get('max_len')}; template {text.get('template')!r}"),
-        ("trained on", f"{data.get('items')} ({data.get('n_items', '?'):,} items), {data.get('interactions')} ({data.get('n_users', '?'):,} users)"),
-        ("stage 1", f"{s1.get('epochs')} epochs, lr {s1.get('lr')}, {s1.get('negatives')} negatives; best validation NDCG@10 {get('logs', 'stage1', 'best_valid_N@10')}"),
-    ]
-    if pol is None or get("logs", "stage2") is None:
-        rows.append(("stage 2", "not run: compress with --strategy item-align, or tokensel train --stage 2"))
-        return rows
-    rows.append(("stage 2", f"objective {pol.get('objective')}, k {pol.get('k')}, prefix {pol.get('prefix')}, chunk {pol.get('train_chunk')}/{pol.get('select_chunk')}, {pol.get('epochs')} epoch(s), lr {pol.get('lr')}"))
-    log = get("logs", "stage2")
-    warnings = log.get("warnings")
-    source: list[str] = []
-    if warnings is None:  # bundles trained before the warnings were recorded: the same rule over their log
-        warnings, source = stage2_warnings(log), ["(derived from the training log: this bundle predates the recorded key)"]
-    rows.append(("stage-2 warnings", "\n".join([*source, *(f"- {w}" for w in warnings)]) or "none"))
-    return rows
-
-
-def _dig(d, keys):
-    for k in keys:
-        if not isinstance(d, dict) or k not in d:
-            return None
-        d = d[k]
-    return d
 
 
 app.command("evaluate")(evaluate_command)

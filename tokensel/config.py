@@ -29,6 +29,12 @@ class TextConfig:
     labels: bool = False  # `column: value` per field (HLLM style) or the bare values (default)
 
 
+def check_rule_settings(ks, chunk: int, prefix: int) -> None:
+    """The selection rule's settings, for the file job and the in-memory Selector alike."""
+    if not ks or min(ks) < 1 or chunk < 1 or prefix < 0:
+        raise TokenselError(f"need --k >= 1, --chunk >= 1, --prefix >= 0 (got k={list(ks)}, chunk={chunk}, prefix={prefix})")
+
+
 @dataclass(frozen=True)
 class CompressConfig:
     """One compress job: budgets, selection rule settings, and how the file is streamed.
@@ -47,8 +53,7 @@ class CompressConfig:
     def __post_init__(self):
         object.__setattr__(self, "ks", tuple(sorted(set(int(k) for k in self.ks))))
         object.__setattr__(self, "passthrough", tuple(self.passthrough))
-        if not self.ks or self.ks[0] < 1 or self.chunk < 1 or self.prefix < 0:
-            raise TokenselError(f"need --k >= 1, --chunk >= 1, --prefix >= 0 (got k={list(self.ks)}, chunk={self.chunk}, prefix={self.prefix})")
+        check_rule_settings(self.ks, self.chunk, self.prefix)
         for name in ("batch_rows", "limit", "row_group_rows"):
             value = getattr(self, name)
             if value is not None and value < 1:

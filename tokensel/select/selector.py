@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from tokensel.config import TextConfig
+from tokensel.config import TextConfig, check_rule_settings
 from tokensel.device import pick_device, pick_dtype
 from tokensel.errors import TokenselError
 from tokensel.io.fields import build_text_spans, field_columns, per_field
@@ -68,8 +68,7 @@ class Selection:
 
 def check_budgets(ks: Sequence[int], chunk: int, prefix: int, max_len: int, strategy: str) -> None:
     """Refuse budgets that are invalid, or under which a selecting strategy would silently select nothing."""
-    if not ks or min(ks) < 1 or chunk < 1 or prefix < 0:
-        raise TokenselError(f"need --k >= 1, --chunk >= 1, --prefix >= 0 (got k={list(ks)}, chunk={chunk}, prefix={prefix})")
+    check_rule_settings(ks, chunk, prefix)
     if strategy == "first-k":
         return
     if prefix >= min(ks):
