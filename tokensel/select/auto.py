@@ -54,9 +54,11 @@ def resolve(policy: str | Path | None) -> tuple[str, str]:
     check = current_check(path)
     if check is None:
         return "first-k", f"auto: first-k (bundle {path} has no strategy check for its weights; run tokensel check)"
+    where = f"the bundle's downstream check: k={check['k']}, {Path(check['data']['items']).name} validation; tokensel info shows it"
+    if check["chosen"] == "first-k":
+        return "first-k", f"auto: first-k (no selection beat it in {where})"
     row = next((r for r in check["rows"] if r["strategy"] == check["chosen"]), {})
-    vs = "" if check["chosen"] == "first-k" else f", {row.get('ratio_N@10', float('nan')):.2f}x first-k NDCG@10"
-    return check["chosen"], f"auto: {check['chosen']} (the bundle's downstream check at k={check['k']}{vs}, on {Path(check['data']['items']).name} validation)"
+    return check["chosen"], f"auto: {check['chosen']} ({row.get('ratio_N@10', float('nan')):.2f}x first-k NDCG@10 in {where})"
 
 
 def lost_note(strategy: str, policy: str | Path | None) -> str | None:
