@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from tokensel import api
 from tokensel.cli import app
-from tokensel.config import TrainConfig
+from tokensel.config import ItemModelConfig, PolicyConfig, Stage1Config, TextConfig, TrainConfig
 from tokensel.errors import TokenselError
 from tokensel.evaluate.runner import evaluate_detailed
 from tokensel.models.bundle import CHECK_FILE, Bundle, bundle_hash, read_check, write_check
@@ -180,3 +180,16 @@ def test_retraining_a_bundle_drops_its_old_check(checked_bundle):
     assert b.check is not None
     b.save_pretrained(path)
     assert not (path / CHECK_FILE).exists() and b.check is None
+
+
+def test_a_check_that_cannot_run_leaves_the_trained_bundle_and_says_why(tmp_path, tiny_bert, items_path, interactions_path):
+    """max_len 40 with the policy's k 64: compress refuses to select, so the check cannot run; the
+    bundle is still written and loads, with no verdict (auto keeps first-k)."""
+    logs: list[dict] = []
+    out = tmp_path / "b"
+    b = api.train(items_path, interactions_path, out, text=TextConfig(max_len=40), item_cfg=ItemModelConfig(base_model=tiny_bert),
+                  stage1=Stage1Config(epochs=1, negatives=8), policy=PolicyConfig(epochs=1, negatives=8, batch_size=16),
+                  device="cpu", log=logs.append, check_epochs=1)
+    assert b.check is None and not (out / CHECK_FILE).exists()
+    assert any("not run" in str(r.get("strategy check", "")) for r in logs)
+    assert Bundle.from_pretrained(out).policy is not None and resolve(out)[0] == "first-k"

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tokensel.compress.run import compress
+from tokensel.errors import TokenselError
 from tokensel.evaluate.check import strategy_check as check
 from tokensel.models.bundle import DEFAULT_BUNDLE, Bundle
 from tokensel.select.selector import Selector
@@ -34,6 +35,9 @@ def train(
     bundle = pipeline.train(items, interactions, out, log=log, **kwargs)
     if check_strategies and 2 in kwargs.get("stages", (1, 2)):
         extra = {"epochs": check_epochs} if check_epochs else {}
-        bundle.check = check(bundle.path, items, interactions, columns=kwargs.get("columns", ("user_id", "item_id", "timestamp")),
-                             device=kwargs.get("device", "auto"), log=log, **extra)
+        try:
+            bundle.check = check(bundle.path, items, interactions, columns=kwargs.get("columns", ("user_id", "item_id", "timestamp")),
+                                 device=kwargs.get("device", "auto"), log=log, **extra)
+        except TokenselError as exc:  # the bundle is written and sound; only the verdict is missing
+            log({"strategy check": f"not run: {exc}; run tokensel check when fixed (auto keeps first-k until then)"})
     return bundle
