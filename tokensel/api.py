@@ -18,6 +18,7 @@ from pathlib import Path
 from tokensel.compress.run import compress
 from tokensel.errors import TokenselError
 from tokensel.evaluate.check import strategy_check as check
+from tokensel.io.interactions import COLUMNS
 from tokensel.models.bundle import DEFAULT_BUNDLE, Bundle
 from tokensel.select.selector import Selector
 from tokensel.train import pipeline
@@ -33,11 +34,10 @@ def train(
     strategy check (tokensel.evaluate.check) on the same data, saved in the bundle: which strategy to
     trust, and what `compress --strategy auto` runs."""
     bundle = pipeline.train(items, interactions, out, log=log, **kwargs)
-    if check_strategies and 2 in kwargs.get("stages", (1, 2)):
+    if check_strategies and bundle.policy is not None:  # stage 2 ran
         extra = {"epochs": check_epochs} if check_epochs else {}
         try:
-            bundle.check = check(bundle.path, items, interactions, columns=kwargs.get("columns", ("user_id", "item_id", "timestamp")),
-                                 device=kwargs.get("device", "auto"), log=log, **extra)
+            check(bundle.path, items, interactions, columns=kwargs.get("columns", COLUMNS), device=kwargs.get("device", "auto"), log=log, **extra)
         except TokenselError as exc:  # the bundle is written and sound; only the verdict is missing
             log({"strategy check": f"not run: {exc}; run tokensel check when fixed (auto keeps first-k until then)"})
     return bundle

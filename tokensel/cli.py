@@ -254,8 +254,8 @@ def train(
     out_console.print(f"bundle written to {bundle.path} (hash {bundle.hash})", markup=False)
     for w in bundle.config.logs.get("stage2", {}).get("warnings", []):
         console.print(f"[yellow]stage 2:[/] {escape(w)}")
-    if bundle.check:
-        print_lines(check_table(bundle.check))
+    if verdict := bundle.check:
+        print_lines(check_table(verdict))
 
 
 @app.command("check")

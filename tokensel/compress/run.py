@@ -13,8 +13,7 @@ from tokensel.compress.ray import check_ray, compress_file_ray
 from tokensel.config import CompressConfig
 from tokensel.errors import TokenselError
 from tokensel.io.readers import open_items
-from tokensel.models.bundle import read_bundle_config
-from tokensel.select.auto import AUTO, lost_note, resolve
+from tokensel.select.auto import AUTO, auto_choice, lost_note
 from tokensel.select.batching import BatchConfig
 from tokensel.select.strategies import BUNDLE_STRATEGIES
 from tokensel.select.selector import Selector, SelectorSpec, check_budgets
@@ -64,15 +63,10 @@ def compress(
     with the device: larger on CUDA). The selection does not depend on them.
     """
     notes: list[str] = []
-    if strategy == AUTO:  # what the bundle's downstream check chose, with the bundle's text settings
-        strategy, why = resolve(policy)
+    auto_text = None  # auto -> first-k: the bundle's text settings, under the options given here
+    if strategy == AUTO:
+        strategy, model, auto_text, why = auto_choice(policy, model)
         notes.append(why)
-        if strategy not in BUNDLE_STRATEGIES:
-            bundle_cfg = read_bundle_config(policy)
-            model = model or bundle_cfg.item.base_model
-            t = bundle_cfg.text
-            id_col, text_cols, max_len = id_col or t.id_col, text_cols or t.text_cols, max_len or t.max_len
-            template, labels = t.template if template is None else template, t.labels if labels is None else labels
     elif strategy in BUNDLE_STRATEGIES and (note := lost_note(strategy, policy)):
         notes.append(note)
     cfg = CompressConfig(
@@ -89,7 +83,7 @@ def compress(
         if len(cfg.ks) > 1:
             raise TokenselError("--engine ray compresses one budget per run; give one --k, or use the local engine")
     outs = output_paths(items, out, cfg.ks, strategy)
-    sel = Selector.from_spec(spec)
+    sel = Selector.from_spec(spec, text=auto_text)
     sel = sel.with_text(id_col=id_col, text_cols=text_cols, max_len=max_len, template=template, labels=labels)
     sel.batch = BatchConfig.for_device(sel.llm.device, batch_tokens=batch_tokens)
     check_budgets(cfg.ks, cfg.chunk, cfg.prefix, sel.text.max_len, strategy)

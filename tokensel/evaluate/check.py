@@ -12,8 +12,8 @@ targets never choose anything and the test targets are never read (`TrainConfig.
 strategy is paired with first-k over users. The result is written beside the bundle's weights
 (`check.json`, see `tokensel.models.bundle.write_check`); `tokensel info` prints it, and
 `tokensel compress --strategy auto` runs the strategy it chose (`tokensel.select.auto.RULE`: the
-best validation NDCG@10 among the strategies not significantly below first-k, first-k included; a
-tie goes to first-k, which needs no model).
+best validation NDCG@10 among the strategies not significantly below first-k in NDCG@10 or
+Recall@10, first-k included; a tie goes to first-k, which needs no model).
 
     from tokensel.evaluate.check import strategy_check
     check = strategy_check("bundle/", "items.parquet", "interactions.parquet")
@@ -31,6 +31,7 @@ from tokensel.config import TrainConfig
 from tokensel.errors import TokenselError
 from tokensel.evaluate.runner import VectorCache, evaluate_detailed
 from tokensel.evaluate.stats import paired_pvalues
+from tokensel.io.interactions import COLUMNS
 from tokensel.models.bundle import BundleConfig, bundle_hash, read_bundle_config, write_check
 from tokensel.models.readout import check_top_tunable
 from tokensel.select.auto import RULE, choose
@@ -57,7 +58,7 @@ def strategy_check(
     k: int | None = None,
     seeds: int = 1,
     epochs: int = CHECK_EPOCHS,
-    columns: tuple[str, str, str] = ("user_id", "item_id", "timestamp"),
+    columns: tuple[str, str, str] = COLUMNS,
     max_users: int | None = None,
     device: str = "auto",
     save: bool = True,

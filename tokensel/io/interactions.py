@@ -66,6 +66,7 @@ class Histories:
         return [seq[:-2] for seq in self.sequences]
 
 
+COLUMNS = ("user_id", "item_id", "timestamp")  # the default user, item and order columns (SPEC's data contract)
 _ROW = "__tokensel_row"
 
 
@@ -86,9 +87,9 @@ def _runs(users: list[str], items: list[str]):
 def read_histories(
     path: str | Path,
     item_index: dict,
-    user_col: str = "user_id",
-    item_col: str = "item_id",
-    order_col: str = "timestamp",
+    user_col: str = COLUMNS[0],
+    item_col: str = COLUMNS[1],
+    order_col: str = COLUMNS[2],
     min_len: int = 3,
 ) -> Histories:
     path = Path(path)

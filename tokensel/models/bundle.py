@@ -148,19 +148,21 @@ class Bundle:
         self.user_model = user_model
         self.policy = policy
         self.path = path
-        self.check: dict | None = read_check(path) if path is not None else None  # the downstream strategy check
 
     @property
     def hash(self) -> str | None:
         return bundle_hash(self.path) if self.path else None
+
+    @property
+    def check(self) -> dict | None:
+        """The downstream strategy check saved beside the weights (tokensel.evaluate.check), or None."""
+        return read_check(self.path) if self.path is not None else None
 
     # ---------------------------------------------------------------- save
     def save_pretrained(self, path: str | Path) -> Path:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / CHECK_FILE).unlink(missing_ok=True)  # a verdict about the weights being replaced
-        if self.path is not None and Path(self.path).resolve() == path.resolve():
-            self.check = None
         llm = self.item_llm
         emb = llm.model.get_input_embeddings().weight
         item_tensors = {"item_embedding": emb[llm.item_token_id].detach().float().cpu().contiguous()}

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokensel.models.bundle import bundle_hash, bundle_path, read_check
+from tokensel.config import TextConfig
+from tokensel.models.bundle import bundle_hash, bundle_path, read_bundle_config, read_check
+from tokensel.select.strategies import BUNDLE_STRATEGIES
 
 AUTO = "auto"
 ALPHA = 0.05
@@ -59,6 +61,17 @@ def resolve(policy: str | Path | None) -> tuple[str, str]:
         return "first-k", f"auto: first-k (no selection beat it in {where})"
     row = next((r for r in check["rows"] if r["strategy"] == check["chosen"]), {})
     return check["chosen"], f"auto: {check['chosen']} ({row.get('ratio_N@10', float('nan')):.2f}x first-k NDCG@10 in {where})"
+
+
+def auto_choice(policy: str | Path | None, model: str | None = None) -> tuple[str, str | None, TextConfig | None, str]:
+    """--strategy auto in full, for the file job and the Selector alike: (strategy, model, text
+    settings or None, why). A strategy that reads no bundle (first-k) gets the bundle's model and text
+    settings, so it writes the tokens the check measured; a bundle strategy reads them itself."""
+    strategy, why = resolve(policy)
+    if strategy in BUNDLE_STRATEGIES:
+        return strategy, model, None, why
+    cfg = read_bundle_config(policy)
+    return strategy, model or cfg.item.base_model, cfg.text, why
 
 
 def lost_note(strategy: str, policy: str | Path | None) -> str | None:

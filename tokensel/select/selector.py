@@ -27,10 +27,10 @@ from tokensel.device import pick_device, pick_dtype
 from tokensel.errors import TokenselError
 from tokensel.io.fields import build_text_spans, field_columns, per_field
 from tokensel.io.items import build_text
-from tokensel.models.bundle import Bundle, read_bundle_config
+from tokensel.models.bundle import Bundle
 from tokensel.models.item_llm import DEFAULT_MODEL, ItemLLM
 from tokensel.select import frames
-from tokensel.select.auto import AUTO, resolve
+from tokensel.select.auto import AUTO, auto_choice
 from tokensel.select.batching import BatchConfig, dummy_rows, forward_batches, plain_batches
 from tokensel.select.keep import COLUMNS, lengths_of, output_columns, token_offsets
 from tokensel.select.rule import select_mask
@@ -114,10 +114,8 @@ class Selector:
         settings default to the bundle's (as in the CLI), else to TextConfig(). strategy "auto": the
         one the bundle's downstream check chose (tokensel.select.auto), with the bundle's text settings."""
         if strategy == AUTO:
-            strategy, _ = resolve(policy)
-            if strategy not in BUNDLE_STRATEGIES:
-                bundle_cfg = read_bundle_config(policy)
-                model, text = model or bundle_cfg.item.base_model, text or bundle_cfg.text
+            strategy, model, auto_text, _ = auto_choice(policy, model)
+            text = text or auto_text
         spec = SelectorSpec(strategy, None if policy is None else str(policy), model, seed, device, dtype)
         return cls.from_spec(spec, text=text, batch=batch)
 

@@ -12,7 +12,7 @@ import torch
 from tokensel.config import ItemModelConfig, PolicyConfig, Stage1Config, TextConfig, UserModelConfig
 from tokensel.device import pick_device
 from tokensel.errors import TokenselError
-from tokensel.io.interactions import read_histories
+from tokensel.io.interactions import COLUMNS, read_histories
 from tokensel.io.items import read_items
 from tokensel.models.item_llm import ItemLLM
 from tokensel.models.readout import check_top_tunable
@@ -55,7 +55,7 @@ def train(
     user_cfg: UserModelConfig | None = None,
     stage1: Stage1Config | None = None,
     policy: PolicyConfig | None = None,
-    columns: tuple[str, str, str] = ("user_id", "item_id", "timestamp"),
+    columns: tuple[str, str, str] = COLUMNS,
     device: str = "auto",
     log: Callable[[dict], None] = print,
     reward: Reward | None = None,
