@@ -11,6 +11,7 @@ from tokensel.config import PolicyConfig, TextConfig
 from tokensel.errors import TokenselError
 from tokensel.io.interactions import read_histories
 from tokensel.io.items import read_items
+from tokensel.models.gated import kept_vectors
 from tokensel.models.head import PolicyHead
 from tokensel.models.item_llm import ItemLLM
 from tokensel.models.readout import ItemReadout
@@ -147,10 +148,54 @@ def test_a_training_step_changes_the_head_and_nothing_else(setup):
     assert ep[0]["policy"] == ep[0]["identity"]  # the start is the identity head
 
 
+def test_every_block_mask_is_exactly_the_kept_token_forward(setup):
+    """mask_layers "all": f over all tokens with 0/1 gates in every block equals f over the kept tokens
+    alone (renumbered positions), and a dropped token's gate still gets a gradient."""
+    llm, tokens, _ = setup
+    torch.manual_seed(1)
+    items = [i for i, t in enumerate(tokens) if len(t) > 12][:6]
+    toks = [tokens[i] for i in items]
+    gate = (torch.rand(len(toks), max(map(len, toks))) > 0.5).float()
+    gate[:, 0] = 1.0
+    readout = ItemReadout(llm).eval()
+    got = kept_vectors(llm, readout, toks, gate.requires_grad_(True))
+    kept = [[t for j, t in enumerate(tt) if gate[r, j] > 0.5] for r, tt in enumerate(toks)]
+    with torch.no_grad():
+        want = llm.encode(kept, need_hidden=False).item
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    (got * torch.randn_like(got)).sum().backward()
+    dropped = torch.stack([(gate[r] == 0) & (torch.arange(gate.shape[1]) < len(t)) for r, t in enumerate(toks)])
+    assert gate.grad[dropped].abs().sum() > 0
+    assert torch.all(gate.grad[~dropped & (gate.detach() == 0)] == 0)  # padding past an item's end: no gradient
+
+
+def test_every_block_training_step_runs_and_moves_the_head(setup):
+    """The same training loop with the mask in every block (f run gated per step, no block cache)."""
+    llm, tokens, hist = setup
+    cfg = PolicyConfig(objective="e2e", mask_layers="all", k=8, prefix=2, train_chunk=2, epochs=1, batch_size=16, negatives=16, valid_users=20, lr=1e-2)
+    data = e2e.prepare(llm, tokens, "all")
+    assert data.cache is None and data.llm is llm
+    head = PolicyHead(llm.hidden_size)
+    out = e2e.train_e2e(llm, UserModel(llm.hidden_size, UserModelConfig()), head, tokens, hist, cfg, 0.05, lambda r: None, data=data)
+    assert not torch.equal(head.w_q.weight, torch.eye(llm.hidden_size))
+    assert out["epochs"][0]["policy"] == out["epochs"][0]["identity"]
+    # validation under the every-block mask is validation of real kept-token vectors: first-k's table
+    # equals the readout over a plain forward of the first-k texts
+    readout = ItemReadout(llm).eval()
+    mask, n = e2e.keep_mask(None, data, list(range(len(tokens))), cfg)
+    kept = [[t for j, t in enumerate(tt) if mask[r, j] > 0.5] for r, tt in enumerate(tokens)]
+    table = e2e.masked_table(readout, None, data, cfg)
+    with torch.no_grad():
+        want = llm.encode(kept, need_hidden=False).item
+    torch.testing.assert_close(table, want, atol=1e-4, rtol=1e-4)
+
+
 def test_e2e_is_selectable_and_validated():
     check_settings(None, PolicyConfig(objective="e2e"))
     with pytest.raises(TokenselError, match="masked side"):
         check_settings(None, PolicyConfig(objective="e2e", masked_side="neither"))
+    with pytest.raises(TokenselError, match="mask layers"):
+        check_settings(None, PolicyConfig(objective="e2e", mask_layers="some"))
     with pytest.raises(TokenselError, match="sigma"):
         check_settings(None, PolicyConfig(objective="e2e", sigma=0.0))
     with pytest.raises(TokenselError, match="objective"):

@@ -214,6 +214,7 @@ def train(
     samples: Annotated[int, typer.Option(help="Sampled subsets per history (2 = the paper's pair).")] = PolicyConfig.samples,
     objective: Annotated[str, typer.Option(help=" | ".join(OBJECTIVE_NAMES))] = PolicyConfig.objective,
     masked_side: Annotated[str, typer.Option(help="e2e: which items are embedded from their kept tokens: both | history | target.")] = PolicyConfig.masked_side,
+    mask_layers: Annotated[str, typer.Option(help="e2e: where the keep mask acts: top (the last block's [ITEM] query over cached states; CPU-sized) | all (every block, exactly the kept-token forward; GPU-sized).")] = PolicyConfig.mask_layers,
     sigma: Annotated[float, typer.Option(help="e2e: perturbed top-k noise, relative to each item's chunk-score spread.")] = PolicyConfig.sigma,
     perturb_samples: Annotated[int, typer.Option(help="e2e: rule evaluations per backward pass (antithetic pairs).")] = PolicyConfig.perturb_samples,
     prior_lr: Annotated[float, typer.Option(help="e2e: learning rate of the head's token position prior.")] = PolicyConfig.prior_lr,
@@ -242,7 +243,7 @@ def train(
             user_cfg=UserModelConfig(kind="pretrained" if user_pretrained else "transformer", layers=user_layers, max_history=history, pretrained=user_pretrained),
             stage1=Stage1Config(epochs=epochs1, lr=lr1, item_lr=item_lr, negatives=negatives, history=history, seed=seed),
             policy=PolicyConfig(prefix=prefix, k=k, train_chunk=train_chunk, select_chunk=select_chunk, epochs=epochs2, lr=lr2, negatives=negatives, history=history, samples=samples, objective=objective, seed=seed, max_users=max_users,
-                                masked_side=masked_side, sigma=sigma, perturb_samples=perturb_samples, prior_lr=prior_lr, model_lr=model_lr),
+                                masked_side=masked_side, mask_layers=mask_layers, sigma=sigma, perturb_samples=perturb_samples, prior_lr=prior_lr, model_lr=model_lr),
         )
         bundle = api.train(
             items, interactions, out, stages=stages, **configs, columns=(user_col, item_col, order_col), device=device,

@@ -127,6 +127,7 @@ class PolicyConfig:
     valid_users: int | None = None  # validation users checked after each epoch (None: all)
     # objective e2e only (train/e2e.py)
     masked_side: str = "both"  # both | history | target: which items are embedded from their kept tokens
+    mask_layers: str = "top"  # top (last block's [ITEM] query: CPU-sized) | all (every block: exactly the kept-token forward, GPU-sized)
     sigma: float = 0.5  # perturbed top-k noise, relative to each item's chunk-score spread
     perturb_samples: int = 32  # rule evaluations per backward pass (antithetic pairs)
     prior_lr: float = 0.01  # learning rate of the head's token position prior

@@ -13,10 +13,15 @@ InfoNCE loss of that recommender trains the head, the user model and the item re
   needs no second relaxed definition of the rule (short chunks, prefix and ties are handled by
   `select_mask` itself), and its samples are cheap: only the rule runs per sample, not the model.
   sigma is relative to each item's chunk-score spread, so it means the same as the head's scale moves.
-- Where the mask acts: the top readout (`ItemReadout`: f's last block at `[ITEM]` over cached
-  lower-layer states). Dropped tokens get weight 0 in the `[ITEM]` query's attention (renormalised),
-  i.e. -inf masking, while the weight still receives a gradient. Approximation: lower layers saw the
-  full text, at inference they see only the kept tokens (measured in research/e2e_approx.py).
+- Where the mask acts (`mask_layers`):
+  - `top` (CPU-affordable): the top readout (`ItemReadout`: f's last block at `[ITEM]` over cached
+    lower-layer states). Dropped tokens get weight 0 in the `[ITEM]` query's attention (renormalised),
+    i.e. -inf masking, while the weight still receives a gradient. Approximation: lower layers saw the
+    full text, at inference they see only the kept tokens, so the vector barely moves when tokens are
+    dropped (measured in research/e2e_approx.py).
+  - `all` (GPU-sized): the same gate in every block's attention with the kept tokens renumbered
+    (`models/gated.py`): exactly f over the kept tokens, no approximation, at the price of a forward
+    and backward through f per item per step.
 - Masked side (`masked_side`): `both` by default (history items, the target and the sampled
   negatives), because downstream every item, the ranked catalogue included, is embedded from its
   compressed text; `history` or `target` mask one side only and embed the other from full text.
@@ -36,12 +41,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from tokensel.config import PolicyConfig
 from tokensel.errors import TokenselError
 from tokensel.io.interactions import Histories
 from tokensel.models.batching import length_buckets
+from tokensel.models.gated import kept_vectors, lower_blocks
 from tokensel.models.head import PolicyHead
 from tokensel.models.item_llm import ItemLLM
 from tokensel.models.readout import BlockInputs, ItemReadout, last_block
@@ -52,12 +57,15 @@ from tokensel.train.stage1 import validate
 
 OBJECTIVE = "e2e"
 MASKED_SIDES = ("both", "history", "target")
+MASK_LAYERS = ("top", "all")
 
 
 def check_e2e(cfg: PolicyConfig) -> None:
     """Refuse bad end-to-end settings as user errors, before anything is loaded."""
     if cfg.masked_side not in MASKED_SIDES:
         raise TokenselError(f"unknown masked side {cfg.masked_side!r}; choose {', '.join(MASKED_SIDES)}")
+    if cfg.mask_layers not in MASK_LAYERS:
+        raise TokenselError(f"unknown mask layers {cfg.mask_layers!r}; choose {', '.join(MASK_LAYERS)}")
     if not cfg.sigma > 0:
         raise TokenselError(f"the e2e objective needs sigma > 0 (got {cfg.sigma})")
     if cfg.perturb_samples < 2:
@@ -113,38 +121,45 @@ def relative_sigma(scores: torch.Tensor, n_chunks_valid: torch.Tensor, sigma: fl
 # ----------------------------------------------------------------------------------------- data
 @dataclass
 class E2EData:
-    """Per item: tokens, the cached inputs of f's last block, final-layer text states and [ITEM] states."""
+    """Per item: tokens, the cached inputs of f's last block (mask in the top block only), final-layer
+    text states and [ITEM] states; `llm` set when the mask acts in every block (f runs per step)."""
 
     tokens: list[list[int]]
-    cache: BlockInputs
+    cache: BlockInputs | None
     hidden: list[torch.Tensor]  # [n_i, d] fp16, what the head scores (as at inference)
     item: torch.Tensor  # [N, d] final [ITEM] states of the full text
     offset: int  # cache column of each item's first text token
+    llm: ItemLLM | None = None  # mask_layers "all": f itself, run gated over each step's items
 
 
 @torch.inference_mode()
-def prepare(llm: ItemLLM, tokens: list[list[int]], batch_tokens: int = 16384, max_batch: int = 128) -> E2EData:
-    """One frozen forward over the catalogue: the last block's inputs (for the readout) and the final
-    states (for the head) from the same pass."""
+def prepare(llm: ItemLLM, tokens: list[list[int]], mask_layers: str = "top", batch_tokens: int = 16384, max_batch: int = 128) -> E2EData:
+    """One frozen forward over the catalogue: the final states (for the head) and, for the top-block
+    mask, the last block's inputs (for the readout) from the same pass."""
+    if mask_layers == "all":
+        lower_blocks(llm)
     last_block(llm)
     ids, mask, off = llm.build_inputs(tokens)
     N, W = ids.shape
     d = llm.hidden_size
-    states = torch.zeros(N, W, d)
+    cached = mask_layers != "all"
+    states = torch.zeros(N, W, d) if cached else None
     item = torch.zeros(N, d)
     hidden: list = [None] * N
     llm.model.eval()
     for group in length_buckets([len(t) for t in tokens], max_batch, batch_tokens):
         w = off + max(len(tokens[i]) for i in group) + 1
         out = llm.model(input_ids=ids[group, :w].to(llm.device), attention_mask=mask[group, :w].to(llm.device), output_hidden_states=True)
-        states[group, :w] = out.hidden_states[-2].float().cpu()
+        if cached:
+            states[group, :w] = out.hidden_states[-2].float().cpu()
         top = out.hidden_states[-1].float().cpu()
         for j, i in enumerate(group):
             n = len(tokens[i])
             hidden[i] = top[j, off : off + n].to(torch.float16).clone()
             item[i] = top[j, off + n]
     item_pos = torch.tensor([off + len(t) for t in tokens], dtype=torch.long)
-    return E2EData(tokens, BlockInputs(states, mask.bool(), item_pos), hidden, item, off)
+    cache = BlockInputs(states, mask.bool(), item_pos) if cached else None
+    return E2EData(tokens, cache, hidden, item, off, None if cached else llm)
 
 
 def pad_states(data: E2EData, items: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,7 +211,13 @@ def readout_weights(data: E2EData, items: list[int], token_mask: torch.Tensor, n
 
 def item_vectors(readout: ItemReadout, data: E2EData, items: list[int], token_mask: torch.Tensor | None, n: torch.Tensor | None = None) -> torch.Tensor:
     """[B, d] readout `[ITEM]` states; with a keep mask, dropped text tokens are masked out of the
-    `[ITEM]` query's attention (lower layers still saw the full text: the approximation)."""
+    `[ITEM]` query's attention (top block: lower layers still saw the full text, the approximation) or
+    out of every block's (`data.llm` set: exactly the kept-token forward)."""
+    if data.llm is not None:
+        toks = [data.tokens[i] for i in items]
+        if token_mask is None:
+            token_mask = torch.ones(len(items), max(max(len(t) for t in toks), 1))
+        return kept_vectors(data.llm, readout, toks, token_mask)
     idx = torch.as_tensor(items, dtype=torch.long)
     W = int(data.cache.lengths[idx].max())
     c = data.cache
@@ -210,6 +231,7 @@ def masked_table(readout: ItemReadout, head: PolicyHead | None, data: E2EData, c
     readout.eval()
     N = len(data.tokens)
     out = []
+    batch = batch if data.llm is None else max(1, batch // 4)  # a full forward per item: smaller batches
     for s in range(0, N, batch):
         items = list(range(s, min(s + batch, N)))
         mask, n = keep_mask(head, data, items, cfg)
@@ -245,13 +267,14 @@ def train_e2e(
     rng = random.Random(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    data = data or prepare(llm, tokens)
+    data = data or prepare(llm, tokens, cfg.mask_layers)
     prep_s = round(time.perf_counter() - t0, 1)
-    user = copy.deepcopy(user).cpu()
+    dev = llm.device if data.llm is not None else torch.device("cpu")  # top-block steps are CPU-sized
+    user = copy.deepcopy(user).float().to(dev)
     for p in user.parameters():
         p.requires_grad_(True)
-    readout = ItemReadout(llm).cpu()
-    head.cpu()
+    readout = ItemReadout(llm).to(dev)
+    head.cpu()  # the head scores on the CPU (cheap); its mask travels to `dev` with its gradient
     identity = PolicyHead(head.dim).eval()
     opt = torch.optim.Adam(
         [
@@ -277,16 +300,17 @@ def train_e2e(
             tgt = torch.tensor([t for _, t in batch])
             hist_items = sorted({i for h, _ in batch for i in h})
             side_items = sorted(set(tgt.tolist()) | set(negs.tolist()))
-            table = torch.zeros(n_items, data.item.shape[1])
+            table = torch.zeros(n_items, data.item.shape[1], device=dev)
             if cfg.masked_side == "both":  # every item once, masked
                 groups = [(sorted(set(hist_items) | set(side_items)), True)]
             else:  # an item on both sides is embedded as the later (target/negative) side wants
                 groups = [(hist_items, cfg.masked_side == "history"), (side_items, cfg.masked_side == "target")]
             for group, masked in groups:
                 mask, n = keep_mask(head, data, group, cfg, gen) if masked else (None, None)
-                table = table.index_copy(0, torch.tensor(group), item_vectors(readout, data, group, mask, n))
+                table = table.index_copy(0, torch.tensor(group, device=dev), item_vectors(readout, data, group, mask, n))
             hs, hm = pad_histories([h for h, _ in batch], table, cfg.history)
             eu = user.user_embedding(hs, hm)
+            tgt, negs = tgt.to(dev), negs.to(dev)
             loss = infonce(infonce_logits(eu, table[tgt], table[negs], temperature, tgt, negs)).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
