@@ -10,6 +10,9 @@ mean overlap of each item's 10 nearest neighbours (within the sample). The unmas
 (full text) against the real kept-token forward is printed as the reference for how far apart
 "full" and "kept" are at all.
 
+--mask-layers all: the mask in every block with the kept tokens renumbered (models/gated.py), the
+end-to-end stage 2's exact variant: masked vs real should be cos 1 up to float error.
+
 --item-from prefix: the `[ITEM]` position's own input to the last block (its query, its residual and
 its own key) comes from a forward over the always-kept prefix alone, not the full text, so the
 readout's only route to the dropped text is the other kept positions' states (see `prefix_item`).
@@ -69,6 +72,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--k", default="32,64")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mask-layers", choices=("top", "all"), default="top", help="where the mask acts (PolicyConfig.mask_layers)")
     ap.add_argument("--item-from", choices=("full", "prefix"), default="full", help="where the [ITEM] position's last-block input comes from")
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -80,8 +84,8 @@ def main() -> None:
     long = [i for i, t in enumerate(tokens_all) if len(t) > max(ks)]
     pick = sorted(random.Random(a.seed).sample(long, min(a.n, len(long))))
     tokens = [tokens_all[i] for i in pick]
-    data = prepare(llm, tokens)
-    if a.item_from == "prefix":
+    data = prepare(llm, tokens, a.mask_layers)
+    if a.item_from == "prefix" and a.mask_layers == "top":
         prefix_item(llm, data, PolicyConfig().prefix)
     readout = ItemReadout(llm).eval()
     items = list(range(len(tokens)))

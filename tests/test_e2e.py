@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tokensel.config import PolicyConfig, TextConfig
+from tokensel.config import ItemModelConfig, PolicyConfig, TextConfig
 from tokensel.errors import TokenselError
 from tokensel.io.interactions import read_histories
 from tokensel.io.items import read_items
@@ -188,6 +188,15 @@ def test_every_block_training_step_runs_and_moves_the_head(setup):
     with torch.no_grad():
         want = llm.encode(kept, need_hidden=False).item
     torch.testing.assert_close(table, want, atol=1e-4, rtol=1e-4)
+
+
+def test_every_block_mask_refuses_a_model_it_cannot_gate(tiny_llama):
+    """A decoder without BERT's blocks and absolute positions: a clear error, not a crash mid-training."""
+    llm = ItemLLM.from_pretrained(tiny_llama)
+    with pytest.raises(TokenselError, match="mask-layers all needs a BERT-style encoder"):
+        e2e.prepare(llm, [[5, 6, 7]], "all")
+    with pytest.raises(TokenselError, match="BERT-style"):
+        check_settings(ItemModelConfig(base_model=tiny_llama), PolicyConfig(objective="e2e"))
 
 
 def test_e2e_is_selectable_and_validated():

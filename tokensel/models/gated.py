@@ -27,11 +27,15 @@ from tokensel.models.readout import ItemReadout, last_block
 
 def lower_blocks(llm: ItemLLM) -> tuple[nn.Module, list[nn.Module]]:
     """f's embeddings and its blocks below the last, if f is BERT-style with position embeddings."""
-    last_block(llm)  # the same layout check as the readout
     emb = getattr(llm.model, "embeddings", None)
-    if emb is None or not hasattr(emb, "position_embeddings"):
-        raise TokenselError(f"masking every block needs a BERT-style encoder with absolute positions; model {llm.name!r} is not one")
-    return emb, list(llm.model.encoder.layer[:-1])
+    layers = getattr(getattr(llm.model, "encoder", None), "layer", None)
+    if emb is None or layers is None or not hasattr(emb, "position_embeddings"):
+        raise TokenselError(
+            f"--mask-layers all needs a BERT-style encoder with absolute positions; model {llm.name!r} "
+            f"({llm.model.config.model_type}) is not one: use --mask-layers top"
+        )
+    last_block(llm)  # the same block layout check as the readout
+    return emb, list(layers[:-1])
 
 
 def kept_positions(mask: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,11 @@ InfoNCE loss of that recommender trains the head, the user model and the item re
   compressed text; `history` or `target` mask one side only and embed the other from full text.
 - Start: the identity head with a zero prior is `item-align`, so each epoch's validation reports the
   trained head, the identity head and first-k under the same (jointly trained) user model and readout.
+  That comparison favours the head whenever the surrogate learns (`model_lr` > 0): it was trained on the
+  head's selections only, so first-k and the identity head are scored by a recommender that never saw
+  their texts. With `model_lr` 0 the surrogate is the frozen stage-1 recommender and the comparison is
+  fair, but a recommender trained on full texts is not the one that will read the kept tokens. Only a
+  recommender retrained per strategy (the strategy check at the end of `train`) settles which to use.
 
 Only the head is kept: the user model and readout trained here are surrogates (downstream retrains
 its own recommender on the compressed texts), so the bundle's stage-1 models are left untouched.
@@ -267,6 +272,8 @@ def train_e2e(
     rng = random.Random(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()
+    if cfg.mask_layers == "all" and llm.device.type == "cpu":
+        log({"e2e": "the mask in every block runs f forward and backward over every item of every step: on a CPU expect hours per epoch (a GPU job; --mask-layers top fits a CPU)"})
     data = data or prepare(llm, tokens, cfg.mask_layers)
     prep_s = round(time.perf_counter() - t0, 1)
     dev = llm.device if data.llm is not None else torch.device("cpu")  # top-block steps are CPU-sized

@@ -42,6 +42,8 @@ def check_settings(item_cfg: ItemModelConfig | None, policy: PolicyConfig | None
     # PolicyConfig and Stage1Config validate themselves when built
     if policy is not None and policy.objective == E2E:
         check_e2e(policy)
+        if item_cfg is not None:  # the readout is f's last block: refuse a model without one before stage 1 runs
+            check_top_tunable(item_cfg.base_model)
 
 
 def train(
