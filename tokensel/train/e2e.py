@@ -141,9 +141,10 @@ class E2EData:
 def prepare(llm: ItemLLM, tokens: list[list[int]], mask_layers: str = "top", batch_tokens: int = 16384, max_batch: int = 128) -> E2EData:
     """One frozen forward over the catalogue: the final states (for the head) and, for the top-block
     mask, the last block's inputs (for the readout) from the same pass."""
-    if mask_layers == "all":
+    if mask_layers == "all":  # f's layout, checked once up front (lower_blocks checks the last block too)
         lower_blocks(llm)
-    last_block(llm)
+    else:
+        last_block(llm)
     ids, mask, off = llm.build_inputs(tokens)
     N, W = ids.shape
     d = llm.hidden_size

@@ -37,13 +37,13 @@ def check_settings(item_cfg: ItemModelConfig | None, policy: PolicyConfig | None
     """Refuse bad training settings up front, as user errors, before any model is loaded or trained."""
     if item_cfg is not None and item_cfg.tuning not in ("none", "top", "lora", "full"):
         raise TokenselError(f"unknown item tuning {item_cfg.tuning!r}; choose none, top, lora or full")
-    if item_cfg is not None and item_cfg.tuning == "top":
+    e2e = policy is not None and policy.objective == E2E
+    if e2e:
+        check_e2e(policy)
+    # top tuning trains f's last block, and so does the e2e readout: refuse a model without one before stage 1 runs
+    if item_cfg is not None and (item_cfg.tuning == "top" or e2e):
         check_top_tunable(item_cfg.base_model)
     # PolicyConfig and Stage1Config validate themselves when built
-    if policy is not None and policy.objective == E2E:
-        check_e2e(policy)
-        if item_cfg is not None:  # the readout is f's last block: refuse a model without one before stage 1 runs
-            check_top_tunable(item_cfg.base_model)
 
 
 def train(
