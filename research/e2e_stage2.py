@@ -46,10 +46,10 @@ def main() -> None:
     over = {}
     for kv in a.set:
         key, val = kv.split("=", 1)
-        over[key] = {"int": int, "float": float, "str": str}.get(str(types[key]).split(" ")[0], float)(val) if types[key] in ("int", "float", "str") else type(getattr(PolicyConfig(), key))(val)
+        over[key] = {"int": int, "float": float, "str": str}[str(types[key]).split(" ")[0]](val)  # "float | None" -> float
     cfg = PolicyConfig(objective="e2e", k=a.k, epochs=a.epochs, max_users=a.max_users, valid_users=a.valid_users, **over)
     t0 = time.perf_counter()
-    data = prepare(llm, tokens)
+    data = prepare(llm, tokens, cfg.mask_layers)
     print(json.dumps({"prepare_seconds": round(time.perf_counter() - t0, 1), "items": len(tokens)}), flush=True)
     head = PolicyHead(llm.hidden_size)
     log = train_e2e(llm, b.user_model, head, tokens, hist, cfg, b.config.stage1.temperature, lambda r: print(json.dumps(r), flush=True), data=data)

@@ -209,3 +209,75 @@ def test_e2e_is_selectable_and_validated():
         check_settings(None, PolicyConfig(objective="e2e", sigma=0.0))
     with pytest.raises(TokenselError, match="objective"):
         check_settings(None, PolicyConfig(objective="e3e"))
+
+
+def test_exact_mask_values_are_the_kept_token_forward_and_its_gradient_reaches_the_head(setup):
+    """mask_layers "exact": the item vector is f over the kept tokens (validation and training), the
+    mask's gradient comes through the top-block path, and the readout learns from the exact value only."""
+    llm, tokens, hist = setup
+    cfg = PolicyConfig(objective="e2e", mask_layers="exact", k=8, prefix=2, train_chunk=2, epochs=1, batch_size=16, negatives=16, valid_users=20, lr=1e-2)
+    data = e2e.prepare(llm, tokens, "exact")
+    assert data.cache is not None and data.llm is llm
+    readout = ItemReadout(llm).eval()
+    items = list(range(len(tokens)))
+    mask, n = e2e.keep_mask(None, data, items, cfg)
+    kept = [[t for j, t in enumerate(tt) if mask[r, j] > 0.5] for r, tt in enumerate(tokens)]
+    with torch.no_grad():
+        want = llm.encode(kept, need_hidden=False).item
+    torch.testing.assert_close(e2e.masked_table(readout, None, data, cfg), want, atol=1e-4, rtol=1e-4)
+    # with a gradient: same value, the keep weights get the top path's gradient, the readout the exact one's
+    head = PolicyHead(llm.hidden_size)
+    sub = [i for i in items if len(tokens[i]) > cfg.k][:8]
+    m, nn_ = e2e.keep_mask(head, data, sub, cfg, torch.Generator().manual_seed(0))
+    w = torch.randn(len(sub), llm.hidden_size)
+    v = e2e.item_vectors(readout, data, sub, m, nn_)
+    kept_h = [[t for j, t in enumerate(tokens[i]) if m[r, j] > 0.5] for r, i in enumerate(sub)]
+    assert kept_h != [kept[i] for i in sub]  # the head's selection is not first-k's
+    with torch.no_grad():
+        torch.testing.assert_close(v, llm.encode(kept_h, need_hidden=False).item, atol=1e-4, rtol=1e-4)
+    (v * w).sum().backward()
+    assert head.w_q.weight.grad is not None and head.w_q.weight.grad.abs().sum() > 0
+    g_hybrid = [None if p.grad is None else p.grad.clone() for p in readout.parameters()]
+    readout.zero_grad()
+    kb = e2e.kept_block_inputs(data, sub, m)
+    (readout(kb.states, kb.mask, kb.item_pos) * w).sum().backward()
+    for a, b in zip(g_hybrid, (p.grad for p in readout.parameters())):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)
+    out = e2e.train_e2e(llm, UserModel(llm.hidden_size, UserModelConfig()), head, tokens, hist, cfg, 0.05, lambda r: None, data=data)
+    assert out["epochs"][0]["policy"] == out["epochs"][0]["identity"]
+    assert not torch.equal(head.w_q.weight, torch.eye(llm.hidden_size))
+
+
+def test_warmup_holds_the_head_and_the_mix_is_validated(setup):
+    """Warm-up epochs train the surrogate only (the head stays the identity); a first-k share of steps
+    still lets the head move afterwards; bad values are user errors."""
+    llm, tokens, hist = setup
+    data = e2e.prepare(llm, tokens, "exact")
+    head = PolicyHead(llm.hidden_size)
+    cfg = PolicyConfig(objective="e2e", mask_layers="exact", k=8, prefix=2, train_chunk=2, epochs=1, warmup_epochs=1, surrogate_mix=0.5, batch_size=16, negatives=16, valid_users=20, lr=1e-2)
+    out = e2e.train_e2e(llm, UserModel(llm.hidden_size, UserModelConfig()), head, tokens, hist, cfg, 0.05, lambda r: None, data=data)
+    assert torch.equal(head.w_q.weight, torch.eye(llm.hidden_size)) and torch.all(head.pos_prior == 0)
+    assert out["epochs"][1]["head_moved"] is False
+    cfg = PolicyConfig(objective="e2e", mask_layers="exact", k=8, prefix=2, train_chunk=2, epochs=2, warmup_epochs=1, surrogate_mix=0.5, batch_size=16, negatives=16, valid_users=20, lr=1e-2)
+    out = e2e.train_e2e(llm, UserModel(llm.hidden_size, UserModelConfig()), head, tokens, hist, cfg, 0.05, lambda r: None, data=data)
+    assert out["epochs"][2]["head_moved"] is True and not torch.equal(head.w_q.weight, torch.eye(llm.hidden_size))
+    for bad in ({"warmup_epochs": 3}, {"warmup_epochs": -1}, {"surrogate_mix": 1.0}, {"surrogate_mix": -0.1}):
+        with pytest.raises(TokenselError, match="warm-up|mix"):
+            check_settings(None, PolicyConfig(objective="e2e", epochs=2, **bad))
+
+
+def test_warmup_cache_is_the_same_kept_token_forward(setup):
+    """The warm-up's cached inputs give the same item vectors as the per-step exact forward."""
+    llm, tokens, _ = setup
+    data = e2e.prepare(llm, tokens, "exact")
+    cfg = PolicyConfig(objective="e2e", mask_layers="exact", k=8, prefix=2, train_chunk=2)
+    readout = ItemReadout(llm).eval()
+    head = PolicyHead(llm.hidden_size)
+    items = [3, 0, 7, 5]
+    for h in (head, None):
+        cached = e2e.kept_inputs_table(data, h, cfg, batch=3)
+        mask, n = e2e.keep_mask(h, data, items, cfg)
+        with torch.no_grad():
+            torch.testing.assert_close(readout.encode(cached, items), e2e.item_vectors(readout, data, items, mask, n), atol=1e-5, rtol=1e-5)

@@ -127,11 +127,14 @@ class PolicyConfig:
     valid_users: int | None = None  # validation users checked after each epoch (None: all)
     # objective e2e only (train/e2e.py)
     masked_side: str = "both"  # both | history | target: which items are embedded from their kept tokens
-    mask_layers: str = "top"  # top (last block's [ITEM] query: CPU-sized) | all (every block: exactly the kept-token forward, GPU-sized)
+    mask_layers: str = "top"  # top (last block's [ITEM] query: CPU-sized) | exact (value: f over the kept tokens; gradient: top's) | all (every block: exact value and gradient, GPU-sized)
     sigma: float = 0.5  # perturbed top-k noise, relative to each item's chunk-score spread
     perturb_samples: int = 32  # rule evaluations per backward pass (antithetic pairs)
     prior_lr: float = 0.01  # learning rate of the head's token position prior
-    model_lr: float = 1e-4  # learning rate of the surrogate user model and item readout
+    model_lr: float = 1e-4  # learning rate of the surrogate user model (and of the item readout unless readout_lr)
+    readout_lr: float | None = None  # learning rate of the surrogate item readout (f's last block); None: model_lr
+    warmup_epochs: int = 0  # first epochs with the head held: only the surrogate learns (on compressed texts)
+    surrogate_mix: float = 0.0  # share of steps the surrogate trains on first-k's texts (the head gets no gradient there)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVE_NAMES:

@@ -19,6 +19,10 @@ InfoNCE loss of that recommender trains the head, the user model and the item re
     i.e. -inf masking, while the weight still receives a gradient. Approximation: lower layers saw the
     full text, at inference they see only the kept tokens, so the vector barely moves when tokens are
     dropped (measured in research/e2e_approx.py).
+  - `exact` (CPU-sized): the item vector's value is f over the kept tokens alone (a forward over at
+    most k tokens per item, no gradient through the lower blocks), its gradient with respect to the
+    mask is the `top` path's (straight-through). The surrogate recommender then learns from, and
+    validation scores, the vectors downstream will embed; only the head's gradient is approximate.
   - `all` (GPU-sized): the same gate in every block's attention with the kept tokens renumbered
     (`models/gated.py`): exactly f over the kept tokens, no approximation, at the price of a forward
     and backward through f per item per step.
@@ -32,6 +36,13 @@ InfoNCE loss of that recommender trains the head, the user model and the item re
   their texts. With `model_lr` 0 the surrogate is the frozen stage-1 recommender and the comparison is
   fair, but a recommender trained on full texts is not the one that will read the kept tokens. Only a
   recommender retrained per strategy (the strategy check at the end of `train`) settles which to use.
+
+Surrogate warm-up and mix: a recommender trained on full texts scores the kept tokens' exact vectors
+far below what one retrained on them does (research/surrogate_rank.py), so with `exact` or `all` the
+head's first gradients would come from a surrogate that cannot yet read compressed texts.
+`warmup_epochs` hold the head while the surrogate learns on compressed texts; `surrogate_mix` trains
+it on first-k's texts on that share of steps, so it is not fitted to the head's selections alone and
+its validation of first-k is not a recommender that never saw first-k's texts.
 
 Only the head is kept: the user model and readout trained here are surrogates (downstream retrains
 its own recommender on the compressed texts), so the bundle's stage-1 models are left untouched.
@@ -62,7 +73,7 @@ from tokensel.train.stage1 import validate
 
 OBJECTIVE = "e2e"
 MASKED_SIDES = ("both", "history", "target")
-MASK_LAYERS = ("top", "all")
+MASK_LAYERS = ("top", "exact", "all")
 
 
 def check_e2e(cfg: PolicyConfig) -> None:
@@ -75,6 +86,10 @@ def check_e2e(cfg: PolicyConfig) -> None:
         raise TokenselError(f"the e2e objective needs sigma > 0 (got {cfg.sigma})")
     if cfg.perturb_samples < 2:
         raise TokenselError(f"the e2e objective needs at least 2 perturbation samples (got {cfg.perturb_samples})")
+    if not 0 <= cfg.warmup_epochs <= cfg.epochs:
+        raise TokenselError(f"the e2e warm-up needs 0 <= warmup epochs <= epochs (got {cfg.warmup_epochs} of {cfg.epochs})")
+    if not 0 <= cfg.surrogate_mix < 1:
+        raise TokenselError(f"the e2e surrogate mix is a share of steps in [0, 1) (got {cfg.surrogate_mix})")
 
 
 # ----------------------------------------------------------------------------------------- relaxation
@@ -134,13 +149,16 @@ class E2EData:
     hidden: list[torch.Tensor]  # [n_i, d] fp16, what the head scores (as at inference)
     item: torch.Tensor  # [N, d] final [ITEM] states of the full text
     offset: int  # cache column of each item's first text token
-    llm: ItemLLM | None = None  # mask_layers "all": f itself, run gated over each step's items
+    llm: ItemLLM | None = None  # mask_layers "exact" / "all": f itself, run over each step's items
+    mask_layers: str = "top"
 
 
 @torch.inference_mode()
 def prepare(llm: ItemLLM, tokens: list[list[int]], mask_layers: str = "top", batch_tokens: int = 16384, max_batch: int = 128) -> E2EData:
     """One frozen forward over the catalogue: the final states (for the head) and, for the top-block
     mask, the last block's inputs (for the readout) from the same pass."""
+    if mask_layers not in MASK_LAYERS:
+        raise TokenselError(f"unknown mask layers {mask_layers!r}; choose {', '.join(MASK_LAYERS)}")
     if mask_layers == "all":  # f's layout, checked once up front (lower_blocks checks the last block too)
         lower_blocks(llm)
     else:
@@ -165,7 +183,7 @@ def prepare(llm: ItemLLM, tokens: list[list[int]], mask_layers: str = "top", bat
             item[i] = top[j, off + n]
     item_pos = torch.tensor([off + len(t) for t in tokens], dtype=torch.long)
     cache = BlockInputs(states, mask.bool(), item_pos) if cached else None
-    return E2EData(tokens, cache, hidden, item, off, None if cached else llm)
+    return E2EData(tokens, cache, hidden, item, off, None if mask_layers == "top" else llm, mask_layers)
 
 
 def pad_states(data: E2EData, items: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,11 +233,43 @@ def readout_weights(data: E2EData, items: list[int], token_mask: torch.Tensor, n
     return torch.cat([weights[:, : data.offset], text[:, : W - data.offset], weights[:, data.offset + L :]], 1)
 
 
+@torch.no_grad()
+def kept_block_inputs(data: E2EData, items: list[int], token_mask: torch.Tensor) -> BlockInputs:
+    """f's lower blocks run over each item's kept tokens alone (the compressed text, renumbered from 0
+    as downstream sees it): the last block's inputs. Kept texts are at most k tokens, so this costs a
+    fraction of the full-text forward `prepare` ran once."""
+    llm = data.llm
+    keep = token_mask.detach().cpu() > 0.5
+    kept = [[t for t, m in zip(data.tokens[i], keep[r].tolist()) if m] for r, i in enumerate(items)]
+    ids, mask, off = llm.build_inputs(kept)
+    out = llm.model(input_ids=ids.to(llm.device), attention_mask=mask.to(llm.device), output_hidden_states=True)
+    n = torch.tensor([len(t) for t in kept], dtype=torch.long)
+    return BlockInputs(out.hidden_states[-2].float().cpu(), mask.bool(), off + n)
+
+
+@torch.no_grad()
+def kept_inputs_table(data: E2EData, head: PolicyHead | None, cfg: PolicyConfig, batch: int = 256) -> BlockInputs:
+    """Every item's kept-token block inputs under one fixed selection (head None: first-k). While the
+    head is held (warm-up) its selection does not change, so the surrogate reads these cached inputs
+    and a warm-up step costs the readout and the user model only."""
+    parts = []
+    for s in range(0, len(data.tokens), batch):
+        items = list(range(s, min(s + batch, len(data.tokens))))
+        parts.append(kept_block_inputs(data, items, keep_mask(head, data, items, cfg)[0]))
+    W = max(p.states.shape[1] for p in parts)
+    pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, W - t.shape[1]) if t.dim() == 3 else (0, W - t.shape[1]))  # noqa: E731
+    return BlockInputs(torch.cat([pad(p.states) for p in parts]), torch.cat([pad(p.mask) for p in parts]), torch.cat([p.item_pos for p in parts]))
+
+
 def item_vectors(readout: ItemReadout, data: E2EData, items: list[int], token_mask: torch.Tensor | None, n: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, d] readout `[ITEM]` states; with a keep mask, dropped text tokens are masked out of the
-    `[ITEM]` query's attention (top block: lower layers still saw the full text, the approximation) or
-    out of every block's (`data.llm` set: exactly the kept-token forward)."""
-    if data.llm is not None:
+    """[B, d] readout `[ITEM]` states; with a keep mask (None: the full text):
+    - `top`: dropped text tokens are masked out of the `[ITEM]` query's attention; lower layers still
+      saw the full text (the approximation);
+    - `exact`: the value is f over the kept tokens alone (what downstream embeds), the mask's gradient
+      is the `top` path's (straight-through: exact forward, top-block backward; the readout's own
+      gradient comes from the exact value only);
+    - `all`: the gate in every block, exact in value and in gradient (f forward and backward per item)."""
+    if data.mask_layers == "all":
         toks = [data.tokens[i] for i in items]
         if token_mask is None:
             token_mask = torch.ones(len(items), max(max(len(t) for t in toks), 1))
@@ -227,8 +277,19 @@ def item_vectors(readout: ItemReadout, data: E2EData, items: list[int], token_ma
     idx = torch.as_tensor(items, dtype=torch.long)
     W = int(data.cache.lengths[idx].max())
     c = data.cache
-    weights = None if token_mask is None else readout_weights(data, items, token_mask, n)
-    return readout(c.states[idx, :W], c.mask[idx, :W], c.item_pos[idx], weights)
+    top_inputs = (c.states[idx, :W], c.mask[idx, :W], c.item_pos[idx])
+    if token_mask is None:
+        return readout(*top_inputs)
+    weights = readout_weights(data, items, token_mask, n)
+    if data.mask_layers == "top":
+        return readout(*top_inputs, weights)
+    k = kept_block_inputs(data, items, token_mask)
+    exact = readout(k.states, k.mask, k.item_pos)
+    if not (torch.is_grad_enabled() and weights.requires_grad):
+        return exact
+    frozen = {name: p.detach() for name, p in readout.named_parameters()}
+    top = torch.func.functional_call(readout, frozen, (*top_inputs, weights))
+    return exact + (top - top.detach())
 
 
 @torch.no_grad()
@@ -237,7 +298,7 @@ def masked_table(readout: ItemReadout, head: PolicyHead | None, data: E2EData, c
     readout.eval()
     N = len(data.tokens)
     out = []
-    batch = batch if data.llm is None else max(1, batch // 4)  # a full forward per item: smaller batches
+    batch = batch if data.mask_layers != "all" else max(1, batch // 4)  # a full forward per item: smaller batches
     for s in range(0, N, batch):
         items = list(range(s, min(s + batch, N)))
         mask, n = keep_mask(head, data, items, cfg)
@@ -245,11 +306,13 @@ def masked_table(readout: ItemReadout, head: PolicyHead | None, data: E2EData, c
     return torch.cat(out)
 
 
-def masked_validation(readout, user, heads: dict[str, PolicyHead | None], data, hist_v, tgt_v, cfg) -> dict:
-    """R@10 / N@10 of each selection under the same user model and readout (every item masked)."""
+def masked_validation(readout, user, heads: dict[str, PolicyHead | None], data, hist_v, tgt_v, cfg, fixed: dict[str, BlockInputs] | None = None) -> dict:
+    """R@10 / N@10 of each selection under the same user model and readout (every item masked);
+    `fixed`: each selection's cached kept-token inputs (the warm-up, while the head is held)."""
     out = {}
     for name, h in heads.items():
-        m = validate(user, masked_table(readout, h, data, cfg), hist_v, tgt_v, cfg.history)
+        table = readout.table(fixed[name]) if fixed else masked_table(readout, h, data, cfg)
+        m = validate(user, table, hist_v, tgt_v, cfg.history)
         out[name] = {"R@10": m["R@10"], "N@10": m["N@10"]}
     return out
 
@@ -277,7 +340,7 @@ def train_e2e(
         log({"e2e": "the mask in every block runs f forward and backward over every item of every step: on a CPU expect hours per epoch (a GPU job; --mask-layers top fits a CPU)"})
     data = data or prepare(llm, tokens, cfg.mask_layers)
     prep_s = round(time.perf_counter() - t0, 1)
-    dev = llm.device if data.llm is not None else torch.device("cpu")  # top-block steps are CPU-sized
+    dev = llm.device if data.mask_layers == "all" else torch.device("cpu")  # top-block steps are CPU-sized
     user = copy.deepcopy(user).float().to(dev)
     for p in user.parameters():
         p.requires_grad_(True)
@@ -288,13 +351,16 @@ def train_e2e(
         [
             {"params": [head.w_q.weight, head.w_k.weight], "lr": cfg.lr},
             {"params": [head.pos_prior], "lr": cfg.prior_lr},
-            {"params": list(user.parameters()) + list(readout.parameters()), "lr": cfg.model_lr},
+            {"params": list(user.parameters()), "lr": cfg.model_lr},
+            {"params": list(readout.parameters()), "lr": cfg.model_lr if cfg.readout_lr is None else cfg.readout_lr},
         ]
     )
     pairs, v_h, v_t = stage2_users(hist, cfg, rng)
     n_items = len(data.tokens)
     heads = {"policy": head, "identity": identity, "first_k": None}
-    start = masked_validation(readout, user, heads, data, v_h, v_t, cfg)
+    # warm-up with the exact mask: the held selections' kept-token inputs, once (steps and validation read them)
+    fixed = {name: kept_inputs_table(data, h, cfg) for name, h in heads.items()} if cfg.warmup_epochs and data.mask_layers == "exact" else {}
+    start = masked_validation(readout, user, heads, data, v_h, v_t, cfg, fixed)
     epochs = [{"epoch": 0, **start, "seconds_prepare": prep_s}]
     log({"e2e": "start (stage-1 user model, untrained readout)", **epochs[0]})
     for epoch in range(1, cfg.epochs + 1):
@@ -302,8 +368,13 @@ def train_e2e(
         rng.shuffle(pairs)
         head.train(), user.train(), readout.train()
         total, seen = 0.0, 0
+        moves = epoch > cfg.warmup_epochs  # warm-up: the head is held, the surrogate learns
+        if moves:
+            fixed.clear()  # the head's selection moves from here on
         for s in range(0, len(pairs), cfg.batch_size):
             batch = pairs[s : s + cfg.batch_size]
+            first_k_step = cfg.surrogate_mix > 0 and rng.random() < cfg.surrogate_mix
+            selector = None if first_k_step else head
             negs = torch.randint(0, n_items, (cfg.negatives,), generator=gen)
             tgt = torch.tensor([t for _, t in batch])
             hist_items = sorted({i for h, _ in batch for i in h})
@@ -314,8 +385,12 @@ def train_e2e(
             else:  # an item on both sides is embedded as the later (target/negative) side wants
                 groups = [(hist_items, cfg.masked_side == "history"), (side_items, cfg.masked_side == "target")]
             for group, masked in groups:
-                mask, n = keep_mask(head, data, group, cfg, gen) if masked else (None, None)
-                table = table.index_copy(0, torch.tensor(group, device=dev), item_vectors(readout, data, group, mask, n))
+                if masked and fixed and not moves:
+                    vec = readout.encode(fixed["first_k" if first_k_step else "policy"], group, dev)
+                else:
+                    mask, n = keep_mask(selector, data, group, cfg, gen if moves else None) if masked else (None, None)
+                    vec = item_vectors(readout, data, group, mask, n)
+                table = table.index_copy(0, torch.tensor(group, device=dev), vec)
             hs, hm = pad_histories([h for h, _ in batch], table, cfg.history)
             eu = user.user_embedding(hs, hm)
             tgt, negs = tgt.to(dev), negs.to(dev)
@@ -324,9 +399,9 @@ def train_e2e(
             loss.backward()
             opt.step()
             total, seen = total + loss.item() * len(batch), seen + len(batch)
-        row = {"epoch": epoch, "loss": round(total / max(seen, 1), 4), "seconds": round(time.perf_counter() - t1, 1)}
+        row = {"epoch": epoch, "loss": round(total / max(seen, 1), 4), "seconds": round(time.perf_counter() - t1, 1), "head_moved": moves}
         head.eval()
-        row.update(masked_validation(readout, user, heads, data, v_h, v_t, cfg))
+        row.update(masked_validation(readout, user, heads, data, v_h, v_t, cfg, None if moves else fixed))
         prior = head.pos_prior.detach()
         row["prior"] = {"mean_first_k": round(float(prior[cfg.prefix : cfg.k].mean()), 3), "mean_after_k": round(float(prior[cfg.k : 256].mean()), 3)}
         with torch.no_grad():
