@@ -19,13 +19,14 @@ from tokensel.models.user_model import UserModel
 from tokensel.config import UserModelConfig
 from tokensel.select.rule import select_mask, select_positions_reference
 from tokensel.train import e2e
+from tokensel.train.relaxation import PerturbedMask
 from tokensel.train.pipeline import check_settings
 
 
 def _apply(scores, n, k, prefix, chunk, width, sigma=0.5, samples=8):
     gen = torch.Generator().manual_seed(0)
     s = scores.clone().requires_grad_(True)
-    return e2e.PerturbedMask.apply(s, n, torch.full((len(n),), sigma), k, prefix, chunk, width, samples, gen), s
+    return PerturbedMask.apply(s, n, torch.full((len(n),), sigma), k, prefix, chunk, width, samples, gen), s
 
 
 @pytest.mark.parametrize("k,prefix,chunk", [(8, 2, 3), (5, 0, 4), (16, 4, 2), (3, 6, 3)])
@@ -54,7 +55,7 @@ def test_perturbed_gradient_matches_the_smoothed_rule():
     g = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
     gen = torch.Generator().manual_seed(0)
     s = scores.clone().requires_grad_(True)
-    mask = e2e.PerturbedMask.apply(s, n, torch.tensor([sigma]), 2, 0, 2, 4, 200_000, gen)
+    mask = PerturbedMask.apply(s, n, torch.tensor([sigma]), 2, 0, 2, 4, 200_000, gen)
     assert torch.equal(mask, torch.tensor([[1.0, 1.0, 0.0, 0.0]]))
     (mask * g).sum().backward()
     z = (s0 - s1) / (sigma * math.sqrt(2))
