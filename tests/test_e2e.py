@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -282,3 +283,55 @@ def test_warmup_cache_is_the_same_kept_token_forward(setup):
         mask, n = e2e.keep_mask(h, data, items, cfg)
         with torch.no_grad():
             torch.testing.assert_close(readout.encode(cached, items), e2e.item_vectors(readout, data, items, mask, n), atol=1e-5, rtol=1e-5)
+
+
+def test_sampled_exact_gradient_is_the_every_block_gradient_on_the_drawn_chunks(setup):
+    """grad_chunks: f gated over the kept tokens plus drawn dropped chunks gives the kept-token value and,
+    on every drawn token, the every-block (`all`) gradient scaled by dropped / drawn chunks."""
+    llm, tokens, _ = setup
+    items = [i for i, t in enumerate(tokens) if len(t) > 16][:5]
+    cfg = PolicyConfig(objective="e2e", mask_layers="exact", k=8, prefix=2, train_chunk=2, grad_chunks=100)
+    data = e2e.prepare(llm, tokens, "exact")
+    readout = ItemReadout(llm).eval()
+    for p in llm.model.parameters():
+        p.requires_grad_(False)
+    base, n = e2e.keep_mask(PolicyHead(llm.hidden_size), data, items, cfg)
+    w = torch.randn(len(items), llm.hidden_size)
+    full = base.clone().requires_grad_(True)
+    want = kept_vectors(llm, readout, [tokens[i] for i in items], full)
+    (want * w).sum().backward()
+    for chunks, one_chunk in ((100, False), (1, True)):
+        mask = base.clone().requires_grad_(True)
+        v = e2e.sampled_exact_vectors(readout, data, items, mask, n, dataclasses.replace(cfg, grad_chunks=chunks), torch.Generator().manual_seed(0))
+        torch.testing.assert_close(v, want, atol=1e-5, rtol=1e-5)
+        (v * w).sum().backward()
+        inside = torch.arange(base.shape[1])[None] < n[:, None]
+        kept = inside & (base > 0.5)
+        torch.testing.assert_close(mask.grad[kept], full.grad[kept], atol=1e-5, rtol=1e-4)
+        dropped = inside & (base < 0.5)
+        got = mask.grad[dropped]
+        if not one_chunk:
+            torch.testing.assert_close(got, full.grad[dropped], atol=1e-5, rtol=1e-4)
+        else:  # one chunk drawn per item: its tokens' gradient times the number of dropped chunks, the rest 0
+            for r in range(len(items)):
+                d = dropped[r]
+                chunk_of = (torch.arange(base.shape[1]) - cfg.prefix) // cfg.train_chunk
+                n_chunks = len(torch.unique(chunk_of[d]))
+                nz = d & (mask.grad[r] != 0)
+                assert len(torch.unique(chunk_of[nz])) == 1
+                torch.testing.assert_close(mask.grad[r][nz], n_chunks * full.grad[r][nz], atol=1e-5, rtol=1e-4)
+    for p in llm.model.parameters():
+        p.requires_grad_(True)
+
+
+def test_sampled_exact_training_moves_the_head_and_leaves_f_trainable(setup):
+    llm, tokens, hist = setup
+    cfg = PolicyConfig(objective="e2e", mask_layers="exact", grad_chunks=2, k=8, prefix=2, train_chunk=2, epochs=1, batch_size=16, negatives=16, valid_users=20, lr=1e-2)
+    head = PolicyHead(llm.hidden_size)
+    before = [p.clone() for p in llm.model.parameters()]
+    e2e.train_e2e(llm, UserModel(llm.hidden_size, UserModelConfig()), head, tokens, hist, cfg, 0.05, lambda r: None)
+    assert not torch.equal(head.w_q.weight, torch.eye(llm.hidden_size))
+    assert all(torch.equal(a, b) for a, b in zip(before, llm.model.parameters()))  # f is not trained here
+    assert all(p.requires_grad for p in llm.model.parameters())  # and is left as it was found
+    with pytest.raises(TokenselError, match="grad chunks"):
+        check_settings(None, PolicyConfig(objective="e2e", mask_layers="top", grad_chunks=2))

@@ -133,6 +133,7 @@ class PolicyConfig:
     prior_lr: float = 0.01  # learning rate of the head's token position prior
     model_lr: float = 1e-4  # learning rate of the surrogate user model (and of the item readout unless readout_lr)
     readout_lr: float | None = None  # learning rate of the surrogate item readout (f's last block); None: model_lr
+    grad_chunks: int = 0  # exact mask: dropped chunks per item whose keep gradient is exact (f gated over kept + these); 0: the top block's gradient
     warmup_epochs: int = 0  # first epochs with the head held: only the surrogate learns (on compressed texts)
     surrogate_mix: float = 0.0  # share of steps the surrogate trains on first-k's texts (the head gets no gradient there)
 

@@ -89,6 +89,8 @@ def check_e2e(cfg: PolicyConfig) -> None:
         raise TokenselError(f"the e2e objective needs at least 2 perturbation samples (got {cfg.perturb_samples})")
     if not 0 <= cfg.warmup_epochs <= cfg.epochs:
         raise TokenselError(f"the e2e warm-up needs 0 <= warmup epochs <= epochs (got {cfg.warmup_epochs} of {cfg.epochs})")
+    if cfg.grad_chunks < 0 or (cfg.grad_chunks and cfg.mask_layers != "exact"):
+        raise TokenselError(f"grad chunks (got {cfg.grad_chunks}) need --mask-layers exact and >= 0")
     if not 0 <= cfg.surrogate_mix < 1:
         raise TokenselError(f"the e2e surrogate mix is a share of steps in [0, 1) (got {cfg.surrogate_mix})")
 
@@ -247,6 +249,42 @@ def item_vectors(readout: ItemReadout, data: E2EData, items: list[int], token_ma
     return exact + (top - top.detach())
 
 
+def sampled_exact_vectors(readout: ItemReadout, data: E2EData, items: list[int], token_mask: torch.Tensor, n: torch.Tensor, cfg: PolicyConfig, generator: torch.Generator) -> torch.Tensor:
+    """[B, d] f over the kept tokens (exact value) whose keep gradient is exact too, for the kept tokens
+    and for `cfg.grad_chunks` dropped chunks per item drawn at random (their gradient scaled by dropped /
+    drawn, so its expectation is the gradient over every dropped chunk).
+
+    f runs gated (`models/gated.py`) over the kept tokens plus the drawn chunks at gate 0, a few dozen
+    tokens per item instead of the whole text: the `all` mask's exact gradient at a CPU's price, for a
+    sample of the alternatives. Undrawn dropped tokens get no gradient."""
+    p = min(cfg.prefix, cfg.k)
+    L = token_mask.shape[1]
+    pos = torch.arange(L)
+    chunk_of = torch.where(pos >= p, (pos - p) // cfg.train_chunk, -1)
+    keep = token_mask.detach() > 0.5
+    rows, scales = [], []
+    for r in range(len(items)):
+        inside = pos < int(n[r])
+        dropped = inside & ~keep[r]
+        ids = torch.unique(chunk_of[dropped])
+        take = ids[torch.randperm(len(ids), generator=generator)[: cfg.grad_chunks]]
+        drawn = dropped & torch.isin(chunk_of, take)
+        rows.append((keep[r] & inside) | drawn)
+        scales.append(len(ids) / max(len(take), 1))
+    width = max(int(m.sum()) for m in rows)
+    index = torch.zeros(len(items), max(width, 1), dtype=torch.long)
+    scale = torch.ones(len(items), max(width, 1))
+    lists = []
+    for r, (m, sc) in enumerate(zip(rows, scales)):
+        where = m.nonzero().flatten()
+        index[r, : len(where)] = where
+        scale[r, : len(where)] = torch.where(keep[r, where], 1.0, sc)
+        lists.append([data.tokens[items[r]][j] for j in where.tolist()])
+    gate = token_mask.gather(1, index)
+    gate = gate + (scale - 1) * (gate - gate.detach())  # the value stays 0/1, the gradient is scaled
+    return kept_vectors(data.llm, readout, lists, gate)
+
+
 @torch.no_grad()
 def masked_table(readout: ItemReadout, head: PolicyHead | None, data: E2EData, cfg: PolicyConfig, batch: int = 256) -> torch.Tensor:
     """[N, d] every item's masked-readout vector under the hard rule (head None: first-k)."""
@@ -287,6 +325,17 @@ def train_e2e(
     """Train `head` in place (the user model and readout are trained copies, then dropped); returns the
     log: per epoch the masked-readout validation of the head, the identity head and first-k."""
     check_e2e(cfg)
+    lower = [p for p in llm.model.parameters() if p.requires_grad]
+    for p in lower:  # f itself is never trained here: gradients through it reach only the gate
+        p.requires_grad_(False)
+    try:
+        return _train(llm, user, head, tokens, hist, cfg, temperature, log, data)
+    finally:
+        for p in lower:
+            p.requires_grad_(True)
+
+
+def _train(llm, user, head, tokens, hist, cfg, temperature, log, data) -> dict:
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -344,7 +393,10 @@ def train_e2e(
                     vec = readout.encode(fixed["first_k" if first_k_step else "policy"], group, dev)
                 else:
                     mask, n = keep_mask(selector, data, group, cfg, gen if moves else None) if masked else (None, None)
-                    vec = item_vectors(readout, data, group, mask, n)
+                    if mask is not None and mask.requires_grad and data.mask_layers == "exact" and cfg.grad_chunks:
+                        vec = sampled_exact_vectors(readout, data, group, mask, n, cfg, gen)
+                    else:
+                        vec = item_vectors(readout, data, group, mask, n)
                 table = table.index_copy(0, torch.tensor(group, device=dev), vec)
             hs, hm = pad_histories([h for h, _ in batch], table, cfg.history)
             eu = user.user_embedding(hs, hm)
