@@ -374,6 +374,9 @@ def test_null_in_interactions(tmp_path):
     (("--objective", "greedy"), "greedy"),
     (("--tuning", "half"), "half"),
     (("--stage", "3"), "stage"),
+    (("--objective", "e2e", "--grad-chunks", "2"), "grad chunks"),  # needs --mask-layers exact
+    (("--objective", "e2e", "--mask-layers", "exact", "--surrogate-mix", "1"), "mix"),
+    (("--objective", "e2e", "--warmup-epochs", "2"), "warm-up"),  # more than --epochs2 1
 ])
 def test_bad_training_settings(tmp_path, tiny_bert, args, needle):
     bundle = tmp_path / "bundle"

@@ -220,6 +220,7 @@ def train(
     prior_lr: Annotated[float, typer.Option(help="e2e: learning rate of the head's token position prior.")] = PolicyConfig.prior_lr,
     model_lr: Annotated[float, typer.Option(help="e2e: learning rate of the surrogate user model (and of the item readout unless --readout-lr).")] = PolicyConfig.model_lr,
     readout_lr: Annotated[Optional[float], typer.Option(help="e2e: learning rate of the surrogate item readout (default: --model-lr).")] = PolicyConfig.readout_lr,
+    grad_chunks: Annotated[int, typer.Option(help="e2e with --mask-layers exact: dropped chunks per item whose keep gradient is exact (f gated over the kept tokens and these); 0: the top block's gradient.")] = PolicyConfig.grad_chunks,
     warmup_epochs: Annotated[int, typer.Option(help="e2e: first stage-2 epochs with the head held, only the surrogate learning (on compressed texts).")] = PolicyConfig.warmup_epochs,
     surrogate_mix: Annotated[float, typer.Option(help="e2e: share of steps the surrogate trains on first-k's texts (no head gradient there).")] = PolicyConfig.surrogate_mix,
     negatives: Annotated[int, typer.Option(help="Sampled negatives, both stages.")] = Stage1Config.negatives,
@@ -247,7 +248,7 @@ def train(
             stage1=Stage1Config(epochs=epochs1, lr=lr1, item_lr=item_lr, negatives=negatives, history=history, seed=seed),
             policy=PolicyConfig(prefix=prefix, k=k, train_chunk=train_chunk, select_chunk=select_chunk, epochs=epochs2, lr=lr2, negatives=negatives, history=history, samples=samples, objective=objective, seed=seed, max_users=max_users,
                                 masked_side=masked_side, mask_layers=mask_layers, sigma=sigma, perturb_samples=perturb_samples, prior_lr=prior_lr, model_lr=model_lr, readout_lr=readout_lr,
-                                warmup_epochs=warmup_epochs, surrogate_mix=surrogate_mix),
+                                grad_chunks=grad_chunks, warmup_epochs=warmup_epochs, surrogate_mix=surrogate_mix),
         )
         bundle = api.train(
             items, interactions, out, stages=stages, **configs, columns=(user_col, item_col, order_col), device=device,
