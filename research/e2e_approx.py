@@ -34,7 +34,7 @@ from tokensel.models.bundle import Bundle
 from tokensel.models.head import PolicyHead
 from tokensel.models.readout import ItemReadout
 from tokensel.train.common import embed_tokens
-from tokensel.train.e2e import E2EData, item_vectors, keep_mask, prepare
+from tokensel.train.e2e_vectors import E2EData, item_vectors, keep_mask, prepare
 
 
 @torch.inference_mode()

@@ -21,7 +21,8 @@ from tokensel.io.interactions import read_histories
 from tokensel.io.items import read_items
 from tokensel.models.bundle import Bundle
 from tokensel.models.head import PolicyHead
-from tokensel.train.e2e import prepare, train_e2e
+from tokensel.train.e2e import train_e2e
+from tokensel.train.e2e_vectors import prepare
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from tokensel.models.bundle import Bundle
 from tokensel.models.head import PolicyHead
 from tokensel.models.readout import ItemReadout
 from tokensel.train.common import stage2_users
-from tokensel.train.e2e import masked_table, prepare
+from tokensel.train.e2e_vectors import masked_table, prepare
 from tokensel.train.stage1 import validate
 
 

@@ -19,7 +19,7 @@ from tokensel.models.readout import ItemReadout
 from tokensel.models.user_model import UserModel
 from tokensel.config import UserModelConfig
 from tokensel.select.rule import select_mask, select_positions_reference
-from tokensel.train import e2e
+from tokensel.train import e2e, e2e_vectors
 from tokensel.train.relaxation import PerturbedMask
 from tokensel.train.pipeline import check_settings
 
@@ -175,7 +175,7 @@ def test_every_block_training_step_runs_and_moves_the_head(setup):
     """The same training loop with the mask in every block (f run gated per step, no block cache)."""
     llm, tokens, hist = setup
     cfg = PolicyConfig(objective="e2e", mask_layers="all", k=8, prefix=2, train_chunk=2, epochs=1, batch_size=16, negatives=16, valid_users=20, lr=1e-2)
-    data = e2e.prepare(llm, tokens, "all")
+    data = e2e_vectors.prepare(llm, tokens, "all")
     assert data.cache is None and data.llm is llm
     head = PolicyHead(llm.hidden_size)
     out = e2e.train_e2e(llm, UserModel(llm.hidden_size, UserModelConfig()), head, tokens, hist, cfg, 0.05, lambda r: None, data=data)
@@ -184,9 +184,9 @@ def test_every_block_training_step_runs_and_moves_the_head(setup):
     # validation under the every-block mask is validation of real kept-token vectors: first-k's table
     # equals the readout over a plain forward of the first-k texts
     readout = ItemReadout(llm).eval()
-    mask, n = e2e.keep_mask(None, data, list(range(len(tokens))), cfg)
+    mask, n = e2e_vectors.keep_mask(None, data, list(range(len(tokens))), cfg)
     kept = [[t for j, t in enumerate(tt) if mask[r, j] > 0.5] for r, tt in enumerate(tokens)]
-    table = e2e.masked_table(readout, None, data, cfg)
+    table = e2e_vectors.masked_table(readout, None, data, cfg)
     with torch.no_grad():
         want = llm.encode(kept, need_hidden=False).item
     torch.testing.assert_close(table, want, atol=1e-4, rtol=1e-4)
@@ -196,7 +196,7 @@ def test_every_block_mask_refuses_a_model_it_cannot_gate(tiny_llama):
     """A decoder without BERT's blocks and absolute positions: a clear error, not a crash mid-training."""
     llm = ItemLLM.from_pretrained(tiny_llama)
     with pytest.raises(TokenselError, match="mask-layers all needs a BERT-style encoder"):
-        e2e.prepare(llm, [[5, 6, 7]], "all")
+        e2e_vectors.prepare(llm, [[5, 6, 7]], "all")
     with pytest.raises(TokenselError, match="BERT-style"):
         check_settings(ItemModelConfig(base_model=tiny_llama), PolicyConfig(objective="e2e"))
 
@@ -218,21 +218,21 @@ def test_exact_mask_values_are_the_kept_token_forward_and_its_gradient_reaches_t
     mask's gradient comes through the top-block path, and the readout learns from the exact value only."""
     llm, tokens, hist = setup
     cfg = PolicyConfig(objective="e2e", mask_layers="exact", k=8, prefix=2, train_chunk=2, epochs=1, batch_size=16, negatives=16, valid_users=20, lr=1e-2)
-    data = e2e.prepare(llm, tokens, "exact")
+    data = e2e_vectors.prepare(llm, tokens, "exact")
     assert data.cache is not None and data.llm is llm
     readout = ItemReadout(llm).eval()
     items = list(range(len(tokens)))
-    mask, n = e2e.keep_mask(None, data, items, cfg)
+    mask, n = e2e_vectors.keep_mask(None, data, items, cfg)
     kept = [[t for j, t in enumerate(tt) if mask[r, j] > 0.5] for r, tt in enumerate(tokens)]
     with torch.no_grad():
         want = llm.encode(kept, need_hidden=False).item
-    torch.testing.assert_close(e2e.masked_table(readout, None, data, cfg), want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(e2e_vectors.masked_table(readout, None, data, cfg), want, atol=1e-4, rtol=1e-4)
     # with a gradient: same value, the keep weights get the top path's gradient, the readout the exact one's
     head = PolicyHead(llm.hidden_size)
     sub = [i for i in items if len(tokens[i]) > cfg.k][:8]
-    m, nn_ = e2e.keep_mask(head, data, sub, cfg, torch.Generator().manual_seed(0))
+    m, nn_ = e2e_vectors.keep_mask(head, data, sub, cfg, torch.Generator().manual_seed(0))
     w = torch.randn(len(sub), llm.hidden_size)
-    v = e2e.item_vectors(readout, data, sub, m, nn_)
+    v = e2e_vectors.item_vectors(readout, data, sub, m, nn_)
     kept_h = [[t for j, t in enumerate(tokens[i]) if m[r, j] > 0.5] for r, i in enumerate(sub)]
     assert kept_h != [kept[i] for i in sub]  # the head's selection is not first-k's
     with torch.no_grad():
@@ -241,7 +241,7 @@ def test_exact_mask_values_are_the_kept_token_forward_and_its_gradient_reaches_t
     assert head.w_q.weight.grad is not None and head.w_q.weight.grad.abs().sum() > 0
     g_hybrid = [None if p.grad is None else p.grad.clone() for p in readout.parameters()]
     readout.zero_grad()
-    kb = e2e.kept_block_inputs(data, sub, m)
+    kb = e2e_vectors.kept_block_inputs(data, sub, m)
     (readout(kb.states, kb.mask, kb.item_pos) * w).sum().backward()
     for a, b in zip(g_hybrid, (p.grad for p in readout.parameters())):
         assert (a is None) == (b is None)
@@ -256,7 +256,7 @@ def test_warmup_holds_the_head_and_the_mix_is_validated(setup):
     """Warm-up epochs train the surrogate only (the head stays the identity); a first-k share of steps
     still lets the head move afterwards; bad values are user errors."""
     llm, tokens, hist = setup
-    data = e2e.prepare(llm, tokens, "exact")
+    data = e2e_vectors.prepare(llm, tokens, "exact")
     head = PolicyHead(llm.hidden_size)
     cfg = PolicyConfig(objective="e2e", mask_layers="exact", k=8, prefix=2, train_chunk=2, epochs=1, warmup_epochs=1, surrogate_mix=0.5, batch_size=16, negatives=16, valid_users=20, lr=1e-2)
     out = e2e.train_e2e(llm, UserModel(llm.hidden_size, UserModelConfig()), head, tokens, hist, cfg, 0.05, lambda r: None, data=data)
@@ -273,16 +273,16 @@ def test_warmup_holds_the_head_and_the_mix_is_validated(setup):
 def test_warmup_cache_is_the_same_kept_token_forward(setup):
     """The warm-up's cached inputs give the same item vectors as the per-step exact forward."""
     llm, tokens, _ = setup
-    data = e2e.prepare(llm, tokens, "exact")
+    data = e2e_vectors.prepare(llm, tokens, "exact")
     cfg = PolicyConfig(objective="e2e", mask_layers="exact", k=8, prefix=2, train_chunk=2)
     readout = ItemReadout(llm).eval()
     head = PolicyHead(llm.hidden_size)
     items = [3, 0, 7, 5]
     for h in (head, None):
-        cached = e2e.kept_inputs_table(data, h, cfg, batch=3)
-        mask, n = e2e.keep_mask(h, data, items, cfg)
+        cached = e2e_vectors.kept_inputs_table(data, h, cfg, batch=3)
+        mask, n = e2e_vectors.keep_mask(h, data, items, cfg)
         with torch.no_grad():
-            torch.testing.assert_close(readout.encode(cached, items), e2e.item_vectors(readout, data, items, mask, n), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(readout.encode(cached, items), e2e_vectors.item_vectors(readout, data, items, mask, n), atol=1e-5, rtol=1e-5)
 
 
 def test_sampled_exact_gradient_is_the_every_block_gradient_on_the_drawn_chunks(setup):
@@ -291,18 +291,18 @@ def test_sampled_exact_gradient_is_the_every_block_gradient_on_the_drawn_chunks(
     llm, tokens, _ = setup
     items = [i for i, t in enumerate(tokens) if len(t) > 16][:5]
     cfg = PolicyConfig(objective="e2e", mask_layers="exact", k=8, prefix=2, train_chunk=2, grad_chunks=100)
-    data = e2e.prepare(llm, tokens, "exact")
+    data = e2e_vectors.prepare(llm, tokens, "exact")
     readout = ItemReadout(llm).eval()
     for p in llm.model.parameters():
         p.requires_grad_(False)
-    base, n = e2e.keep_mask(PolicyHead(llm.hidden_size), data, items, cfg)
+    base, n = e2e_vectors.keep_mask(PolicyHead(llm.hidden_size), data, items, cfg)
     w = torch.randn(len(items), llm.hidden_size)
     full = base.clone().requires_grad_(True)
     want = kept_vectors(llm, readout, [tokens[i] for i in items], full)
     (want * w).sum().backward()
     for chunks, one_chunk in ((100, False), (1, True)):
         mask = base.clone().requires_grad_(True)
-        v = e2e.sampled_exact_vectors(readout, data, items, mask, n, dataclasses.replace(cfg, grad_chunks=chunks), torch.Generator().manual_seed(0))
+        v = e2e_vectors.sampled_exact_vectors(readout, data, items, mask, n, dataclasses.replace(cfg, grad_chunks=chunks), torch.Generator().manual_seed(0))
         torch.testing.assert_close(v, want, atol=1e-5, rtol=1e-5)
         (v * w).sum().backward()
         inside = torch.arange(base.shape[1])[None] < n[:, None]

@@ -54,27 +54,31 @@ import copy
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from tokensel.config import PolicyConfig
 from tokensel.errors import TokenselError
 from tokensel.io.interactions import Histories
-from tokensel.models.batching import length_buckets
-from tokensel.models.gated import kept_vectors, lower_blocks
 from tokensel.models.head import PolicyHead
 from tokensel.models.item_llm import ItemLLM
-from tokensel.models.readout import BlockInputs, ItemReadout, last_block
+from tokensel.models.readout import BlockInputs, ItemReadout
 from tokensel.models.user_model import UserModel, pad_histories
-from tokensel.select.rule import chunk_sums, select_mask
-from tokensel.train.relaxation import PerturbedMask, relative_sigma
+from tokensel.train.e2e_vectors import (
+    MASK_LAYERS,
+    E2EData,
+    item_vectors,
+    keep_mask,
+    kept_inputs_table,
+    masked_table,
+    prepare,
+    sampled_exact_vectors,
+)
 from tokensel.train.common import infonce, infonce_logits, stage2_users
 from tokensel.train.stage1 import validate
 
 OBJECTIVE = "e2e"
 MASKED_SIDES = ("both", "history", "target")
-MASK_LAYERS = ("top", "exact", "all")
 
 
 def check_e2e(cfg: PolicyConfig) -> None:
@@ -93,210 +97,6 @@ def check_e2e(cfg: PolicyConfig) -> None:
         raise TokenselError(f"grad chunks (got {cfg.grad_chunks}) need --mask-layers exact and >= 0")
     if not 0 <= cfg.surrogate_mix < 1:
         raise TokenselError(f"the e2e surrogate mix is a share of steps in [0, 1) (got {cfg.surrogate_mix})")
-
-
-# ----------------------------------------------------------------------------------------- data
-@dataclass
-class E2EData:
-    """Per item: tokens, the cached inputs of f's last block (mask in the top block only), final-layer
-    text states and [ITEM] states; `llm` set when the mask acts in every block (f runs per step)."""
-
-    tokens: list[list[int]]
-    cache: BlockInputs | None
-    hidden: list[torch.Tensor]  # [n_i, d] fp16, what the head scores (as at inference)
-    item: torch.Tensor  # [N, d] final [ITEM] states of the full text
-    offset: int  # cache column of each item's first text token
-    llm: ItemLLM | None = None  # mask_layers "exact" / "all": f itself, run over each step's items
-    mask_layers: str = "top"
-
-
-@torch.inference_mode()
-def prepare(llm: ItemLLM, tokens: list[list[int]], mask_layers: str = "top", batch_tokens: int = 16384, max_batch: int = 128) -> E2EData:
-    """One frozen forward over the catalogue: the final states (for the head) and, for the top-block
-    mask, the last block's inputs (for the readout) from the same pass."""
-    if mask_layers not in MASK_LAYERS:
-        raise TokenselError(f"unknown mask layers {mask_layers!r}; choose {', '.join(MASK_LAYERS)}")
-    if mask_layers == "all":  # f's layout, checked once up front (lower_blocks checks the last block too)
-        lower_blocks(llm)
-    else:
-        last_block(llm)
-    ids, mask, off = llm.build_inputs(tokens)
-    N, W = ids.shape
-    d = llm.hidden_size
-    cached = mask_layers != "all"
-    states = torch.zeros(N, W, d) if cached else None
-    item = torch.zeros(N, d)
-    hidden: list = [None] * N
-    llm.model.eval()
-    for group in length_buckets([len(t) for t in tokens], max_batch, batch_tokens):
-        w = off + max(len(tokens[i]) for i in group) + 1
-        out = llm.model(input_ids=ids[group, :w].to(llm.device), attention_mask=mask[group, :w].to(llm.device), output_hidden_states=True)
-        if cached:
-            states[group, :w] = out.hidden_states[-2].float().cpu()
-        top = out.hidden_states[-1].float().cpu()
-        for j, i in enumerate(group):
-            n = len(tokens[i])
-            hidden[i] = top[j, off : off + n].to(torch.float16).clone()
-            item[i] = top[j, off + n]
-    item_pos = torch.tensor([off + len(t) for t in tokens], dtype=torch.long)
-    cache = BlockInputs(states, mask.bool(), item_pos) if cached else None
-    return E2EData(tokens, cache, hidden, item, off, None if mask_layers == "top" else llm, mask_layers)
-
-
-def pad_states(data: E2EData, items: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, L, d] float final-layer text states of these items (zeros past each end), [B] lengths."""
-    n = torch.tensor([len(data.tokens[i]) for i in items], dtype=torch.long)
-    out = torch.zeros(len(items), max(int(n.max()) if len(items) else 0, 1), data.item.shape[1])
-    for r, i in enumerate(items):
-        out[r, : n[r]] = data.hidden[i].float()
-    return out, n
-
-
-# ----------------------------------------------------------------------------------------- selection
-def chunk_scores(head: PolicyHead, data: E2EData, items: list[int], cfg: PolicyConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, C] chunk scores (sum of log p, as the `policy` strategy) and [B] token counts."""
-    h, n = pad_states(data, items)
-    logp = head.log_probs(h, data.item[items], n, cfg.prefix, folded=True)
-    return chunk_sums(logp, cfg.prefix, cfg.train_chunk), n
-
-
-def keep_mask(head: PolicyHead | None, data: E2EData, items: list[int], cfg: PolicyConfig, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, L] keep mask over the items' text tokens at budget k, [B] lengths. head None: first-k.
-    With a generator the mask carries the perturbed-top-k gradient to the head; without, it is the
-    plain rule (validation)."""
-    if head is None:
-        n = torch.tensor([len(data.tokens[i]) for i in items], dtype=torch.long)
-        width = max(int(n.max()), 1)
-        zeros = torch.zeros(len(items), max(1, -(-(width - cfg.prefix) // cfg.train_chunk)))
-        return select_mask(zeros, n, k=cfg.k, prefix=cfg.prefix, chunk=cfg.train_chunk, width=width).float(), n
-    scores, n = chunk_scores(head, data, items, cfg)
-    width = max(int(n.max()), 1)
-    if generator is None:
-        return select_mask(scores.detach(), n, k=cfg.k, prefix=cfg.prefix, chunk=cfg.train_chunk, width=width).float(), n
-    p = min(cfg.prefix, cfg.k)
-    real = (n - p).clamp(min=0).add(cfg.train_chunk - 1).div(cfg.train_chunk, rounding_mode="floor")
-    sigma = relative_sigma(scores, real, cfg.sigma)
-    mask = PerturbedMask.apply(scores, n, sigma, cfg.k, cfg.prefix, cfg.train_chunk, width, cfg.perturb_samples, generator)
-    return mask, n
-
-
-def readout_weights(data: E2EData, items: list[int], token_mask: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """[B, W] attention weights over the cache columns: 1 for the lead and `[ITEM]`, the keep mask on text."""
-    idx = torch.as_tensor(items, dtype=torch.long)
-    W = int(data.cache.lengths[idx].max())
-    L = token_mask.shape[1]
-    text = torch.where(torch.arange(L)[None] < n[:, None], token_mask, torch.ones_like(token_mask))
-    weights = torch.ones(len(items), W, dtype=token_mask.dtype)
-    return torch.cat([weights[:, : data.offset], text[:, : W - data.offset], weights[:, data.offset + L :]], 1)
-
-
-@torch.no_grad()
-def kept_block_inputs(data: E2EData, items: list[int], token_mask: torch.Tensor) -> BlockInputs:
-    """f's lower blocks run over each item's kept tokens alone (the compressed text, renumbered from 0
-    as downstream sees it): the last block's inputs. Kept texts are at most k tokens, so this costs a
-    fraction of the full-text forward `prepare` ran once."""
-    llm = data.llm
-    keep = token_mask.detach().cpu() > 0.5
-    kept = [[t for t, m in zip(data.tokens[i], keep[r].tolist()) if m] for r, i in enumerate(items)]
-    ids, mask, off = llm.build_inputs(kept)
-    out = llm.model(input_ids=ids.to(llm.device), attention_mask=mask.to(llm.device), output_hidden_states=True)
-    n = torch.tensor([len(t) for t in kept], dtype=torch.long)
-    return BlockInputs(out.hidden_states[-2].float().cpu(), mask.bool(), off + n)
-
-
-@torch.no_grad()
-def kept_inputs_table(data: E2EData, head: PolicyHead | None, cfg: PolicyConfig, batch: int = 256) -> BlockInputs:
-    """Every item's kept-token block inputs under one fixed selection (head None: first-k). While the
-    head is held (warm-up) its selection does not change, so the surrogate reads these cached inputs
-    and a warm-up step costs the readout and the user model only."""
-    parts = []
-    for s in range(0, len(data.tokens), batch):
-        items = list(range(s, min(s + batch, len(data.tokens))))
-        parts.append(kept_block_inputs(data, items, keep_mask(head, data, items, cfg)[0]))
-    W = max(p.states.shape[1] for p in parts)
-    pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, W - t.shape[1]) if t.dim() == 3 else (0, W - t.shape[1]))  # noqa: E731
-    return BlockInputs(torch.cat([pad(p.states) for p in parts]), torch.cat([pad(p.mask) for p in parts]), torch.cat([p.item_pos for p in parts]))
-
-
-def item_vectors(readout: ItemReadout, data: E2EData, items: list[int], token_mask: torch.Tensor | None, n: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, d] readout `[ITEM]` states; with a keep mask (None: the full text):
-    - `top`: dropped text tokens are masked out of the `[ITEM]` query's attention; lower layers still
-      saw the full text (the approximation);
-    - `exact`: the value is f over the kept tokens alone (what downstream embeds), the mask's gradient
-      is the `top` path's (straight-through: exact forward, top-block backward; the readout's own
-      gradient comes from the exact value only);
-    - `all`: the gate in every block, exact in value and in gradient (f forward and backward per item)."""
-    if data.mask_layers == "all":
-        toks = [data.tokens[i] for i in items]
-        if token_mask is None:
-            token_mask = torch.ones(len(items), max(max(len(t) for t in toks), 1))
-        return kept_vectors(data.llm, readout, toks, token_mask)
-    idx = torch.as_tensor(items, dtype=torch.long)
-    W = int(data.cache.lengths[idx].max())
-    c = data.cache
-    top_inputs = (c.states[idx, :W], c.mask[idx, :W], c.item_pos[idx])
-    if token_mask is None:
-        return readout(*top_inputs)
-    weights = readout_weights(data, items, token_mask, n)
-    if data.mask_layers == "top":
-        return readout(*top_inputs, weights)
-    k = kept_block_inputs(data, items, token_mask)
-    exact = readout(k.states, k.mask, k.item_pos)
-    if not (torch.is_grad_enabled() and weights.requires_grad):
-        return exact
-    frozen = {name: p.detach() for name, p in readout.named_parameters()}
-    top = torch.func.functional_call(readout, frozen, (*top_inputs, weights))
-    return exact + (top - top.detach())
-
-
-def sampled_exact_vectors(readout: ItemReadout, data: E2EData, items: list[int], token_mask: torch.Tensor, n: torch.Tensor, cfg: PolicyConfig, generator: torch.Generator) -> torch.Tensor:
-    """[B, d] f over the kept tokens (exact value) whose keep gradient is exact too, for the kept tokens
-    and for `cfg.grad_chunks` dropped chunks per item drawn at random (their gradient scaled by dropped /
-    drawn, so its expectation is the gradient over every dropped chunk).
-
-    f runs gated (`models/gated.py`) over the kept tokens plus the drawn chunks at gate 0, a few dozen
-    tokens per item instead of the whole text: the `all` mask's exact gradient at a CPU's price, for a
-    sample of the alternatives. Undrawn dropped tokens get no gradient."""
-    p = min(cfg.prefix, cfg.k)
-    L = token_mask.shape[1]
-    pos = torch.arange(L)
-    chunk_of = torch.where(pos >= p, (pos - p) // cfg.train_chunk, -1)
-    keep = token_mask.detach() > 0.5
-    rows, scales = [], []
-    for r in range(len(items)):
-        inside = pos < int(n[r])
-        dropped = inside & ~keep[r]
-        ids = torch.unique(chunk_of[dropped])
-        take = ids[torch.randperm(len(ids), generator=generator)[: cfg.grad_chunks]]
-        drawn = dropped & torch.isin(chunk_of, take)
-        rows.append((keep[r] & inside) | drawn)
-        scales.append(len(ids) / max(len(take), 1))
-    width = max(int(m.sum()) for m in rows)
-    index = torch.zeros(len(items), max(width, 1), dtype=torch.long)
-    scale = torch.ones(len(items), max(width, 1))
-    lists = []
-    for r, (m, sc) in enumerate(zip(rows, scales)):
-        where = m.nonzero().flatten()
-        index[r, : len(where)] = where
-        scale[r, : len(where)] = torch.where(keep[r, where], 1.0, sc)
-        lists.append([data.tokens[items[r]][j] for j in where.tolist()])
-    gate = token_mask.gather(1, index)
-    gate = gate + (scale - 1) * (gate - gate.detach())  # the value stays 0/1, the gradient is scaled
-    return kept_vectors(data.llm, readout, lists, gate)
-
-
-@torch.no_grad()
-def masked_table(readout: ItemReadout, head: PolicyHead | None, data: E2EData, cfg: PolicyConfig, batch: int = 256) -> torch.Tensor:
-    """[N, d] every item's masked-readout vector under the hard rule (head None: first-k)."""
-    readout.eval()
-    N = len(data.tokens)
-    out = []
-    batch = batch if data.mask_layers != "all" else max(1, batch // 4)  # a full forward per item: smaller batches
-    for s in range(0, N, batch):
-        items = list(range(s, min(s + batch, N)))
-        mask, n = keep_mask(head, data, items, cfg)
-        out.append(item_vectors(readout, data, items, mask, n))
-    return torch.cat(out)
 
 
 def masked_validation(readout, user, heads: dict[str, PolicyHead | None], data, hist_v, tgt_v, cfg, fixed: dict[str, BlockInputs] | None = None) -> dict:
