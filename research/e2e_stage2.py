@@ -47,7 +47,8 @@ def main() -> None:
     over = {}
     for kv in a.set:
         key, val = kv.split("=", 1)
-        over[key] = {"int": int, "float": float, "str": str}[str(types[key]).split(" ")[0]](val)  # "float | None" -> float
+        kind = str(types[key]).split(" ")[0]  # "float | None" -> float
+        over[key] = val.lower() in ("1", "true", "yes") if kind == "bool" else {"int": int, "float": float, "str": str}[kind](val)
     cfg = PolicyConfig(objective="e2e", k=a.k, epochs=a.epochs, max_users=a.max_users, valid_users=a.valid_users, **over)
     t0 = time.perf_counter()
     data = prepare(llm, tokens, cfg.mask_layers)

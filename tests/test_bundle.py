@@ -175,6 +175,30 @@ def test_item_align_is_the_policy_rule_with_identity_projections(tiny_bundle, tm
     assert not aligned.column("positions").equals(trained.column("positions")), "stage 2 changed no selection"
 
 
+def test_a_head_that_keeps_the_first_tokens_round_trips_and_compresses_as_first_k(tiny_bundle, tiny_bert, tmp_path):
+    """Stage 2's choice "first-k" travels in policy.safetensors; the policy strategy then writes exactly
+    first-k's tokens (no forward, no cache) and the summary says why. Bundles saved before the choice
+    existed load with it off."""
+    b = Bundle.from_pretrained(tiny_bundle)
+    assert not b.policy.keeps_first_k
+    b.policy.keeps_first_k = True
+    first = b.save_pretrained(tmp_path / "first")
+    assert Bundle.from_pretrained(first).policy.keeps_first_k
+    assert bundle_hash(first) != bundle_hash(tiny_bundle)
+    old = shutil.copytree(tiny_bundle, tmp_path / "old")
+    save_file({k: v for k, v in load_file(tiny_bundle / "policy.safetensors").items() if k != "keeps_first_k"}, old / "policy.safetensors")
+    assert not Bundle.from_pretrained(old).policy.keeps_first_k
+    kept, summary = compress_with(tmp_path, first, "policy.parquet", "policy")
+    api.compress(ITEMS, tmp_path / "fk.parquet", k=K, chunk=CHUNK, prefix=PREFIX, strategy="first-k", model=tiny_bert, device="cpu")
+    plain = pq.read_table(tmp_path / "fk.parquet")
+    for col in ("item_id", "text", "token_ids", "positions", "n_kept"):
+        assert kept.column(col).equals(plain.column(col)), col
+    assert any("kept the first tokens" in n for n in summary.notes)
+    meta = read_metadata(tmp_path / "policy.parquet")
+    assert meta["strategy"] == "first-k" and meta["policy_hash"] == bundle_hash(first)
+    assert not list(tmp_path.glob("*.sqlite")), "first-k runs no model, so it caches nothing"
+
+
 def test_item_align_and_policy_do_not_share_cache_entries(tiny_bundle, tmp_path):
     cache = tmp_path / "shared.sqlite"
     compress_with(tmp_path, tiny_bundle, "p.parquet", "policy", cache=cache)

@@ -199,3 +199,16 @@ def test_cli_several_budgets_write_one_file_each_and_a_column_each(tmp_path, tin
     assert bad.exit_code == 2 and "--k 16,x" in bad.output
     bad = invoke("compress", ITEMS, "-o", tmp_path / "x.parquet", "--model", tiny_bert, "--strategy", "first-k", "--k", "16,32")
     assert bad.exit_code == 2 and "{k}" in bad.output and not (tmp_path / "x.parquet").exists()
+
+
+def test_info_says_what_an_e2e_stage_2_kept(tiny_bundle, tmp_path):
+    """The e2e objective's choice (logs.stage2.choice) is one row of `info`, in words, with the scores it read."""
+    b = shutil.copytree(tiny_bundle, tmp_path / "b")
+    cfg = json.loads((b / "config.json").read_text())
+    rows = [{"strategy": "policy", "N@10": 5.17}, {"strategy": "item-align", "N@10": 5.5}, {"strategy": "first-k", "N@10": 5.72}]
+    cfg["logs"]["stage2"]["choice"] = {"chosen": "first-k", "rows": rows}
+    (b / "config.json").write_text(json.dumps(cfg))
+    r = invoke("info", b)
+    flat_out = "".join(r.output.split())
+    assert r.exit_code == 0 and "stage-2choice" in flat_out and "thefirsttokens(first-k)" in flat_out and "first-k5.720" in flat_out
+    assert "stage-2choice" not in "".join(invoke("info", tiny_bundle).output.split())  # the paper's objective chooses nothing

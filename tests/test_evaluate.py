@@ -22,7 +22,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from tokensel.errors import TokenselError  # noqa: E402
 from tokensel.train.metrics import per_user_metrics, rank_users, target_ranks  # noqa: E402
 from tokensel.evaluate.runner import METRICS, evaluate, evaluate_detailed, write_results  # noqa: E402
-from tokensel.evaluate.stats import paired_pvalue  # noqa: E402
+from tokensel.stats import paired_pvalue  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ITEMS = ROOT / "fixtures" / "items.parquet"

@@ -15,7 +15,7 @@ from tokensel.errors import TokenselError
 from tokensel.evaluate.headroom import headroom, verdict
 from tokensel.evaluate.recommenders import TrainConfig
 from tokensel.evaluate.runner import evaluate_detailed
-from tokensel.evaluate.stats import paired_pvalues
+from tokensel.stats import paired_pvalues
 from tokensel.io.parquet_out import read_metadata
 
 from conftest import INTERACTIONS, ITEMS

@@ -136,6 +136,7 @@ class PolicyConfig:
     grad_chunks: int = 0  # exact mask: dropped chunks per item whose keep gradient is exact (f gated over kept + these); 0: the top block's gradient
     warmup_epochs: int = 0  # first epochs with the head held: only the surrogate learns (on compressed texts)
     surrogate_mix: float = 0.0  # share of steps the surrogate trains on first-k's texts (the head gets no gradient there)
+    keep_best: bool = True  # end by keeping the best of the trained head, the identity head and first-k on the surrogate's validation
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVE_NAMES:

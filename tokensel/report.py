@@ -28,6 +28,10 @@ def bundle_summary(cfg: dict) -> list[tuple[str, str]]:
     source: list[str] = []
     if warnings is None:  # bundles trained before the warnings were recorded: the same rule over their log
         warnings, source = stage2_warnings(log), ["(derived from the training log: this bundle predates the recorded key)"]
+    if (choice := log.get("choice")) is not None:  # e2e: what stage 2 kept, by the surrogate's validation
+        scores = ", ".join(f"{r['strategy']} {r['N@10']:.3f}" for r in choice["rows"])
+        does = {"policy": "the trained head", "item-align": "the identity head (item-align)", "first-k": "the first tokens (first-k)"}
+        rows.append(("stage-2 choice", f"{does.get(choice['chosen'], choice['chosen'])}; validation NDCG@10 {scores} (the surrogate recommender)"))
     rows.append(("stage-2 warnings", "\n".join([*source, *(f"- {w}" for w in warnings)]) or "none"))
     return rows
 

@@ -87,6 +87,8 @@ def compress(
     sel = sel.with_text(id_col=id_col, text_cols=text_cols, max_len=max_len, template=template, labels=labels)
     sel.batch = BatchConfig.for_device(sel.llm.device, batch_tokens=batch_tokens)
     check_budgets(cfg.ks, cfg.chunk, cfg.prefix, sel.text.max_len, strategy)
+    if strategy == "policy" and sel.name == "first-k":
+        notes.append("policy: this bundle's stage 2 kept the first tokens (no head it trained beat first-k on its validation), so the output is first-k")
     if batch_rows is None and sel.llm.device.type == "cuda":
         cfg = replace(cfg, batch_rows=16384)  # larger windows fill a GPU's larger batches
     if engine == "ray":

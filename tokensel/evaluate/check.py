@@ -30,11 +30,10 @@ from tokensel.compress.run import compress
 from tokensel.config import TrainConfig
 from tokensel.errors import TokenselError
 from tokensel.evaluate.runner import VectorCache, evaluate_detailed
-from tokensel.evaluate.stats import paired_pvalues
 from tokensel.io.interactions import COLUMNS
 from tokensel.models.bundle import BundleConfig, bundle_hash, read_bundle_config, write_check
 from tokensel.models.readout import check_top_tunable
-from tokensel.select.auto import RULE, choose
+from tokensel.select.auto import RULE, choose, rows_vs_first_k
 from tokensel.train.pipeline import file_digest
 
 CHECKED = ("first-k", "item-align", "policy")
@@ -95,19 +94,7 @@ def strategy_check(
             id_col=text.id_col, user_col=columns[0], item_col=columns[1], order_col=columns[2], max_users=max_users,
             cache=VectorCache(), log=log,
         )
-    first = ev.files[0]
-    rows = []
-    for strategy, f in zip(CHECKED, ev.files):
-        p = paired_pvalues(f.per_user, first.per_user) if f is not first else {}
-        rows.append({
-            "strategy": strategy,
-            "N@10": round(f.metrics["N@10"], 4),
-            "R@10": round(f.metrics["R@10"], 4),
-            "ratio_N@10": round(f.metrics["N@10"] / first.metrics["N@10"], 4) if first.metrics["N@10"] else None,
-            "ratio_R@10": round(f.metrics["R@10"] / first.metrics["R@10"], 4) if first.metrics["R@10"] else None,
-            "p_N@10": p.get("N@10"),
-            "p_R@10": p.get("R@10"),
-        })
+    rows = rows_vs_first_k({strategy: (f.metrics, f.per_user) for strategy, f in zip(CHECKED, ev.files)})
     check = {
         "k": k, "chunk": chunk, "prefix": prefix,
         "recommender": f"hllm, item tuning {tuning}", "epochs": epochs, "seeds": seeds, "scored": "validation",

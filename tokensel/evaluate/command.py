@@ -53,7 +53,7 @@ def evaluate_command(
     """Train the same downstream recommender on each texts file and compare: Recall/NDCG@5/10/50 on the test split."""
     from tokensel.evaluate.recommenders import TrainConfig, names
     from tokensel.evaluate.runner import VectorCache, evaluate_detailed, results_table, write_results
-    from tokensel.evaluate.stats import TESTS
+    from tokensel.stats import TESTS
 
     err = Console(stderr=True)
     if threads:
@@ -116,7 +116,7 @@ def headroom_command(
     from tokensel.evaluate.recommenders import TrainConfig
     from tokensel.config import write_json
     from tokensel.evaluate.runner import fmt_p
-    from tokensel.evaluate.stats import paired_test_name
+    from tokensel.stats import paired_test_name
 
     err = Console(stderr=True)
     try:

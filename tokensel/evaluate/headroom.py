@@ -22,7 +22,7 @@ from tokensel.compress.run import compress
 from tokensel.errors import TokenselError
 from tokensel.evaluate.recommenders import TrainConfig, make_recommender
 from tokensel.evaluate.runner import VectorCache, evaluate_detailed
-from tokensel.evaluate.stats import TESTS, paired_pvalues
+from tokensel.stats import TESTS, paired_pvalues
 from tokensel.io.interactions import DataCounts
 
 ALPHA = 0.05

@@ -8,7 +8,7 @@ For every file: the kept `token_ids` are read as they are (never re-tokenised), 
 (one model for all files) turns them into item vectors once, and the recommender is trained from
 scratch for every seed with the same budget. Test metrics are Recall/NDCG@5/10/50 in percent,
 leave-one-out, full ranking over all items with the user's history masked. Per-user metrics are
-averaged over seeds and compared with the first file by a paired test (tokensel.evaluate.stats).
+averaged over seeds and compared with the first file by a paired test (tokensel.stats).
 The result is the SPEC's evaluate contract: one dict per file, in order.
 """
 
@@ -30,7 +30,7 @@ from tokensel.device import pick_device, pick_dtype
 from tokensel.errors import TokenselError
 from tokensel.train.metrics import KS, per_user_metrics
 from tokensel.evaluate.recommenders import Recommender, TrainConfig, make_recommender
-from tokensel.evaluate.stats import paired_pvalues, paired_test_name
+from tokensel.stats import paired_pvalues, paired_test_name
 from tokensel.io.interactions import DataCounts, first_users, read_histories
 from tokensel.io.item_ids import IdCheck
 from tokensel.io.items import open_parquet

@@ -5,7 +5,8 @@
                               all item-LLM weights if tuning=full)
     item_adapter/             the LoRA adapter when tuning=lora (peft format)
     user_model.safetensors    the user model g
-    policy.safetensors        W_Q, W_K (absent until stage 2 has run)
+    policy.safetensors        W_Q, W_K, the position prior and whether stage 2 chose to keep the first
+                              tokens (absent until stage 2 has run)
     check.json                the downstream strategy check (tokensel.evaluate.check): which strategy to
                               trust; written after training, so it is not part of the bundle's hash
 
@@ -189,6 +190,7 @@ class Bundle:
                     "w_q": self.policy.w_q.weight.detach().float().cpu().contiguous(),
                     "w_k": self.policy.w_k.weight.detach().float().cpu().contiguous(),
                     "pos_prior": self.policy.pos_prior.detach().float().cpu().contiguous(),
+                    "keeps_first_k": torch.tensor([float(self.policy.keeps_first_k)]),
                 },
                 path / "policy.safetensors",
             )
@@ -245,6 +247,7 @@ class Bundle:
             if "pos_prior" in w:  # heads saved before the position prior existed keep it at zero
                 n = min(w["pos_prior"].shape[0], policy.pos_prior.shape[0])
                 policy.pos_prior.data[:n].copy_(w["pos_prior"][:n])
+            policy.keeps_first_k = bool("keeps_first_k" in w and w["keeps_first_k"].item())  # absent: saved before stage 2 could choose
             policy.to(device).eval()
         return cls(config, llm, user, policy, path)
 

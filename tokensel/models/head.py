@@ -16,7 +16,12 @@ class PolicyHead(nn.Module):
     The position prior is added to every token's score. It exists so that first-k is reachable: a
     content score alone cannot express "keep the chunks right after the prefix", which on some
     catalogues is what the retrained recommender wants. At zero it changes nothing, so heads saved
-    before it existed load and select exactly as before."""
+    before it existed load and select exactly as before.
+
+    `keeps_first_k`: set when stage 2 found that no head it could train beat the first tokens (the
+    e2e objective's choice, `train/e2e.py`). The head then selects exactly first-k, which no finite
+    position prior can promise for every item length (a short last chunk can outscore a full one
+    under summed log p); the flag is saved with the weights so the choice travels with the bundle."""
 
     def __init__(self, dim: int, max_positions: int = 512):
         super().__init__()
@@ -24,9 +29,15 @@ class PolicyHead(nn.Module):
         self.w_q = nn.Linear(dim, dim, bias=False)
         self.w_k = nn.Linear(dim, dim, bias=False)
         self.pos_prior = nn.Parameter(torch.zeros(max_positions))
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the identity and a zero prior (item-align), keeping the first tokens off."""
         with torch.no_grad():
-            self.w_q.weight.copy_(torch.eye(dim))
-            self.w_k.weight.copy_(torch.eye(dim))
+            self.w_q.weight.copy_(torch.eye(self.dim))
+            self.w_k.weight.copy_(torch.eye(self.dim))
+            self.pos_prior.zero_()
+        self.keeps_first_k = False
 
     def prior(self, length: int) -> torch.Tensor:
         """[length] position prior (zero past the positions it was trained on)."""

@@ -89,7 +89,12 @@ def load(spec: SelectorSpec) -> tuple[ItemLLM, Strategy, dict, TextConfig | None
     if spec.strategy in BUNDLE_STRATEGIES:
         bundle = Bundle.from_pretrained(spec.policy, model=spec.model, device=dev, dtype=dt, need_policy=spec.strategy == "policy")
         prov = {"model": bundle.config.identity.get("name"), **bundle.item_llm.source, "policy": str(bundle.path), "policy_hash": bundle.hash}
-        strategy = ItemAlign(bundle.item_llm.hidden_size, dev) if spec.strategy == "item-align" else Policy(bundle.policy)
+        if spec.strategy == "item-align":
+            strategy = ItemAlign(bundle.item_llm.hidden_size, dev)
+        elif bundle.policy.keeps_first_k:  # stage 2 found nothing better than the first tokens: no forward needed
+            strategy = FirstK()
+        else:
+            strategy = Policy(bundle.policy)
         return bundle.item_llm, strategy, prov, bundle.config.text
     name = spec.model or DEFAULT_MODEL
     llm = ItemLLM.from_pretrained(name, lm_head=spec.strategy == "topk-logits", device=dev, dtype=dt)

@@ -75,7 +75,8 @@ from tokensel.train.e2e_vectors import (
     sampled_exact_vectors,
 )
 from tokensel.train.common import infonce, infonce_logits, stage2_users
-from tokensel.train.stage1 import validate
+from tokensel.select.auto import RULE, choose, rows_vs_first_k
+from tokensel.train.stage1 import validate_per_user
 
 OBJECTIVE = "e2e"
 MASKED_SIDES = ("both", "history", "target")
@@ -99,15 +100,42 @@ def check_e2e(cfg: PolicyConfig) -> None:
         raise TokenselError(f"the e2e surrogate mix is a share of steps in [0, 1) (got {cfg.surrogate_mix})")
 
 
-def masked_validation(readout, user, heads: dict[str, PolicyHead | None], data, hist_v, tgt_v, cfg, fixed: dict[str, BlockInputs] | None = None) -> dict:
-    """R@10 / N@10 of each selection under the same user model and readout (every item masked);
-    `fixed`: each selection's cached kept-token inputs (the warm-up, while the head is held)."""
-    out = {}
+def masked_validation(readout, user, heads: dict[str, PolicyHead | None], data, hist_v, tgt_v, cfg, fixed: dict[str, BlockInputs] | None = None) -> tuple[dict, dict]:
+    """Each selection under the same user model and readout (every item masked): (R@10 / N@10 means,
+    every metric per user); `fixed`: each selection's cached kept-token inputs (while the head is held)."""
+    means, users = {}, {}
     for name, h in heads.items():
         table = readout.table(fixed[name]) if fixed else masked_table(readout, h, data, cfg)
-        m = validate(user, table, hist_v, tgt_v, cfg.history)
-        out[name] = {"R@10": m["R@10"], "N@10": m["N@10"]}
-    return out
+        users[name] = validate_per_user(user, table, hist_v, tgt_v, cfg.history)
+        means[name] = {m: round(float(users[name][m].mean()), 3) for m in ("R@10", "N@10")}
+    return means, users
+
+
+# which selection each validated head stands for (select/auto.py's strategy names)
+STRATEGY_OF = {"policy": "policy", "identity": "item-align", "first_k": "first-k"}
+
+
+def keep_best(head: PolicyHead, users: dict[str, dict[str, torch.Tensor]]) -> dict:
+    """End of training: keep whichever of the trained head, the identity head (item-align) and first-k
+    served the surrogate best on validation, by the strategy check's rule (`select.auto.choose`: the
+    best NDCG@10 not significantly below first-k's; ties go to first-k). The head is set to the choice:
+    left as trained, reset to the identity, or told to keep the first tokens.
+
+    Why: the head's gradient can point away from what the recommender rewards (where the title comes
+    first it gave title tokens up), and no finite head reaches first-k exactly; a selector that knows
+    when the first tokens are the best it can keep must be able to say so. The surrogate was trained on
+    the head's and (with `surrogate_mix`) first-k's texts, so the three are read by the same model."""
+    results = {
+        STRATEGY_OF[name]: ({m: float(v.mean()) for m, v in u.items()}, {m: v.double().numpy() for m, v in u.items()})
+        for name, u in users.items()
+    }
+    rows = rows_vs_first_k(results)
+    chosen = choose(rows)
+    if chosen == "item-align":
+        head.reset()
+    elif chosen == "first-k":
+        head.keeps_first_k = True
+    return {"chosen": chosen, "rows": rows, "rule": RULE, "scored": "stage-2 validation, the surrogate recommender"}
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -164,7 +192,7 @@ def _train(llm, user, head, tokens, hist, cfg, temperature, log, data) -> dict:
     heads = {"policy": head, "identity": identity, "first_k": None}
     # warm-up with the exact mask: the held selections' kept-token inputs, once (steps and validation read them)
     fixed = {name: kept_inputs_table(data, h, cfg) for name, h in heads.items()} if cfg.warmup_epochs and data.mask_layers == "exact" else {}
-    start = masked_validation(readout, user, heads, data, v_h, v_t, cfg, fixed)
+    start, users = masked_validation(readout, user, heads, data, v_h, v_t, cfg, fixed)
     epochs = [{"epoch": 0, **start, "seconds_prepare": prep_s}]
     log({"e2e": "start (stage-1 user model, untrained readout)", **epochs[0]})
     for epoch in range(1, cfg.epochs + 1):
@@ -208,7 +236,8 @@ def _train(llm, user, head, tokens, hist, cfg, temperature, log, data) -> dict:
             total, seen = total + loss.item() * len(batch), seen + len(batch)
         row = {"epoch": epoch, "loss": round(total / max(seen, 1), 4), "seconds": round(time.perf_counter() - t1, 1), "head_moved": moves}
         head.eval()
-        row.update(masked_validation(readout, user, heads, data, v_h, v_t, cfg, None if moves else fixed))
+        means, users = masked_validation(readout, user, heads, data, v_h, v_t, cfg, None if moves else fixed)
+        row.update(means)
         prior = head.pos_prior.detach()
         row["prior"] = {"mean_first_k": round(float(prior[cfg.prefix : cfg.k].mean()), 3), "mean_after_k": round(float(prior[cfg.k : 256].mean()), 3)}
         with torch.no_grad():
@@ -216,5 +245,9 @@ def _train(llm, user, head, tokens, hist, cfg, temperature, log, data) -> dict:
         epochs.append(row)
         log(row)
     head.eval()
+    out = {"objective": OBJECTIVE, "epochs": epochs}
+    if cfg.keep_best:
+        out["choice"] = keep_best(head, users)
+        log({"e2e": "kept", **out["choice"]})
     head.to(llm.device)
-    return {"objective": OBJECTIVE, "epochs": epochs, "seconds": round(time.perf_counter() - t0, 1)}
+    return {**out, "seconds": round(time.perf_counter() - t0, 1)}

@@ -28,14 +28,19 @@ from tokensel.train.loop import apply_item_tuning, infonce_step, trainable_state
 
 
 @torch.no_grad()
-def validate(user: UserModel, item_table: torch.Tensor, histories: list[list[int]], targets: list[int], max_history: int) -> dict[str, float]:
+def validate_per_user(user: UserModel, item_table: torch.Tensor, histories: list[list[int]], targets: list[int], max_history: int) -> dict[str, torch.Tensor]:
+    """Every metric, one value per user (for paired tests)."""
     user.eval()
     embs = []
     for s in range(0, len(targets), 512):
         items, mask = pad_histories(histories[s : s + 512], item_table, max_history)
         embs.append(torch.nn.functional.normalize(user.user_embedding(items, mask), dim=-1))
     ranks = rank_users(torch.cat(embs), torch.nn.functional.normalize(item_table, dim=-1), targets, histories)
-    return {k: round(float(v.mean()), 3) for k, v in per_user_metrics(ranks).items()}
+    return per_user_metrics(ranks)
+
+
+def validate(user: UserModel, item_table: torch.Tensor, histories: list[list[int]], targets: list[int], max_history: int) -> dict[str, float]:
+    return {k: round(float(v.mean()), 3) for k, v in validate_per_user(user, item_table, histories, targets, max_history).items()}
 
 
 def train_stage1(
