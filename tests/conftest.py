@@ -165,7 +165,7 @@ def tiny_bundle_trained(tmp_path_factory, tiny_bert):
         ITEMS, INTERACTIONS, out,
         item_cfg=ItemModelConfig(base_model=tiny_bert),
         stage1=Stage1Config(epochs=1, negatives=8),
-        policy=PolicyConfig(epochs=1, negatives=8, batch_size=16),
+        policy=PolicyConfig(epochs=1, negatives=8, batch_size=16, objective="bounded"),  # a moved head for the bundle mechanics; e2e: test_e2e.py
         device="cpu", log=logs.append,
     )
     bundle.train_log = logs

@@ -374,7 +374,7 @@ def test_null_in_interactions(tmp_path):
     (("--objective", "greedy"), "greedy"),
     (("--tuning", "half"), "half"),
     (("--stage", "3"), "stage"),
-    (("--objective", "e2e", "--grad-chunks", "2"), "grad chunks"),  # needs --mask-layers exact
+    (("--objective", "e2e", "--mask-layers", "top", "--grad-chunks", "2"), "grad chunks"),  # needs --mask-layers exact
     (("--objective", "e2e", "--mask-layers", "exact", "--surrogate-mix", "1"), "mix"),
     (("--objective", "e2e", "--warmup-epochs", "2"), "warm-up"),  # more than --epochs2 1
 ])

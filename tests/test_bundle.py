@@ -226,6 +226,24 @@ def test_stage2_alone_continues_a_stage1_bundle(stage1_bundle, tmp_path):
     assert torch.equal(item_before["item_embedding"], load_file(out / "item.safetensors")["item_embedding"])
     loaded = Bundle.from_pretrained(out)
     assert torch.equal(loaded.policy.w_q.weight, b.policy.w_q.weight)
+    # the default stage 2 is e2e: it ends by choosing, and the saved head does what it chose
+    assert cfg["policy"]["objective"] == "e2e" and cfg["policy"]["warmup_epochs"] == 0
+    chosen = cfg["logs"]["stage2"]["choice"]["chosen"]
+    assert loaded.policy.keeps_first_k == (chosen == "first-k")
+    assert torch.equal(loaded.policy.w_q.weight, torch.eye(32)) == (chosen == "item-align")
+
+
+def test_the_default_objective_resolves_by_model_and_then_sets_its_epochs(tiny_bert, tiny_llama, stage1_bundle):
+    from tokensel.train.pipeline import resolve_objective, stage1_model
+
+    auto = PolicyConfig()
+    assert auto.objective == "auto" and auto.epochs is None
+    e2e = resolve_objective(auto, tiny_bert)
+    assert (e2e.objective, e2e.epochs, e2e.warmup_epochs, e2e.mask_layers) == ("e2e", 12, 10, "exact")
+    pair = resolve_objective(auto, tiny_llama)
+    assert (pair.objective, pair.epochs, pair.warmup_epochs) == ("bounded", 2, 0)
+    assert resolve_objective(PolicyConfig(objective="paper"), tiny_bert).objective == "paper"  # named: kept
+    assert stage1_model(stage1_bundle) == tiny_bert
 
 
 def test_stage2_alone_needs_a_stage1_bundle(tmp_path):
@@ -267,7 +285,7 @@ def test_stage2_moves_the_policy_and_logs_each_epoch(tiny_bundle_trained):
 
 @pytest.mark.parametrize("policy", [
     PolicyConfig(epochs=2, negatives=8, batch_size=16, objective="paper"),
-    PolicyConfig(epochs=1, negatives=8, batch_size=16, samples=3),
+    PolicyConfig(epochs=1, negatives=8, batch_size=16, samples=3, objective="bounded"),
 ], ids=["paper-objective", "three-samples"])
 def test_stage2_variants(stage1_bundle, tmp_path, policy):
     out = shutil.copytree(stage1_bundle, tmp_path / "b")

@@ -142,6 +142,8 @@ def test_train_a_bundle_on_the_decoder(tmp_path, tiny_llama):
           device="cpu", log=lambda row: None)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["identity"]["model_type"] == "llama"
+    # the default objective (auto) is e2e only where f has a BERT-style readout block: here the pairwise reward
+    assert cfg["policy"]["objective"] == "bounded" and cfg["policy"]["epochs"] == 1
     bundle = Bundle.from_pretrained(out)
     assert bundle.policy.dim == 32
     comp = tmp_path / "policy.parquet"

@@ -139,3 +139,14 @@ def test_agreement_is_a_one_sided_binomial_test():
     strong = stage2.agreement(600, 1000)
     assert strong["rate"] == 0.6 and strong["p"] < 1e-9
     assert stage2.agreement(400, 1000)["p"] > 0.99  # worse than chance is not evidence of learning
+
+
+def test_warnings_of_an_e2e_stage_2_say_what_it_kept_not_what_fell():
+    """e2e's epoch 0 is scored by the untrained surrogate, so "fell from the start" would compare two
+    recommenders; its choice (one surrogate, three selections) is what the user must know."""
+    stage2_warnings = stage2.stage2_warnings
+    epochs = [{"epoch": 0, "policy": {"N@10": 2.0}, "first_k": {"N@10": 1.8}}, {"epoch": 1, "policy": {"N@10": 1.0}, "first_k": {"N@10": 5.7}}]
+    kept_first = stage2_warnings({"epochs": epochs, "choice": {"chosen": "first-k", "rows": []}})
+    assert len(kept_first) == 2 and "policy is first-k" in kept_first[0] and not any("fell" in w for w in kept_first)
+    assert stage2_warnings({"epochs": epochs, "choice": {"chosen": "policy", "rows": []}}) == []
+    assert any("fell" in w for w in stage2_warnings({"epochs": epochs}))  # no choice (the pairwise objectives): as before

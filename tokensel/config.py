@@ -98,7 +98,7 @@ class Stage1Config:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.epochs < 0 or self.negatives < 1 or self.history < 1 or self.batch_size < 1:
+        if (self.epochs is not None and self.epochs < 0) or self.negatives < 1 or self.history < 1 or self.batch_size < 1:
             raise TokenselError(
                 f"stage 1 needs epochs >= 0 and negatives, history, batch size >= 1 (got epochs={self.epochs}, "
                 f"negatives={self.negatives}, history={self.history}, batch_size={self.batch_size})"
@@ -107,19 +107,24 @@ class Stage1Config:
 
 @dataclass
 class PolicyConfig:
-    """Stage 2: policy learning with the pairwise proxy reward (paper eqs. 13-16)."""
+    """Stage 2: policy learning. `e2e` trains the head through the recommender it serves and ends by
+    keeping the best of the trained head, item-align and first-k (train/e2e.py); `paper` and `bounded`
+    are the paper's pairwise proxy reward (eqs. 13-16). `auto` (the default) is e2e where the item LLM
+    has the BERT-style last block its readout trains, else bounded (train/pipeline.py resolves it and
+    the bundle records the result). The e2e defaults are the recipe measured in RESULTS.md: exact
+    kept-token vectors, 10 warm-up epochs, 2 head epochs."""
 
     prefix: int = 16
     k: int = 64
     train_chunk: int = 8
     select_chunk: int = 8
-    epochs: int = 2
+    epochs: int | None = None  # None: 12 for e2e (warm-up + 2 head epochs), 2 for paper / bounded
     lr: float = 1e-3
     negatives: int = 128
     history: int = 10
     batch_size: int = 32
     samples: int = 2  # subsets per history; 2 is the paper's pair, more gives rank-based rewards
-    objective: str = "bounded"  # paper | bounded | e2e (train/e2e.py: through the recommender's InfoNCE)
+    objective: str = "auto"  # auto | e2e (train/e2e.py: through the recommender's InfoNCE) | paper | bounded (the pairwise reward)
     reward: str = "history"  # the paper's: CE of the next item from sampled history subsets (the only one in the product; research/stage2_rewards.py holds the variants that lost)
     beta: float = 1.0
     seed: int = 0
@@ -127,20 +132,25 @@ class PolicyConfig:
     valid_users: int | None = None  # validation users checked after each epoch (None: all)
     # objective e2e only (train/e2e.py)
     masked_side: str = "both"  # both | history | target: which items are embedded from their kept tokens
-    mask_layers: str = "top"  # top (last block's [ITEM] query: CPU-sized) | exact (value: f over the kept tokens; gradient: top's) | all (every block: exact value and gradient, GPU-sized)
+    mask_layers: str = "exact"  # top (last block's [ITEM] query: CPU-sized) | exact (value: f over the kept tokens; gradient: top's) | all (every block: exact value and gradient, GPU-sized)
     sigma: float = 0.5  # perturbed top-k noise, relative to each item's chunk-score spread
     perturb_samples: int = 32  # rule evaluations per backward pass (antithetic pairs)
     prior_lr: float = 0.01  # learning rate of the head's token position prior
-    model_lr: float = 1e-4  # learning rate of the surrogate user model (and of the item readout unless readout_lr)
-    readout_lr: float | None = None  # learning rate of the surrogate item readout (f's last block); None: model_lr
+    model_lr: float = 1e-3  # learning rate of the surrogate user model (and of the item readout unless readout_lr)
+    readout_lr: float | None = 1e-4  # learning rate of the surrogate item readout (f's last block); None: model_lr
     grad_chunks: int = 0  # exact mask: dropped chunks per item whose keep gradient is exact (f gated over kept + these); 0: the top block's gradient
-    warmup_epochs: int = 0  # first epochs with the head held: only the surrogate learns (on compressed texts)
-    surrogate_mix: float = 0.0  # share of steps the surrogate trains on first-k's texts (the head gets no gradient there)
+    warmup_epochs: int | None = None  # first epochs with the head held, only the surrogate learning (on compressed texts); None: all but the last 2
+    surrogate_mix: float = 0.5  # share of steps the surrogate trains on first-k's texts (the head gets no gradient there)
     keep_best: bool = True  # end by keeping the best of the trained head, the identity head and first-k on the surrogate's validation
 
     def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVE_NAMES:
-            raise TokenselError(f"unknown stage-2 objective {self.objective!r}; choose {', '.join(OBJECTIVE_NAMES)}")
+        if self.objective not in (*OBJECTIVE_NAMES, AUTO_OBJECTIVE):
+            raise TokenselError(f"unknown stage-2 objective {self.objective!r}; choose {', '.join((AUTO_OBJECTIVE, *OBJECTIVE_NAMES))}")
+        if self.objective != AUTO_OBJECTIVE:  # auto: epochs and warm-up follow the objective it resolves to
+            if self.epochs is None:
+                self.epochs = E2E_EPOCHS if self.objective == "e2e" else 2
+            if self.warmup_epochs is None:
+                self.warmup_epochs = max(0, self.epochs - E2E_HEAD_EPOCHS) if self.objective == "e2e" else 0
         if self.reward != "history":
             raise TokenselError(f"unknown stage-2 reward {self.reward!r}; the product has only history (the paper's)")
         if self.samples < 2:
@@ -150,15 +160,18 @@ class PolicyConfig:
                 f"need k >= 1, chunks >= 1, prefix >= 0 (got k={self.k}, train_chunk={self.train_chunk}, "
                 f"select_chunk={self.select_chunk}, prefix={self.prefix})"
             )
-        if self.epochs < 0 or self.negatives < 1 or self.history < 1 or self.batch_size < 1:
+        if (self.epochs is not None and self.epochs < 0) or self.negatives < 1 or self.history < 1 or self.batch_size < 1:
             raise TokenselError(
                 f"stage 2 needs epochs >= 0 and negatives, history, batch size >= 1 (got epochs={self.epochs}, "
                 f"negatives={self.negatives}, history={self.history}, batch_size={self.batch_size})"
             )
 
 
+E2E_EPOCHS, E2E_HEAD_EPOCHS = 12, 2  # the e2e default: the head moves only once the surrogate reads compressed texts
+
 # the names stage 2 accepts (tokensel.train.stage2.OBJECTIVES maps each to its function)
 OBJECTIVE_NAMES = ("paper", "bounded", "e2e")  # e2e: through the recommender (train/e2e.py)
+AUTO_OBJECTIVE = "auto"  # e2e where the model allows it, else bounded (train/pipeline.py)
 
 
 def to_dict(obj: Any) -> Any:

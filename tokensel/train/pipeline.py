@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from tokensel.config import ItemModelConfig, PolicyConfig, Stage1Config, TextConfig, UserModelConfig
+from tokensel.config import AUTO_OBJECTIVE, ItemModelConfig, PolicyConfig, Stage1Config, TextConfig, UserModelConfig
 from tokensel.device import pick_device
 from tokensel.errors import TokenselError
 from tokensel.io.interactions import COLUMNS, read_histories
@@ -17,7 +18,7 @@ from tokensel.io.items import read_items
 from tokensel.models.item_llm import ItemLLM
 from tokensel.models.readout import check_top_tunable
 from tokensel.models.user_model import UserModel
-from tokensel.models.bundle import Bundle, BundleConfig
+from tokensel.models.bundle import Bundle, BundleConfig, read_bundle_config
 from tokensel.models.head import PolicyHead
 from tokensel.train.common import Catalogue, embed_tokens
 from tokensel.train.e2e import OBJECTIVE as E2E, check_e2e, train_e2e
@@ -31,6 +32,23 @@ def file_digest(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:16]
+
+
+def stage1_model(out: Path) -> str:
+    """The item LLM stage 2 will train on: the stage-1 bundle's at `out`, else the default's."""
+    return read_bundle_config(out).item.base_model if (out / "config.json").exists() else ItemModelConfig().base_model
+
+
+def resolve_objective(policy: PolicyConfig, model: str) -> PolicyConfig:
+    """`auto` -> e2e where f has the BERT-style last block the e2e readout trains, else bounded (the
+    pairwise reward needs no readout), so the default trains on every model `train` accepts."""
+    if policy.objective != AUTO_OBJECTIVE:
+        return policy
+    try:
+        check_top_tunable(model)
+    except TokenselError:
+        return replace(policy, objective="bounded")
+    return replace(policy, objective=E2E)
 
 
 def check_settings(item_cfg: ItemModelConfig | None, policy: PolicyConfig | None) -> None:
@@ -67,6 +85,8 @@ def train(
     `reward` replaces the paper's stage-2 reward (experiments: research/stage2_rewards.py); its name is
     then logged in the bundle's config (logs.stage2.reward)."""
     out = Path(out)
+    if 2 in stages:
+        policy = resolve_objective(policy or PolicyConfig(), item_cfg.base_model if item_cfg else stage1_model(out))
     check_settings(item_cfg, policy)
     dev = pick_device(device)
     torch.set_float32_matmul_precision("high")
@@ -113,7 +133,6 @@ def train(
         Bundle(config, llm, user, None).save_pretrained(out)
     head = None
     if 2 in stages:
-        policy = policy or PolicyConfig()
         config.policy = policy
         t1 = time.perf_counter()
         head = PolicyHead(llm.hidden_size)

@@ -213,7 +213,14 @@ def stage2_warnings(log: dict) -> list[str]:
             f"in its last epoch the head preferred the subset its reward preferred in {ag['rate']:.1%} of "
             f"{ag['pairs']:,} sampled pairs (chance 50%, p {ag['p']:.2g}): it did not learn the reward's preference"
         )
-    if len(epochs) > 1 and last["policy"]["N@10"] < start["policy"]["N@10"]:
+    choice = log.get("choice")
+    if choice is not None:  # e2e: one surrogate scored all three at the end; the head is what it kept
+        if choice["chosen"] != "policy":
+            out.append(
+                f"the trained head scored below {choice['chosen']} on stage 2's validation, so the bundle's policy "
+                f"is {choice['chosen']} (tokensel info shows the scores)"
+            )
+    elif len(epochs) > 1 and last["policy"]["N@10"] < start["policy"]["N@10"]:
         out.append(
             f"validation NDCG@10 fell from {start['policy']['N@10']} with the untrained head (= --strategy item-align) "
             f"to {last['policy']['N@10']} (first-k {start['first_k']['N@10']})"
