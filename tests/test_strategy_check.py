@@ -19,6 +19,7 @@ from tokensel.config import ItemModelConfig, PolicyConfig, Stage1Config, TextCon
 from tokensel.errors import TokenselError
 from tokensel.evaluate.runner import evaluate_detailed
 from tokensel.models.bundle import CHECK_FILE, Bundle, bundle_hash, read_check, write_check
+from tokensel.select import auto
 from tokensel.select.auto import choose, current_check, lost_note, lost_to_first_k, resolve
 from tokensel.select.selector import Selector
 
@@ -193,3 +194,24 @@ def test_a_check_that_cannot_run_leaves_the_trained_bundle_and_says_why(tmp_path
     assert b.check is None and not (out / CHECK_FILE).exists()
     assert any("not run" in str(r.get("strategy check", "")) for r in logs)
     assert Bundle.from_pretrained(out).policy is not None and resolve(out)[0] == "first-k"
+
+
+def _row(strategy, n10, ratio_n=None, p_n=None, ratio_r=None, p_r=None):
+    return {"strategy": strategy, "N@10": n10, "R@10": 0.0, "ratio_N@10": ratio_n, "p_N@10": p_n, "ratio_R@10": ratio_r, "p_R@10": p_r}
+
+
+@pytest.mark.parametrize(
+    "rows,chosen",
+    [
+        ([_row("policy", 4.67, 1.064, 0.061, 1.01, 0.70), _row("first-k", 4.39)], "first-k"),  # above, not significantly
+        ([_row("policy", 4.67, 1.064, 0.01, 1.01, 0.70), _row("first-k", 4.39)], "policy"),
+        ([_row("policy", 4.67, 1.064, 0.01, 0.93, 0.01), _row("first-k", 4.39)], "first-k"),  # lost in Recall@10
+        ([_row("policy", 5.24, 1.076, 0.006, 1.06, 0.02), _row("item-align", 5.50, 1.129, 1e-5, 1.10, 1e-3), _row("first-k", 4.87)], "item-align"),
+        ([_row("item-align", 5.9465, 1.0006, 0.98, 1.02, 0.33), _row("first-k", 5.9431)], "first-k"),  # a tie by any reading
+    ],
+)
+def test_stage_2_leaves_first_k_only_on_evidence(rows, chosen):
+    """Stage 2's rule reads a surrogate: a selection must beat first-k significantly; the check's rule
+    (a recommender retrained per strategy) takes any selection that is best and has not lost."""
+    assert auto.choose_proven(rows) == chosen
+    assert auto.choose(rows) == max((r for r in rows if not auto.lost_to_first_k(r)), key=lambda r: r["N@10"])["strategy"]

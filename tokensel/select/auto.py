@@ -58,6 +58,26 @@ def choose(rows: list[dict]) -> str:
     return best["strategy"] if best["N@10"] > first["N@10"] else "first-k"
 
 
+SURROGATE_RULE = (
+    "best validation NDCG@10 among selections above first-k in NDCG@10 (paired test, p < 0.05) and not "
+    "significantly below it in Recall@10; none: first-k"
+)
+
+
+def choose_proven(rows: list[dict]) -> str:
+    """SURROGATE_RULE: stage 2's end-of-training choice (pure, so its cases are tested).
+
+    Stricter than RULE on purpose: RULE reads a recommender retrained on each strategy's texts, this one
+    a surrogate trained beside the head, whose small differences need not survive retraining. First-k
+    runs no model and is what the user has without tokensel, so a selection replaces it only on evidence."""
+    proven = [
+        r for r in rows
+        if r["strategy"] != "first-k" and not lost_to_first_k(r)
+        and (r.get("ratio_N@10") or 0) > 1 and r.get("p_N@10") is not None and r["p_N@10"] < ALPHA
+    ]
+    return max(proven, key=lambda r: r["N@10"])["strategy"] if proven else "first-k"
+
+
 def current_check(policy: str | Path | None) -> dict | None:
     """The bundle's check if it was made for these very weights (a retrained bundle's old check is stale)."""
     path = bundle_path(policy)

@@ -31,11 +31,11 @@ InfoNCE loss of that recommender trains the head, the user model and the item re
   compressed text; `history` or `target` mask one side only and embed the other from full text.
 - Start: the identity head with a zero prior is `item-align`, so each epoch's validation reports the
   trained head, the identity head and first-k under the same (jointly trained) user model and readout.
-  That comparison favours the head whenever the surrogate learns (`model_lr` > 0): it was trained on the
-  head's selections only, so first-k and the identity head are scored by a recommender that never saw
-  their texts. With `model_lr` 0 the surrogate is the frozen stage-1 recommender and the comparison is
-  fair, but a recommender trained on full texts is not the one that will read the kept tokens. Only a
-  recommender retrained per strategy (the strategy check at the end of `train`) settles which to use.
+  A surrogate trained on the head's selections only favours the head in that comparison (first-k and
+  the identity head are scored by a recommender that never read their texts); `surrogate_mix` trains
+  it on first-k's texts too, and the warm-up on the identity head's, which is what makes the end of
+  training's choice (`keep_best`) fair enough to act on. A recommender retrained per strategy (the
+  strategy check at the end of `train`) still has the last word for `--strategy auto`.
 
 Surrogate warm-up and mix: a recommender trained on full texts scores the kept tokens' exact vectors
 far below what one retrained on them does (research/surrogate_rank.py), so with `exact` or `all` the
@@ -75,7 +75,7 @@ from tokensel.train.e2e_vectors import (
     sampled_exact_vectors,
 )
 from tokensel.train.common import infonce, infonce_logits, stage2_users
-from tokensel.select.auto import RULE, choose, rows_vs_first_k
+from tokensel.select.auto import SURROGATE_RULE, choose_proven, rows_vs_first_k
 from tokensel.train.stage1 import validate_per_user
 
 OBJECTIVE = "e2e"
@@ -117,9 +117,9 @@ STRATEGY_OF = {"policy": "policy", "identity": "item-align", "first_k": "first-k
 
 def keep_best(head: PolicyHead, users: dict[str, dict[str, torch.Tensor]]) -> dict:
     """End of training: keep whichever of the trained head, the identity head (item-align) and first-k
-    served the surrogate best on validation, by the strategy check's rule (`select.auto.choose`: the
-    best NDCG@10 not significantly below first-k's; ties go to first-k). The head is set to the choice:
-    left as trained, reset to the identity, or told to keep the first tokens.
+    served the surrogate best on validation (`select.auto.choose_proven`: a selection replaces first-k
+    only where it beats it significantly, p < 0.05). The head is set to the choice: left as trained,
+    reset to the identity, or told to keep the first tokens.
 
     Why: the head's gradient can point away from what the recommender rewards (where the title comes
     first it gave title tokens up), and no finite head reaches first-k exactly; a selector that knows
@@ -130,12 +130,12 @@ def keep_best(head: PolicyHead, users: dict[str, dict[str, torch.Tensor]]) -> di
         for name, u in users.items()
     }
     rows = rows_vs_first_k(results)
-    chosen = choose(rows)
+    chosen = choose_proven(rows)
     if chosen == "item-align":
         head.reset()
     elif chosen == "first-k":
         head.keeps_first_k = True
-    return {"chosen": chosen, "rows": rows, "rule": RULE, "scored": "stage-2 validation, the surrogate recommender"}
+    return {"chosen": chosen, "rows": rows, "rule": SURROGATE_RULE, "scored": "stage-2 validation, the surrogate recommender"}
 
 
 # ----------------------------------------------------------------------------------------- training
