@@ -137,11 +137,14 @@ def test_info_is_a_short_summary_and_json_on_request(tiny_bundle):
     assert r.exit_code == 0 and '"model_type": "bert"' in r.output and bundle_hash(tiny_bundle) in r.output
 
 
-def test_info_on_the_shipped_bundle_shows_its_stage_2_warnings():
-    """The README's logs.stage2.warnings: the shipped bundle predates the key, so info derives them from its log."""
+def test_info_on_the_shipped_bundle_shows_its_stage_2_choice_and_warnings():
+    """The README's logs.stage2: what the shipped bundle's stage 2 kept, and the warnings it recorded."""
     r = invoke("info")
     flat_out = "".join(r.output.split())
-    assert r.exit_code == 0 and "derivedfromthetraininglog" in flat_out and "validationNDCG@10fellfrom" in flat_out
+    log = json.loads((bundle_mod.DEFAULT_BUNDLE / "config.json").read_text())["logs"]["stage2"]
+    assert r.exit_code == 0 and "stage-2choice" in flat_out and f"({log['choice']['chosen']})" in flat_out
+    for w in log["warnings"]:
+        assert "".join(w.split()) in flat_out
 
 
 def test_info_on_a_folder_that_is_not_a_bundle(tmp_path):

@@ -14,7 +14,7 @@ from tokensel.cli import app
 from tokensel.select.auto import resolve
 from tokensel.io.parquet_out import read_metadata
 from tokensel.models.item_llm import resolve_model_path
-from tokensel.models.bundle import DEFAULT_BUNDLE
+from tokensel.models.bundle import DEFAULT_BUNDLE, Bundle
 
 from conftest import ITEMS, check_contract
 
@@ -51,8 +51,8 @@ def test_first_k_with_the_default_model(first_k_default, default_model_path):
 
 @pytest.mark.skipif(not (DEFAULT_BUNDLE / "config.json").exists(), reason=f"no shipped default bundle yet ({DEFAULT_BUNDLE / 'config.json'} absent)")
 def test_shipped_bundle_via_cli(tmp_path, first_k_default, default_model_path):
-    """The README's main job runs what the shipped bundle's check chose, and says so; the shipped
-    policy itself (--strategy policy) selects something other than first-k."""
+    """The README's main job runs what the shipped bundle's check chose, and says so; --strategy
+    policy runs what its stage 2 kept; item-align selects something other than first-k."""
     out = tmp_path / "auto.parquet"
     r = CliRunner().invoke(app, ["compress", str(ITEMS), "--k", "64", "--chunk", "8", "-o", str(out)])
     assert r.exit_code == 0, f"{r.exception!r}\n{r.output}"
@@ -60,14 +60,23 @@ def test_shipped_bundle_via_cli(tmp_path, first_k_default, default_model_path):
     chosen, why = resolve(None)
     assert read_metadata(out)["strategy"] == chosen and why in " ".join(r.output.split())
     check_contract(out, ITEMS, default_model_path, 64)
+    first = pq.read_table(first_k_default[0]).column("positions").to_pylist()
+    # --strategy policy runs what the bundle's stage 2 kept: its head, or exactly first-k (and says so)
+    keeps_first = Bundle.from_pretrained(DEFAULT_BUNDLE).policy.keeps_first_k
     out = tmp_path / "policy.parquet"
     r = CliRunner().invoke(app, ["compress", str(ITEMS), "--k", "64", "--chunk", "8", "--strategy", "policy", "-o", str(out)])
     assert r.exit_code == 0, f"{r.exception!r}\n{r.output}"
     table = check_contract(out, ITEMS, default_model_path, 64)
     meta = read_metadata(out)
-    assert meta["strategy"] == "policy" and meta["policy_hash"]
-    first = pq.read_table(first_k_default[0]).column("positions").to_pylist()
-    assert any(a != b for a, b in zip(table.column("positions").to_pylist(), first)), "the shipped policy kept exactly first-k everywhere"
+    assert meta["strategy"] == ("first-k" if keeps_first else "policy") and meta["policy_hash"]
+    same = table.column("positions").to_pylist() == first
+    assert same == keeps_first and ("kept the first tokens" in " ".join(r.output.split())) == keeps_first
+    # the shipped bundle's model path: item-align scores every chunk and keeps something other than first-k
+    out = tmp_path / "align.parquet"
+    r = CliRunner().invoke(app, ["compress", str(ITEMS), "--k", "64", "--chunk", "8", "--strategy", "item-align", "-o", str(out)])
+    assert r.exit_code == 0, f"{r.exception!r}\n{r.output}"
+    table = check_contract(out, ITEMS, default_model_path, 64)
+    assert any(a != b for a, b in zip(table.column("positions").to_pylist(), first)), "item-align kept exactly first-k everywhere"
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "items.parquet").exists(), reason=f"real data not present at {SHARED_DATA.resolve()}")
