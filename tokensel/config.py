@@ -98,7 +98,7 @@ class Stage1Config:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if (self.epochs is not None and self.epochs < 0) or self.negatives < 1 or self.history < 1 or self.batch_size < 1:
+        if self.epochs < 0 or self.negatives < 1 or self.history < 1 or self.batch_size < 1:
             raise TokenselError(
                 f"stage 1 needs epochs >= 0 and negatives, history, batch size >= 1 (got epochs={self.epochs}, "
                 f"negatives={self.negatives}, history={self.history}, batch_size={self.batch_size})"

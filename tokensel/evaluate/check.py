@@ -32,7 +32,7 @@ from tokensel.errors import TokenselError
 from tokensel.evaluate.runner import VectorCache, evaluate_detailed
 from tokensel.io.interactions import COLUMNS
 from tokensel.models.bundle import BundleConfig, bundle_hash, read_bundle_config, write_check
-from tokensel.models.readout import check_top_tunable
+from tokensel.models.readout import is_top_tunable
 from tokensel.select.auto import RULE, choose, rows_vs_first_k
 from tokensel.train.pipeline import file_digest
 
@@ -42,11 +42,7 @@ CHECK_EPOCHS = 6  # fixed: the validation targets are scored, so they cannot pic
 
 def item_tuning_for(model: str) -> str:
     """f's last block trains where the model is BERT-style (cheap on a CPU); else the vectors stay frozen."""
-    try:
-        check_top_tunable(model)
-    except TokenselError:
-        return "none"
-    return "top"
+    return "top" if is_top_tunable(model) else "none"
 
 
 def strategy_check(

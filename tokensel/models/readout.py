@@ -87,6 +87,16 @@ def check_top_tunable(name: str) -> None:
         raise _not_top_tunable(name, config.model_type)
 
 
+def is_top_tunable(name: str) -> bool:
+    """`check_top_tunable` as a question: for the choices that follow the model (the strategy check's
+    item tuning, stage 2's auto objective) rather than refuse it."""
+    try:
+        check_top_tunable(name)
+    except TokenselError:
+        return False
+    return True
+
+
 @torch.inference_mode()
 def cache_block_inputs(llm: ItemLLM, token_lists: list[list[int]], batch_tokens: int = 16384, max_batch: int = 128) -> BlockInputs:
     """Run the frozen blocks below the last one once over every item (on the CPU, float32)."""

@@ -16,7 +16,7 @@ from tokensel.errors import TokenselError
 from tokensel.io.interactions import COLUMNS, read_histories
 from tokensel.io.items import read_items
 from tokensel.models.item_llm import ItemLLM
-from tokensel.models.readout import check_top_tunable
+from tokensel.models.readout import check_top_tunable, is_top_tunable
 from tokensel.models.user_model import UserModel
 from tokensel.models.bundle import Bundle, BundleConfig, read_bundle_config
 from tokensel.models.head import PolicyHead
@@ -44,11 +44,7 @@ def resolve_objective(policy: PolicyConfig, model: str) -> PolicyConfig:
     pairwise reward needs no readout), so the default trains on every model `train` accepts."""
     if policy.objective != AUTO_OBJECTIVE:
         return policy
-    try:
-        check_top_tunable(model)
-    except TokenselError:
-        return replace(policy, objective="bounded")
-    return replace(policy, objective=E2E)
+    return replace(policy, objective=E2E if is_top_tunable(model) else "bounded")
 
 
 def check_settings(item_cfg: ItemModelConfig | None, policy: PolicyConfig | None) -> None:

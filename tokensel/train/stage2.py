@@ -215,11 +215,9 @@ def stage2_warnings(log: dict) -> list[str]:
         )
     choice = log.get("choice")
     if choice is not None:  # e2e: one surrogate scored all three at the end; the head is what it kept
-        if choice["chosen"] != "policy":
-            out.append(
-                f"the trained head scored below {choice['chosen']} on stage 2's validation, so the bundle's policy "
-                f"is {choice['chosen']} (tokensel info shows the scores)"
-            )
+        if (chosen := choice["chosen"]) != "policy":
+            how = "did not beat first-k significantly" if chosen == "first-k" else f"scored below {chosen}"
+            out.append(f"the trained head {how} on stage 2's validation, so the bundle's policy is {chosen} (tokensel info shows the scores)")
     elif len(epochs) > 1 and last["policy"]["N@10"] < start["policy"]["N@10"]:
         out.append(
             f"validation NDCG@10 fell from {start['policy']['N@10']} with the untrained head (= --strategy item-align) "
