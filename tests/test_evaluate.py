@@ -5,6 +5,7 @@ Runs on the fixtures with a tiny randomly initialised BERT built here (no networ
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -15,13 +16,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from rich.console import Console
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tokensel.errors import TokenselError  # noqa: E402
 from tokensel.train.metrics import per_user_metrics, rank_users, target_ranks  # noqa: E402
-from tokensel.evaluate.runner import METRICS, evaluate, evaluate_detailed, write_results  # noqa: E402
+from tokensel.evaluate.runner import METRICS, evaluate, evaluate_detailed, results_table, write_results  # noqa: E402
 from tokensel.stats import paired_pvalue  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,10 +89,19 @@ def test_trained_recommenders(files, tiny, recommender):
     ev = evaluate_detailed(ITEMS, INTERACTIONS, paths, recommender, seeds=[3, 4], model=tiny, device="cpu", epochs=2)
     rows = ev.to_list()
     _check_contract(rows, paths, recommender, [3, 4])
-    # the same file trained with the same seeds and budget gives the same numbers
-    assert rows[2]["metrics"] == pytest.approx(rows[0]["metrics"])
+    # a file with the same token lists as an earlier one is that experiment: its runs, not retrained
+    assert ev.files[2].same_as == str(files["first"]) and ev.files[1].same_as is None
+    assert ev.files[2].train_seconds == 0.0 and ev.files[0].train_seconds > 0.0
+    assert rows[2]["metrics"] == rows[0]["metrics"] and rows[2]["p_vs_first"] == {m: 1.0 for m in METRICS}
     assert all(1 <= s["best_epoch"] <= 2 for f in ev.files for s in f.per_seed)
     assert ev.n_users == len(ev.files[0].per_user["R@10"])
+    # the reuse is sound because retraining is deterministic: the twin trained on its own scores the same
+    alone = evaluate_detailed(ITEMS, INTERACTIONS, [files["first_again"]], recommender, seeds=[3, 4], model=tiny, device="cpu", epochs=2)
+    assert alone.files[0].same_as is None and alone.files[0].train_seconds > 0.0
+    assert alone.files[0].metrics == pytest.approx(rows[0]["metrics"])
+    console = Console(width=400, record=True, file=io.StringIO())
+    console.print(results_table(ev))
+    assert "first_again.parquet (same token lists as first.parquet: its runs)" in console.export_text()
 
 
 @pytest.mark.parametrize("tuning", ["lora", "full"])
@@ -119,8 +130,10 @@ def test_hllm_with_the_item_llm_trained(files, tiny, tuning, monkeypatch):
     ev = evaluate_detailed(ITEMS, INTERACTIONS, paths, "hllm", seeds=[1], model=tiny, device="cpu", train=cfg)
     rows = ev.to_list()
     _check_contract(rows, paths, "hllm", [1])
-    assert rows[2]["metrics"] == pytest.approx(rows[0]["metrics"])  # fresh f per run: same file, same numbers
-    assert moved and all(moved), "the item LLM's trained weights never moved"
+    assert ev.files[2].same_as == str(files["first"])  # the same token lists: first's runs, not retrained
+    later = evaluate_detailed(ITEMS, INTERACTIONS, [files["random"], files["first_again"]], "hllm", seeds=[1], model=tiny, device="cpu", train=cfg)
+    assert later.files[1].metrics == pytest.approx(rows[0]["metrics"])  # fresh f per run: trained after another file, same numbers
+    assert len(moved) == 4 and all(moved), "the item LLM's trained weights never moved"
     frozen = evaluate_detailed(ITEMS, INTERACTIONS, paths[:1], "hllm", seeds=[1], model=tiny, device="cpu", train=TrainConfig(epochs=2, patience=None))
     assert frozen.to_list()[0]["metrics"] != rows[0]["metrics"]
 
@@ -154,9 +167,11 @@ def test_hllm_with_the_last_block_trained(files, tiny, monkeypatch):
     ev = evaluate_detailed(ITEMS, INTERACTIONS, paths, "hllm", seeds=[1, 2], model=tiny, device="cpu", train=cfg)
     rows = ev.to_list()
     _check_contract(rows, paths, "hllm", [1, 2])
-    assert rows[2]["metrics"] == pytest.approx(rows[0]["metrics"])  # fresh block per run: same file, same numbers
-    assert len(moved) == 6 and all(moved), "the last block's trained weights never moved"
-    assert len(caches) == 3  # the lower layers run once per file, not once per seed
+    assert ev.files[2].same_as == str(files["first"])  # the same token lists: first's runs, not retrained
+    assert len(caches) == 2  # the lower layers run once per file, not once per seed
+    later = evaluate_detailed(ITEMS, INTERACTIONS, [files["random"], files["first_again"]], "hllm", seeds=[1, 2], model=tiny, device="cpu", train=cfg)
+    assert later.files[1].metrics == pytest.approx(rows[0]["metrics"])  # fresh block per run: trained after another file, same numbers
+    assert len(moved) == 8 and all(moved), "the last block's trained weights never moved"
     frozen = evaluate_detailed(ITEMS, INTERACTIONS, paths[:1], "hllm", seeds=[1, 2], model=tiny, device="cpu", train=TrainConfig(epochs=2, patience=None))
     assert frozen.to_list()[0]["metrics"] != rows[0]["metrics"]
 

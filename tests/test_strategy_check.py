@@ -18,6 +18,7 @@ from tokensel.cli import app
 from tokensel.config import ItemModelConfig, PolicyConfig, Stage1Config, TextConfig, TrainConfig
 from tokensel.errors import TokenselError
 from tokensel.evaluate.runner import evaluate_detailed
+from tokensel.report import check_table
 from tokensel.models.bundle import CHECK_FILE, Bundle, bundle_hash, read_check, write_check
 from tokensel.select import auto
 from tokensel.select.auto import choose, current_check, lost_note, lost_to_first_k, resolve
@@ -108,6 +109,21 @@ def test_the_check_pairs_each_strategy_with_first_k_and_is_saved(checked_bundle)
     assert check["chosen"] == choose(check["rows"])
     assert read_check(path) == json.loads(json.dumps(check))
     assert Bundle.from_pretrained(path).check["chosen"] == check["chosen"]
+
+
+def test_a_policy_that_kept_first_k_reuses_first_k_runs_in_the_check(tmp_path, tiny_bundle, items_path, interactions_path):
+    """Stage 2 chose first-k, so the policy writes first-k's texts: the check reuses first-k's runs
+    (one recommender fewer to train), records it, and says so in its table."""
+    b = Bundle.from_pretrained(tiny_bundle)
+    b.policy.keeps_first_k = True
+    path = b.save_pretrained(tmp_path / "kept")
+    logged = []
+    check = api.check(path, items_path, interactions_path, epochs=1, device="cpu", log=logged.append)
+    assert check["same_texts"] == {"policy": "first-k"}
+    first, policy = check["rows"][0], check["rows"][2]
+    assert policy["N@10"] == first["N@10"] and policy["p_N@10"] == 1.0 and check["chosen"] != "policy"
+    assert [r["stage"] for r in logged if r.get("stage") in ("reused", "train+test")] == ["train+test", "train+test", "reused"]
+    assert any("policy" in line and "the same texts as first-k" in line for line in check_table(check))
 
 
 def _with_verdict(path: Path, chosen: str, policy_row: dict) -> None:

@@ -55,6 +55,8 @@ def check_table(check: dict) -> list[str]:
         ratio = lambda m: "-" if r["strategy"] == "first-k" or r.get(f"ratio_{m}") is None else f"{r[f'ratio_{m}']:.3f}x"  # noqa: E731
         pv = lambda m: "-" if r.get(f"p_{m}") is None else f"{r[f'p_{m}']:.2g}"  # noqa: E731
         mark = "  lost to first-k" if lost_to_first_k(r) else ""
+        if twin := check.get("same_texts", {}).get(r["strategy"]):
+            mark += f"  (the same texts as {twin}: its runs, not retrained)"
         lines.append(f"  {r['strategy']:<11} {r['N@10']:>6.3f} {ratio('N@10'):>10} {pv('N@10'):>8} {r['R@10']:>6.3f} {ratio('R@10'):>10} {pv('R@10'):>8}{mark}")
     lines.append(f"  --strategy auto runs: {check['chosen']} ({check['rule']})")
     return lines

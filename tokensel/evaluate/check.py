@@ -13,7 +13,9 @@ strategy is paired with first-k over users. The result is written beside the bun
 (`check.json`, see `tokensel.models.bundle.write_check`); `tokensel info` prints it, and
 `tokensel compress --strategy auto` runs the strategy it chose (`tokensel.select.auto.RULE`: the
 best validation NDCG@10 among the strategies not significantly below first-k in NDCG@10 or
-Recall@10, first-k included; a tie goes to first-k, which needs no model).
+Recall@10, first-k included; a tie goes to first-k, which needs no model). A policy whose stage 2
+kept first-k or item-align writes their very texts; the runner then reuses that strategy's runs
+instead of retraining, and the check records it (`same_texts`).
 
     from tokensel.evaluate.check import strategy_check
     check = strategy_check("bundle/", "items.parquet", "interactions.parquet")
@@ -91,6 +93,8 @@ def strategy_check(
             cache=VectorCache(), log=log,
         )
     rows = rows_vs_first_k({strategy: (f.metrics, f.per_user) for strategy, f in zip(CHECKED, ev.files)})
+    strategy_of = {str(path): strategy for strategy, path in zip(CHECKED, files)}
+    same = {strategy: strategy_of[f.same_as] for strategy, f in zip(CHECKED, ev.files) if f.same_as}
     check = {
         "k": k, "chunk": chunk, "prefix": prefix,
         "recommender": f"hllm, item tuning {tuning}", "epochs": epochs, "seeds": seeds, "scored": "validation",
@@ -99,6 +103,7 @@ def strategy_check(
         "bundle_hash": bundle_hash(bundle),
         "rows": rows, "rule": RULE, "chosen": choose(rows) if all(r["ratio_N@10"] is not None for r in rows) else "first-k",
         "seconds": round(time.perf_counter() - t0, 1),
+        **({"same_texts": same} if same else {}),
     }
     if save:
         write_check(bundle, check)

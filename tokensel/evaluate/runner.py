@@ -9,6 +9,9 @@ For every file: the kept `token_ids` are read as they are (never re-tokenised), 
 scratch for every seed with the same budget. Test metrics are Recall/NDCG@5/10/50 in percent,
 leave-one-out, full ranking over all items with the user's history masked. Per-user metrics are
 averaged over seeds and compared with the first file by a paired test (tokensel.stats).
+A file whose kept token lists (and template) equal an earlier file's is the same experiment, so it is
+not retrained: it gets that file's runs (`FileResult.same_as`). A stage-2 head that chose first-k or
+item-align writes exactly their texts, and retraining them would only spend the budget twice.
 The result is the SPEC's evaluate contract: one dict per file, in order.
 """
 
@@ -71,6 +74,7 @@ class FileResult:
     embed_seconds: float = 0.0
     train_seconds: float = 0.0
     meta: dict = field(default_factory=dict)  # the file's tokensel metadata
+    same_as: str | None = None  # an earlier file with the same token lists, whose runs these are
 
     def as_dict(self) -> dict:
         """Exactly the SPEC's evaluate contract."""
@@ -246,10 +250,18 @@ def evaluate_detailed(
     vocab = len(llm.tokenizer)
     cache = cache or VectorCache()
     results: list[FileResult] = []
+    seen: dict[str, FileResult] = {}  # content digest -> the first file with those token lists
     for path, meta in zip(texts, metas):
         tokens, _ = load_texts(path, item_ids, items, col)
         _check_vocab(path, model, vocab, tokens)
         template = meta.get("template") or ""
+        content = hashlib.sha256(json.dumps([template, tokens]).encode()).hexdigest()
+        if content in seen:
+            twin = seen[content]
+            p = paired_pvalues(twin.per_user, results[0].per_user, test) if results else None
+            results.append(replace(twin, texts=str(path), p_vs_first=p, embed_seconds=0.0, train_seconds=0.0, meta=meta, same_as=twin.texts))
+            log({"texts": str(path), "stage": "reused", "same_as": twin.texts})
+            continue
         llm.set_template(template)
         t0 = time.perf_counter()
         key = hashlib.sha256(
@@ -285,6 +297,7 @@ def evaluate_detailed(
             for j, r in enumerate(runs)
         ]
         results.append(FileResult(str(path), recommender, seed_list, metrics, std, p, per_user, per_seed, embed_s, train_s, meta))
+        seen[content] = results[-1]
         log({"texts": str(path), "stage": "train+test", "seconds": round(train_s, 1), "N@10": round(metrics["N@10"], 3), "R@10": round(metrics["R@10"], 3)})
     return Evaluation(results, recommender, model, len(hist.users), len(item_ids), test, {"train": cfg.__dict__, "device": str(dev), "dtype": dtype}, hist.counts)
 
@@ -346,7 +359,10 @@ def results_table(ev: Evaluation, title: str | None = None):
     names = [Path(f.texts).name for f in ev.files]
     if len(set(names)) < len(names):  # the file names alone would be ambiguous
         names = [f.texts for f in ev.files]
+    twin = {f.texts: name for f, name in zip(ev.files, names)}
     for f, name in zip(ev.files, names):
+        if f.same_as:
+            name += f" (same token lists as {twin[f.same_as]}: its runs)"
         cells = [f"{f.metrics[m]:.2f}" + (f" ±{f.std[m]:.2f}" if multi else "") for m in METRICS]
         p = f.p_vs_first
         t.add_row(escape(name), *cells, fmt_p(p and p["R@10"]), fmt_p(p and p["N@10"]))
