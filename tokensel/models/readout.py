@@ -17,15 +17,18 @@ all-MiniLM-L6-v2). Other architectures use `item_tuning` lora or full.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModel
+from transformers.utils import logging as hf_logging
 
 from tokensel.models.batching import length_buckets
 from tokensel.errors import TokenselError
-from tokensel.models.item_llm import ItemLLM
+from tokensel.models.item_llm import ItemLLM, resolve_model_path
 
 
 @dataclass
@@ -71,20 +74,23 @@ def check_top_tunable(name: str) -> None:
     """Refuse item tuning 'top' up front, from the model's config alone: its skeleton is built on the
     meta device (no weights read, no memory), and checked exactly as `last_block` checks the real one.
     A model whose config cannot be read is left to the loader, which reports it."""
-    from transformers import AutoConfig, AutoModel
-    from transformers.utils import logging as hf_logging
+    model_type = _untunable_model_type(resolve_model_path(name))
+    if model_type is not None:
+        raise _not_top_tunable(name, model_type)
 
-    from tokensel.models.item_llm import resolve_model_path
 
+@functools.lru_cache(maxsize=16)
+def _untunable_model_type(path: str) -> str | None:
+    """The model type when the model at `path` has no BERT-style last block, else None. Cached: train
+    asks once to pick stage 2's objective and again to validate the settings."""
     hf_logging.set_verbosity_error()
     try:
-        config = AutoConfig.from_pretrained(resolve_model_path(name))
+        config = AutoConfig.from_pretrained(path)
         with torch.device("meta"):
             skeleton = AutoModel.from_config(config)
     except (OSError, ValueError, KeyError):
-        return
-    if _bert_last_block(skeleton) is None:
-        raise _not_top_tunable(name, config.model_type)
+        return None
+    return None if _bert_last_block(skeleton) is not None else config.model_type
 
 
 def is_top_tunable(name: str) -> bool:
