@@ -328,12 +328,16 @@ def test_sampled_exact_gradient_is_the_every_block_gradient_on_the_drawn_chunks(
         p.requires_grad_(True)
 
 
-def test_sampled_exact_training_moves_the_head_and_leaves_f_trainable(setup):
+def test_sampled_exact_training_moves_the_head_and_leaves_f_trainable(setup, monkeypatch):
     llm, tokens, hist = setup
     cfg = PolicyConfig(objective="e2e", keep_best=False, mask_layers="exact", grad_chunks=2, k=8, prefix=2, train_chunk=2, epochs=1, batch_size=16, negatives=16, valid_users=20, lr=1e-2)
     head = PolicyHead(llm.hidden_size)
     before = [p.clone() for p in llm.model.parameters()]
+    sampled = []
+    real = e2e_vectors.sampled_exact_vectors
+    monkeypatch.setattr(e2e_vectors, "sampled_exact_vectors", lambda *a: sampled.append(1) or real(*a))
     e2e.train_e2e(llm, UserModel(llm.hidden_size, UserModelConfig()), head, tokens, hist, cfg, 0.05, lambda r: None)
+    assert sampled, "the steps never took the sampled exact gradient"
     assert not torch.equal(head.w_q.weight, torch.eye(llm.hidden_size))
     assert all(torch.equal(a, b) for a, b in zip(before, llm.model.parameters()))  # f is not trained here
     assert all(p.requires_grad for p in llm.model.parameters())  # and is left as it was found

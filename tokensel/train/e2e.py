@@ -67,12 +67,11 @@ from tokensel.models.user_model import UserModel, pad_histories
 from tokensel.train.e2e_vectors import (
     MASK_LAYERS,
     E2EData,
-    item_vectors,
     keep_mask,
     kept_inputs_table,
     masked_table,
     prepare,
-    sampled_exact_vectors,
+    step_vectors,
 )
 from tokensel.train.common import infonce, infonce_logits, stage2_users
 from tokensel.select.auto import SURROGATE_RULE, choose_proven, rows_vs_first_k
@@ -221,10 +220,7 @@ def _train(llm, user, head, tokens, hist, cfg, temperature, log, data) -> dict:
                     vec = readout.encode(fixed["first_k" if first_k_step else "policy"], group, dev)
                 else:
                     mask, n = keep_mask(selector, data, group, cfg, gen if moves else None) if masked else (None, None)
-                    if mask is not None and mask.requires_grad and data.mask_layers == "exact" and cfg.grad_chunks:
-                        vec = sampled_exact_vectors(readout, data, group, mask, n, cfg, gen)
-                    else:
-                        vec = item_vectors(readout, data, group, mask, n)
+                    vec = step_vectors(readout, data, group, mask, n, cfg, gen)
                 table = table.index_copy(0, torch.tensor(group, device=dev), vec)
             hs, hm = pad_histories([h for h, _ in batch], table, cfg.history)
             eu = user.user_embedding(hs, hm)

@@ -216,6 +216,15 @@ def sampled_exact_vectors(readout: ItemReadout, data: E2EData, items: list[int],
     return kept_vectors(data.llm, readout, lists, gate)
 
 
+def step_vectors(readout: ItemReadout, data: E2EData, items: list[int], token_mask: torch.Tensor | None, n: torch.Tensor | None, cfg: PolicyConfig, generator: torch.Generator) -> torch.Tensor:
+    """[B, d] the vectors one training step reads: the sampled exact gradient where the head's mask
+    moves and `cfg.grad_chunks` asks for it, else `item_vectors` (one place for the choice, so the loop
+    stays a loop)."""
+    if token_mask is not None and token_mask.requires_grad and data.mask_layers == "exact" and cfg.grad_chunks:
+        return sampled_exact_vectors(readout, data, items, token_mask, n, cfg, generator)
+    return item_vectors(readout, data, items, token_mask, n)
+
+
 @torch.no_grad()
 def masked_table(readout: ItemReadout, head: PolicyHead | None, data: E2EData, cfg: PolicyConfig, batch: int = 256) -> torch.Tensor:
     """[N, d] every item's masked-readout vector under the hard rule (head None: first-k)."""
