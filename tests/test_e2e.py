@@ -289,6 +289,30 @@ def test_warmup_cache_is_the_same_kept_token_forward(setup):
             torch.testing.assert_close(readout.encode(cached, items), e2e_vectors.item_vectors(readout, data, items, mask, n), atol=1e-5, rtol=1e-5)
 
 
+def test_selections_that_never_move_run_f_once_not_every_step(setup, monkeypatch):
+    """First-k and the identity head never move, so their kept-token inputs are computed once: while the
+    head moves, only its own steps and its own validation run f over kept tokens."""
+    llm, tokens, hist = setup
+    data = e2e_vectors.prepare(llm, tokens, "exact")
+    assert len(tokens) <= 256  # one masked_table batch per selection below
+    forwards, head_steps = [], []
+    real_forward, real_mask = e2e_vectors.kept_block_inputs, e2e_vectors.keep_mask
+    monkeypatch.setattr(e2e_vectors, "kept_block_inputs", lambda *a: forwards.append(1) or real_forward(*a))
+
+    def counted_mask(h, d, i, c, g=None):
+        if h is not None and g is not None:  # a step that moves the head
+            head_steps.append(1)
+        return real_mask(h, d, i, c, g)
+
+    monkeypatch.setattr(e2e, "keep_mask", counted_mask)
+    seen = []
+    cfg = PolicyConfig(objective="e2e", keep_best=False, mask_layers="exact", k=8, prefix=2, train_chunk=2, epochs=1, warmup_epochs=0, surrogate_mix=0.5, batch_size=16, negatives=16, valid_users=20, lr=1e-2)
+    e2e.train_e2e(llm, UserModel(llm.hidden_size, UserModelConfig()), PolicyHead(llm.hidden_size), tokens, hist, cfg, 0.05, lambda r: seen.append((len(forwards), len(head_steps))), data=data)
+    (at_start, _), (at_end, steps) = seen
+    assert at_start == 3  # first-k's and the identity's tables, and the head's start validation
+    assert 0 < steps and at_end - at_start == steps + 1  # the head's steps, and its validation table
+
+
 def test_sampled_exact_gradient_is_the_every_block_gradient_on_the_drawn_chunks(setup):
     """grad_chunks: f gated over the kept tokens plus drawn dropped chunks gives the kept-token value and,
     on every drawn token, the every-block (`all`) gradient scaled by dropped / drawn chunks."""

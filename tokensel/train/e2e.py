@@ -101,10 +101,10 @@ def check_e2e(cfg: PolicyConfig) -> None:
 
 def masked_validation(readout, user, heads: dict[str, PolicyHead | None], data, hist_v, tgt_v, cfg, fixed: dict[str, BlockInputs] | None = None) -> tuple[dict, dict]:
     """Each selection under the same user model and readout (every item masked): (R@10 / N@10 means,
-    every metric per user); `fixed`: each selection's cached kept-token inputs (while the head is held)."""
+    every metric per user); `fixed`: the cached kept-token inputs of the selections that do not move."""
     means, users = {}, {}
     for name, h in heads.items():
-        table = readout.table(fixed[name]) if fixed else masked_table(readout, h, data, cfg)
+        table = readout.table(fixed[name]) if fixed and name in fixed else masked_table(readout, h, data, cfg)
         users[name] = validate_per_user(user, table, hist_v, tgt_v, cfg.history)
         means[name] = {m: round(float(users[name][m].mean()), 3) for m in ("R@10", "N@10")}
     return means, users
@@ -189,8 +189,10 @@ def _train(llm, user, head, tokens, hist, cfg, temperature, log, data) -> dict:
     pairs, v_h, v_t = stage2_users(hist, cfg, rng)
     n_items = len(data.tokens)
     heads = {"policy": head, "identity": identity, "first_k": None}
-    # warm-up with the exact mask: the held selections' kept-token inputs, once (steps and validation read them)
-    fixed = {name: kept_inputs_table(data, h, cfg) for name, h in heads.items()} if cfg.warmup_epochs and data.mask_layers == "exact" else {}
+    # exact mask: the kept-token inputs of every selection that does not move, once (steps and validation
+    # read them). First-k and the identity never move; the head's own is held only while it warms up.
+    held = [name for name in heads if name != "policy" or cfg.warmup_epochs]
+    fixed = {name: kept_inputs_table(data, heads[name], cfg) for name in held} if data.mask_layers == "exact" else {}
     start, users = masked_validation(readout, user, heads, data, v_h, v_t, cfg, fixed)
     epochs = [{"epoch": 0, **start, "seconds_prepare": prep_s}]
     log({"e2e": "start (stage-1 user model, untrained readout)", **epochs[0]})
@@ -201,7 +203,7 @@ def _train(llm, user, head, tokens, hist, cfg, temperature, log, data) -> dict:
         total, seen = 0.0, 0
         moves = epoch > cfg.warmup_epochs  # warm-up: the head is held, the surrogate learns
         if moves:
-            fixed.clear()  # the head's selection moves from here on
+            fixed.pop("policy", None)  # the head's selection moves from here on
         for s in range(0, len(pairs), cfg.batch_size):
             batch = pairs[s : s + cfg.batch_size]
             first_k_step = cfg.surrogate_mix > 0 and rng.random() < cfg.surrogate_mix
@@ -216,8 +218,8 @@ def _train(llm, user, head, tokens, hist, cfg, temperature, log, data) -> dict:
             else:  # an item on both sides is embedded as the later (target/negative) side wants
                 groups = [(hist_items, cfg.masked_side == "history"), (side_items, cfg.masked_side == "target")]
             for group, masked in groups:
-                if masked and fixed and not moves:
-                    vec = readout.encode(fixed["first_k" if first_k_step else "policy"], group, dev)
+                if masked and (source := "first_k" if first_k_step else "policy") in fixed:
+                    vec = readout.encode(fixed[source], group, dev)
                 else:
                     mask, n = keep_mask(selector, data, group, cfg, gen if moves else None) if masked else (None, None)
                     vec = step_vectors(readout, data, group, mask, n, cfg, gen)
@@ -232,7 +234,7 @@ def _train(llm, user, head, tokens, hist, cfg, temperature, log, data) -> dict:
             total, seen = total + loss.item() * len(batch), seen + len(batch)
         row = {"epoch": epoch, "loss": round(total / max(seen, 1), 4), "seconds": round(time.perf_counter() - t1, 1), "head_moved": moves}
         head.eval()
-        means, users = masked_validation(readout, user, heads, data, v_h, v_t, cfg, None if moves else fixed)
+        means, users = masked_validation(readout, user, heads, data, v_h, v_t, cfg, fixed)
         row.update(means)
         prior = head.pos_prior.detach()
         row["prior"] = {"mean_first_k": round(float(prior[cfg.prefix : cfg.k].mean()), 3), "mean_after_k": round(float(prior[cfg.k : 256].mean()), 3)}
