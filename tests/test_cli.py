@@ -214,4 +214,8 @@ def test_info_says_what_an_e2e_stage_2_kept(tiny_bundle, tmp_path):
     r = invoke("info", b)
     flat_out = "".join(r.output.split())
     assert r.exit_code == 0 and "stage-2choice" in flat_out and "thefirsttokens(first-k)" in flat_out and "first-k5.720" in flat_out
+    assert "epochswiththeheadheld" not in flat_out  # a bundle from before the settle epochs: one epoch judged
+    cfg["logs"]["stage2"]["choice"]["epochs_pooled"] = 2
+    (b / "config.json").write_text(json.dumps(cfg))
+    assert "themeanof2epochswiththeheadheld" in "".join(invoke("info", b).output.split())
     assert "stage-2choice" not in "".join(invoke("info", tiny_bundle).output.split())  # the paper's objective chooses nothing

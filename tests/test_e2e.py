@@ -423,3 +423,61 @@ def test_training_ends_with_the_choice_in_the_log_and_the_head(setup):
     assert head.keeps_first_k == (choice["chosen"] == "first-k")
     if choice["chosen"] == "item-align":
         assert torch.equal(head.w_q.weight, torch.eye(llm.hidden_size)) and not head.pos_prior.any()
+
+
+def test_pooled_epochs_keep_only_a_win_that_persists():
+    """A head that wins on one epoch's surrogate and loses on the next is not kept; pooling one epoch
+    (or the same epoch twice) changes nothing."""
+    win = {"policy": _users(40, seed=0), "identity": _users(10, seed=1), "first_k": _users(10, seed=2)}
+    lose = {"policy": _users(10, seed=3), "identity": _users(10, seed=4), "first_k": _users(40, seed=5)}
+    assert e2e.keep_best(PolicyHead(8), win)["chosen"] == "policy"
+    assert e2e.keep_best(PolicyHead(8), e2e.pool_epochs([win, lose]))["chosen"] == "first-k"
+    for name in win:
+        for m in win[name]:
+            assert torch.equal(e2e.pool_epochs([win])[name][m], win[name][m].double())
+            assert torch.allclose(e2e.pool_epochs([win, win])[name][m], win[name][m].double())
+
+
+def test_settle_epochs_hold_the_head_and_the_choice_pools_them(setup, monkeypatch):
+    """After the head's last step the surrogate trains `settle_epochs` more epochs on the held head's
+    texts; the choice reads the mean of those epochs' validations, and the head it judges is the one
+    the last head epoch left."""
+    llm, tokens, hist = setup
+    cfg = PolicyConfig(objective="e2e", mask_layers="exact", k=8, prefix=2, train_chunk=2, epochs=2, warmup_epochs=1, settle_epochs=2, batch_size=16, negatives=16, valid_users=20, lr=1e-2)
+    head = PolicyHead(llm.hidden_size)
+    snaps, judged = {}, {}
+    def log(row):
+        if row.get("epoch") == cfg.epochs:
+            snaps["last head epoch"] = copy.deepcopy(head.state_dict())
+    real = e2e.keep_best
+    def spy(h, users):
+        judged.update(copy.deepcopy(h.state_dict()))
+        return real(h, users)
+    monkeypatch.setattr(e2e, "keep_best", spy)
+    out = e2e.train_e2e(llm, UserModel(llm.hidden_size, UserModelConfig()), head, tokens, hist, cfg, 0.05, log)
+    ep = out["epochs"]
+    assert len(ep) == 1 + cfg.epochs + cfg.settle_epochs
+    assert [r["head_moved"] for r in ep[1:]] == [False, True, False, False]
+    assert [r.get("settle", False) for r in ep[1:]] == [False, False, True, True]
+    assert all(torch.equal(v, snaps["last head epoch"][k]) for k, v in judged.items())
+    assert not torch.equal(judged["w_q.weight"], torch.eye(llm.hidden_size))  # the head did move
+    assert out["choice"]["epochs_pooled"] == 2
+    names = {"policy": "policy", "item-align": "identity", "first-k": "first_k"}
+    for row in out["choice"]["rows"]:
+        settle_mean = sum(r[names[row["strategy"]]]["N@10"] for r in ep[-2:]) / 2
+        assert abs(row["N@10"] - settle_mean) < 2e-3  # the epoch rows are rounded to 3 places
+
+
+def test_no_settle_epochs_judges_the_last_epoch(setup):
+    llm, tokens, hist = setup
+    cfg = PolicyConfig(objective="e2e", mask_layers="exact", k=8, prefix=2, train_chunk=2, epochs=1, settle_epochs=0, batch_size=16, negatives=16, valid_users=20, lr=1e-2)
+    out = e2e.train_e2e(llm, UserModel(llm.hidden_size, UserModelConfig()), PolicyHead(llm.hidden_size), tokens, hist, cfg, 0.05, lambda r: None)
+    assert len(out["epochs"]) == 2 and out["choice"]["epochs_pooled"] == 1
+    last = out["epochs"][-1]
+    rows = {r["strategy"]: r for r in out["choice"]["rows"]}
+    assert abs(rows["policy"]["N@10"] - last["policy"]["N@10"]) < 1e-3
+
+
+def test_settle_epochs_must_not_be_negative():
+    with pytest.raises(TokenselError, match="settle epochs"):
+        PolicyConfig(objective="e2e", settle_epochs=-1)

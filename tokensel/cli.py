@@ -224,6 +224,7 @@ def train(
     warmup_epochs: Annotated[Optional[int], typer.Option(help="e2e: first stage-2 epochs with the head held, only the surrogate learning (on compressed texts); default: all but the last 2.")] = None,
     surrogate_mix: Annotated[float, typer.Option(help="e2e: share of steps the surrogate trains on first-k's texts (no head gradient there).")] = PolicyConfig.surrogate_mix,
     keep_best: Annotated[bool, typer.Option("--keep-best/--no-keep-best", help="e2e: end by keeping the best of the trained head, the identity head (item-align) and first-k on the surrogate's validation.")] = PolicyConfig.keep_best,
+    settle_epochs: Annotated[int, typer.Option(help="e2e with --keep-best: epochs after the head's last step with the head held; the choice pools their validations.")] = PolicyConfig.settle_epochs,
     negatives: Annotated[int, typer.Option(help="Sampled negatives, both stages.")] = Stage1Config.negatives,
     history: Annotated[int, typer.Option(help="History length, both stages and the user model.")] = Stage1Config.history,
     max_users: Annotated[Optional[int], typer.Option(help="Stage 2 on at most this many users.")] = None,
@@ -249,7 +250,7 @@ def train(
             stage1=Stage1Config(epochs=epochs1, lr=lr1, item_lr=item_lr, negatives=negatives, history=history, seed=seed),
             policy=PolicyConfig(prefix=prefix, k=k, train_chunk=train_chunk, select_chunk=select_chunk, epochs=epochs2, lr=lr2, negatives=negatives, history=history, samples=samples, objective=objective, seed=seed, max_users=max_users,
                                 masked_side=masked_side, mask_layers=mask_layers, sigma=sigma, perturb_samples=perturb_samples, prior_lr=prior_lr, model_lr=model_lr, readout_lr=readout_lr,
-                                grad_chunks=grad_chunks, warmup_epochs=warmup_epochs, surrogate_mix=surrogate_mix, keep_best=keep_best),
+                                grad_chunks=grad_chunks, warmup_epochs=warmup_epochs, surrogate_mix=surrogate_mix, keep_best=keep_best, settle_epochs=settle_epochs),
         )
         bundle = api.train(
             items, interactions, out, stages=stages, **configs, columns=(user_col, item_col, order_col), device=device,

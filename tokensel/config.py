@@ -142,6 +142,7 @@ class PolicyConfig:
     warmup_epochs: int | None = None  # first epochs with the head held, only the surrogate learning (on compressed texts); None: all but the last 2
     surrogate_mix: float = 0.5  # share of steps the surrogate trains on first-k's texts (the head gets no gradient there)
     keep_best: bool = True  # end by keeping the best of the trained head, the identity head and first-k on the surrogate's validation
+    settle_epochs: int = 2  # keep_best: epochs after the head's last step with the head held; the choice pools their validations
 
     def __post_init__(self) -> None:
         if self.objective not in (*OBJECTIVE_NAMES, AUTO_OBJECTIVE):
@@ -151,6 +152,8 @@ class PolicyConfig:
                 self.epochs = E2E_EPOCHS if self.objective == "e2e" else 2
             if self.warmup_epochs is None:
                 self.warmup_epochs = max(0, self.epochs - E2E_HEAD_EPOCHS) if self.objective == "e2e" else 0
+        if self.settle_epochs < 0:
+            raise TokenselError(f"stage 2 needs settle epochs >= 0 (got {self.settle_epochs})")
         if self.reward != "history":
             raise TokenselError(f"unknown stage-2 reward {self.reward!r}; the product has only history (the paper's)")
         if self.samples < 2:

@@ -31,7 +31,8 @@ def bundle_summary(cfg: dict) -> list[tuple[str, str]]:
     if (choice := log.get("choice")) is not None:  # e2e: what stage 2 kept, by the surrogate's validation
         scores = ", ".join(f"{r['strategy']} {r['N@10']:.3f}" for r in choice["rows"])
         does = {"policy": "the trained head", "item-align": "the identity head (item-align)", "first-k": "the first tokens (first-k)"}
-        rows.append(("stage-2 choice", f"{does.get(choice['chosen'], choice['chosen'])}; validation NDCG@10 {scores} (the surrogate recommender)"))
+        pooled = f", the mean of {n} epochs with the head held" if (n := choice.get("epochs_pooled", 1)) > 1 else ""
+        rows.append(("stage-2 choice", f"{does.get(choice['chosen'], choice['chosen'])}; validation NDCG@10 {scores} (the surrogate recommender{pooled})"))
     rows.append(("stage-2 warnings", "\n".join([*source, *(f"- {w}" for w in warnings)]) or "none"))
     return rows
 

@@ -36,6 +36,10 @@ InfoNCE loss of that recommender trains the head, the user model and the item re
   it on first-k's texts too, and the warm-up on the identity head's, which is what makes the end of
   training's choice (`keep_best`) fair enough to act on. A recommender retrained per strategy (the
   strategy check at the end of `train`) still has the last word for `--strategy auto`.
+- Settle (`settle_epochs`): after the head's last step the surrogate trains a few more epochs with the
+  head held, and the choice reads the per-user mean of those epochs' validations (`pool_epochs`). The
+  head's last texts then meet a surrogate that has read them, and one epoch's lucky snapshot (the
+  surrogate's scores move between epochs by as much as the differences it judges) has to persist.
 
 Surrogate warm-up and mix: a recommender trained on full texts scores the kept tokens' exact vectors
 far below what one retrained on them does (research/surrogate_rank.py), so with `exact` or `all` the
@@ -108,6 +112,19 @@ def masked_validation(readout, user, heads: dict[str, PolicyHead | None], data, 
         users[name] = validate_per_user(user, table, hist_v, tgt_v, cfg.history)
         means[name] = {m: round(float(users[name][m].mean()), 3) for m in ("R@10", "N@10")}
     return means, users
+
+
+def pool_epochs(validations: list[dict[str, dict[str, torch.Tensor]]]) -> dict[str, dict[str, torch.Tensor]]:
+    """Each selection's per-user metrics averaged over several epochs' validations (the settle epochs).
+
+    Why: the surrogate's reading of a selection moves between epochs by more than the paired test over
+    users sees (it treats one epoch's surrogate as fixed), so a choice read off one epoch can flip with
+    the run's floating-point order; averaging each user's metrics over several surrogates of the same
+    held head leaves the test the differences that persist."""
+    return {
+        name: {m: torch.stack([v[name][m].double() for v in validations]).mean(0) for m in validations[0][name]}
+        for name in validations[0]
+    }
 
 
 # which selection each validated head stands for (select/auto.py's strategy names)
@@ -196,14 +213,18 @@ def _train(llm, user, head, tokens, hist, cfg, temperature, log, data) -> dict:
     start, users = masked_validation(readout, user, heads, data, v_h, v_t, cfg, fixed)
     epochs = [{"epoch": 0, **start, "seconds_prepare": prep_s}]
     log({"e2e": "start (stage-1 user model, untrained readout)", **epochs[0]})
-    for epoch in range(1, cfg.epochs + 1):
+    settle = cfg.settle_epochs if cfg.keep_best else 0
+    settled: list[dict[str, dict[str, torch.Tensor]]] = []  # each settle epoch's per-user validation
+    for epoch in range(1, cfg.epochs + settle + 1):
         t1 = time.perf_counter()
         rng.shuffle(pairs)
         head.train(), user.train(), readout.train()
         total, seen = 0.0, 0
-        moves = epoch > cfg.warmup_epochs  # warm-up: the head is held, the surrogate learns
+        moves = cfg.warmup_epochs < epoch <= cfg.epochs  # warm-up and settle: the head is held, the surrogate learns
         if moves:
             fixed.pop("policy", None)  # the head's selection moves from here on
+        elif epoch > cfg.epochs and "policy" not in fixed and data.mask_layers == "exact":
+            fixed["policy"] = kept_inputs_table(data, head, cfg)  # settle: the final head's texts, once
         for s in range(0, len(pairs), cfg.batch_size):
             batch = pairs[s : s + cfg.batch_size]
             first_k_step = cfg.surrogate_mix > 0 and rng.random() < cfg.surrogate_mix
@@ -233,8 +254,12 @@ def _train(llm, user, head, tokens, hist, cfg, temperature, log, data) -> dict:
             opt.step()
             total, seen = total + loss.item() * len(batch), seen + len(batch)
         row = {"epoch": epoch, "loss": round(total / max(seen, 1), 4), "seconds": round(time.perf_counter() - t1, 1), "head_moved": moves}
+        if epoch > cfg.epochs:
+            row["settle"] = True
         head.eval()
         means, users = masked_validation(readout, user, heads, data, v_h, v_t, cfg, fixed)
+        if epoch > cfg.epochs:
+            settled.append(users)
         row.update(means)
         prior = head.pos_prior.detach()
         row["prior"] = {"mean_first_k": round(float(prior[cfg.prefix : cfg.k].mean()), 3), "mean_after_k": round(float(prior[cfg.k : 256].mean()), 3)}
@@ -245,7 +270,8 @@ def _train(llm, user, head, tokens, hist, cfg, temperature, log, data) -> dict:
     head.eval()
     out = {"objective": OBJECTIVE, "epochs": epochs}
     if cfg.keep_best:
-        out["choice"] = keep_best(head, users)
+        out["choice"] = keep_best(head, pool_epochs(settled) if settled else users)
+        out["choice"]["epochs_pooled"] = max(len(settled), 1)
         log({"e2e": "kept", **out["choice"]})
     head.to(llm.device)
     return {**out, "seconds": round(time.perf_counter() - t0, 1)}
