@@ -220,10 +220,11 @@ def _train(llm, user, head, tokens, hist, cfg, temperature, log, data) -> dict:
         rng.shuffle(pairs)
         head.train(), user.train(), readout.train()
         total, seen = 0.0, 0
-        moves = cfg.warmup_epochs < epoch <= cfg.epochs  # warm-up and settle: the head is held, the surrogate learns
+        settling = epoch > cfg.epochs
+        moves = cfg.warmup_epochs < epoch and not settling  # warm-up and settle: the head is held, the surrogate learns
         if moves:
             fixed.pop("policy", None)  # the head's selection moves from here on
-        elif epoch > cfg.epochs and "policy" not in fixed and data.mask_layers == "exact":
+        elif settling and "policy" not in fixed and data.mask_layers == "exact":
             fixed["policy"] = kept_inputs_table(data, head, cfg)  # settle: the final head's texts, once
         for s in range(0, len(pairs), cfg.batch_size):
             batch = pairs[s : s + cfg.batch_size]
@@ -254,11 +255,11 @@ def _train(llm, user, head, tokens, hist, cfg, temperature, log, data) -> dict:
             opt.step()
             total, seen = total + loss.item() * len(batch), seen + len(batch)
         row = {"epoch": epoch, "loss": round(total / max(seen, 1), 4), "seconds": round(time.perf_counter() - t1, 1), "head_moved": moves}
-        if epoch > cfg.epochs:
+        if settling:
             row["settle"] = True
         head.eval()
         means, users = masked_validation(readout, user, heads, data, v_h, v_t, cfg, fixed)
-        if epoch > cfg.epochs:
+        if settling:
             settled.append(users)
         row.update(means)
         prior = head.pos_prior.detach()
