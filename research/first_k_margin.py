@@ -17,25 +17,23 @@ first-k and the mean number of tokens kept past k.
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from safetensors.torch import save_file
 
+from tokensel.models.bundle import Bundle
+from tokensel.models.head import PolicyHead
 from tokensel.select.selector import Selector, SelectorSpec
 
 
-def write_margin_bundle(src: Path, dst: Path, dim: int, k: int, prefix: int, margin: float) -> None:
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst)
-    (dst / "check.json").unlink(missing_ok=True)
-    prior = torch.zeros(512)
-    prior[prefix:k] = margin
-    save_file({"w_q": torch.eye(dim), "w_k": torch.eye(dim), "pos_prior": prior, "keeps_first_k": torch.tensor([0.0])}, dst / "policy.safetensors")
+def margin_head(dim: int, k: int, prefix: int, margin: float) -> PolicyHead:
+    """The identity head (item-align) with `margin` on the prior of every position in [prefix, k)."""
+    head = PolicyHead(dim)
+    with torch.no_grad():
+        head.pos_prior[prefix:k] = margin
+    return head
 
 
 def main() -> None:
@@ -52,13 +50,14 @@ def main() -> None:
     a = ap.parse_args()
     table = pq.read_table(a.items).slice(0, a.sample)
     margins = [0.0] + [float(m) for m in a.margins.split(",")]
-    dim = Selector.from_spec(SelectorSpec(strategy="item-align", policy=str(a.bundle))).llm.hidden_size
+    bundle = Bundle.from_pretrained(a.bundle, need_policy=False)  # its stage 1, saved again with each margin head
     first = Selector.from_spec(SelectorSpec(strategy="first-k", policy=str(a.bundle)))
     ref = first(table, k=a.k, chunk=a.chunk, prefix=a.prefix, text_cols=a.text_cols).column("positions").to_pylist()
     print(f"{'margin':>8} {'items != first-k':>17} {'tokens past k':>14}")
     for m in margins:
         dst = a.out / f"m{m:g}"
-        write_margin_bundle(a.bundle, dst, dim, a.k, a.prefix, m)
+        bundle.policy = margin_head(bundle.item_llm.hidden_size, a.k, a.prefix, m)
+        bundle.save_pretrained(dst)  # drops a stale check.json, writes the policy as every bundle does
         sel = Selector.from_spec(SelectorSpec(strategy="policy", policy=str(dst)))
         out = sel(table, k=a.k, chunk=a.chunk, prefix=a.prefix, text_cols=a.text_cols).column("positions").to_pylist()
         differ = np.mean([s != r for s, r in zip(out, ref)])
