@@ -30,8 +30,8 @@ from scipy import stats
 
 from tokensel.config import PolicyConfig
 from tokensel.io.items import read_items
-from tokensel.models.bundle import Bundle
-from tokensel.models.head import PolicyHead
+from tokensel.policy.bundle import Bundle
+from tokensel.policy.head import PolicyHead
 from tokensel.models.readout import ItemReadout
 from tokensel.train.common import embed_tokens
 from tokensel.train.e2e_vectors import E2EData, item_vectors, keep_mask, prepare

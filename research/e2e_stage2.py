@@ -19,8 +19,8 @@ import torch
 from tokensel.config import PolicyConfig
 from tokensel.io.interactions import read_histories
 from tokensel.io.items import read_items
-from tokensel.models.bundle import Bundle
-from tokensel.models.head import PolicyHead
+from tokensel.policy.bundle import Bundle
+from tokensel.policy.head import PolicyHead
 from tokensel.train.e2e import train_e2e
 from tokensel.train.e2e_vectors import prepare
 

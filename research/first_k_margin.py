@@ -23,8 +23,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from tokensel.models.bundle import Bundle
-from tokensel.models.head import PolicyHead
+from tokensel.policy.bundle import Bundle
+from tokensel.policy.head import PolicyHead
 from tokensel.select.selector import Selector, SelectorSpec
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tokensel.config import PolicyConfig
 from tokensel.train.metrics import per_user_metrics, rank_users
 from tokensel.evaluate.recommenders import history_means, mean_pool_tokens
-from tokensel.models.head import PolicyHead
+from tokensel.policy.head import PolicyHead
 from tokensel.models.item_llm import ItemLLM
 from tokensel.models.user_model import UserModel, pad_histories
 from tokensel.train.common import Catalogue, embed_tokens, infonce, infonce_logits

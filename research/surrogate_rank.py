@@ -21,8 +21,8 @@ import torch
 from tokensel.config import PolicyConfig
 from tokensel.io.interactions import read_histories
 from tokensel.io.items import read_items
-from tokensel.models.bundle import Bundle
-from tokensel.models.head import PolicyHead
+from tokensel.policy.bundle import Bundle
+from tokensel.policy.head import PolicyHead
 from tokensel.models.readout import ItemReadout
 from tokensel.train.common import stage2_users
 from tokensel.train.e2e_vectors import masked_table, prepare

@@ -17,7 +17,7 @@ from tokensel.select.selector import Selector, SelectorSpec
 from tokensel.config import ItemModelConfig, PolicyConfig, Stage1Config, TextConfig
 from tokensel.errors import TokenselError
 from tokensel.io.parquet_out import read_metadata
-from tokensel.models.bundle import Bundle, bundle_hash
+from tokensel.policy.bundle import Bundle, bundle_hash
 from tokensel.select.strategies import Policy
 from tokensel.train.pipeline import train
 
@@ -419,7 +419,7 @@ def test_stage1_keeps_the_item_llm_of_the_best_epoch(tiny_bert, tmp_path, monkey
 
 def test_bundles_from_before_labels_keep_them(tiny_bundle):
     """`labels` defaults to off now; a bundle whose config predates the field was trained with labels."""
-    from tokensel.models.bundle import BundleConfig
+    from tokensel.policy.bundle import BundleConfig
 
     d = json.loads((tiny_bundle / "config.json").read_text())
     assert BundleConfig.from_json(d).text.labels is d["text"]["labels"]

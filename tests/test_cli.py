@@ -9,11 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-import tokensel.models.bundle as bundle_mod
+import tokensel.policy.bundle as bundle_mod
 from tokensel import inspect as ins
 from tokensel.cli import app
 from tokensel.io.parquet_out import read_metadata
-from tokensel.models.bundle import bundle_hash
+from tokensel.policy.bundle import bundle_hash
 
 from conftest import INTERACTIONS, ITEMS, check_contract
 

@@ -90,8 +90,8 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory, model_dir):
     from tokensel.config import PolicyConfig
-    from tokensel.models.bundle import Bundle, BundleConfig
-    from tokensel.models.head import PolicyHead
+    from tokensel.policy.bundle import Bundle, BundleConfig
+    from tokensel.policy.head import PolicyHead
 
     llm = ItemLLM.from_pretrained(model_dir)
     head = PolicyHead(llm.hidden_size)
@@ -165,7 +165,7 @@ def test_id_set_finds_duplicates_within_and_across_batches_and_only_those():
 
 def test_an_items_scores_are_bit_identical_alone_or_in_any_batch(model_dir, bundle_dir):
     """The reason selection does not depend on batching: the forward width and filler rows depend on the item alone."""
-    from tokensel.models.bundle import Bundle
+    from tokensel.policy.bundle import Bundle
 
     b = Bundle.from_pretrained(bundle_dir)
     llm = b.item_llm

@@ -14,7 +14,7 @@ from tokensel.errors import TokenselError
 from tokensel.io.items import read_items
 from tokensel.io.parquet_out import read_metadata
 from tokensel.models.item_llm import ItemLLM
-from tokensel.models.bundle import Bundle
+from tokensel.policy.bundle import Bundle
 from tokensel.train.pipeline import train
 
 from conftest import INTERACTIONS, ITEMS, check_contract

@@ -14,7 +14,7 @@ from tokensel.errors import TokenselError
 from tokensel.io.interactions import read_histories
 from tokensel.io.items import read_items
 from tokensel.models.gated import kept_vectors
-from tokensel.models.head import PolicyHead
+from tokensel.policy.head import PolicyHead
 from tokensel.models.item_llm import ItemLLM
 from tokensel.models.readout import ItemReadout
 from tokensel.models.user_model import UserModel

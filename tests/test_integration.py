@@ -14,7 +14,7 @@ from tokensel.cli import app
 from tokensel.select.auto import resolve
 from tokensel.io.parquet_out import read_metadata
 from tokensel.models.item_llm import resolve_model_path
-from tokensel.models.bundle import DEFAULT_BUNDLE, Bundle
+from tokensel.policy.bundle import DEFAULT_BUNDLE, Bundle
 
 from conftest import ITEMS, check_contract
 

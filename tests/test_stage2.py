@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tokensel.config import PolicyConfig
-from tokensel.models.head import PolicyHead
+from tokensel.policy.head import PolicyHead
 from tokensel.select.rule import chunk_sums, mask_to_positions
 from tokensel.train.common import Catalogue, infonce, infonce_logits
 from tokensel.train import stage2

@@ -19,7 +19,7 @@ from tokensel.config import ItemModelConfig, PolicyConfig, Stage1Config, TextCon
 from tokensel.errors import TokenselError
 from tokensel.evaluate.runner import evaluate_detailed
 from tokensel.report import check_table
-from tokensel.models.bundle import CHECK_FILE, Bundle, bundle_hash, read_check, write_check
+from tokensel.policy.bundle import CHECK_FILE, Bundle, bundle_hash, read_check, write_check
 from tokensel.select import auto
 from tokensel.select.auto import choose, current_check, lost_note, lost_to_first_k, resolve
 from tokensel.select.selector import Selector

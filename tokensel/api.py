@@ -19,7 +19,7 @@ from tokensel.compress.run import compress
 from tokensel.errors import TokenselError
 from tokensel.evaluate.check import strategy_check as check
 from tokensel.io.interactions import COLUMNS
-from tokensel.models.bundle import DEFAULT_BUNDLE, Bundle
+from tokensel.policy.bundle import DEFAULT_BUNDLE, Bundle
 from tokensel.select.selector import Selector
 from tokensel.train import pipeline
 

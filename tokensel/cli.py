@@ -23,7 +23,7 @@ from tokensel.errors import TokenselError
 from tokensel.io import writers
 from tokensel.io.readers import open_items
 from tokensel.evaluate.check import CHECK_EPOCHS
-from tokensel.models.bundle import CHECK_FILE, DEFAULT_BUNDLE, bundle_hash
+from tokensel.policy.bundle import CHECK_FILE, DEFAULT_BUNDLE, bundle_hash
 from tokensel.compress.job import output_paths
 from tokensel.report import bundle_summary, check_table
 from tokensel.select.auto import AUTO, current_check, resolve

@@ -10,7 +10,7 @@ allows it, else hllm over frozen vectors; one seed by default) and scores the VA
 the recommender trains a fixed number of epochs and the last one is scored, so the validation
 targets never choose anything and the test targets are never read (`TrainConfig.score`). Each
 strategy is paired with first-k over users. The result is written beside the bundle's weights
-(`check.json`, see `tokensel.models.bundle.write_check`); `tokensel info` prints it, and
+(`check.json`, see `tokensel.policy.bundle.write_check`); `tokensel info` prints it, and
 `tokensel compress --strategy auto` runs the strategy it chose (`tokensel.select.auto.RULE`: the
 best validation NDCG@10 among the strategies not significantly below first-k in NDCG@10 or
 Recall@10, first-k included; a tie goes to first-k, which needs no model). A policy whose stage 2
@@ -33,7 +33,7 @@ from tokensel.config import TrainConfig
 from tokensel.errors import TokenselError
 from tokensel.evaluate.runner import VectorCache, evaluate_detailed
 from tokensel.io.interactions import COLUMNS
-from tokensel.models.bundle import BundleConfig, bundle_hash, read_bundle_config, write_check
+from tokensel.policy.bundle import BundleConfig, bundle_hash, read_bundle_config, write_check
 from tokensel.models.readout import is_top_tunable
 from tokensel.select.auto import RULE, choose, rows_vs_first_k
 from tokensel.train.pipeline import file_digest

@@ -70,6 +70,7 @@ class FileResult:
     std: dict[str, float]
     p_vs_first: dict[str, float] | None
     per_user: dict[str, np.ndarray] = field(repr=False)  # [U] per metric, averaged over seeds
+    per_seed_user: dict[str, np.ndarray] = field(repr=False, default_factory=dict)  # [seeds, U] per metric: what seed-aware tests read
     per_seed: list[dict] = field(default_factory=list)  # per seed: test metrics, best epoch, validation, seconds
     embed_seconds: float = 0.0
     train_seconds: float = 0.0
@@ -287,7 +288,8 @@ def evaluate_detailed(
             runs.append(rec.run_tuned(make_llm, tokens, hist, seed) if rec.needs_item_llm else rec.run(vectors, hist, seed))
         train_s = time.perf_counter() - t1
         per_seed_users = [per_user_metrics(r.test_ranks) for r in runs]
-        per_user = {m: torch.stack([u[m] for u in per_seed_users]).mean(0).double().numpy() for m in METRICS}
+        per_seed_user = {m: torch.stack([u[m] for u in per_seed_users]).double().numpy() for m in METRICS}
+        per_user = {m: per_seed_user[m].mean(0) for m in METRICS}
         seed_means = {m: np.array([float(u[m].double().mean()) for u in per_seed_users]) for m in METRICS}
         metrics = {m: float(seed_means[m].mean()) for m in METRICS}
         std = {m: float(seed_means[m].std(ddof=1)) if len(set(seed_means[m].tolist())) > 1 else 0.0 for m in METRICS}
@@ -296,7 +298,7 @@ def evaluate_detailed(
             {"seed": r.seed, "best_epoch": r.best_epoch, "seconds": round(r.seconds, 1), "valid": r.valid, "test": {m: float(seed_means[m][j]) for m in METRICS}}
             for j, r in enumerate(runs)
         ]
-        results.append(FileResult(str(path), recommender, seed_list, metrics, std, p, per_user, per_seed, embed_s, train_s, meta))
+        results.append(FileResult(str(path), recommender, seed_list, metrics, std, p, per_user, per_seed_user, per_seed, embed_s, train_s, meta))
         seen[content] = results[-1]
         log({"texts": str(path), "stage": "train+test", "seconds": round(train_s, 1), "N@10": round(metrics["N@10"], 3), "R@10": round(metrics["R@10"], 3)})
     return Evaluation(results, recommender, model, len(hist.users), len(item_ids), test, {"train": cfg.__dict__, "device": str(dev), "dtype": dtype}, hist.counts)

@@ -1,1 +1,1 @@
-"""Models: the item LLM f and its top readout, the user model g, the policy head, and the bundle that saves them."""
+"""Models: the item LLM f and its top readout, the user model g, used by the policy (tokensel.policy) and the recommenders."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from tokensel.config import TextConfig
-from tokensel.models.bundle import bundle_hash, bundle_path, read_bundle_config, read_check
+from tokensel.policy.bundle import bundle_hash, bundle_path, read_bundle_config, read_check
 from tokensel.select.strategies import BUNDLE_STRATEGIES
 from tokensel.stats import paired_pvalues
 

@@ -27,7 +27,7 @@ from tokensel.device import pick_device, pick_dtype
 from tokensel.errors import TokenselError
 from tokensel.io.fields import build_text_spans, field_columns, per_field
 from tokensel.io.items import build_text
-from tokensel.models.bundle import Bundle
+from tokensel.policy.bundle import Bundle
 from tokensel.models.item_llm import DEFAULT_MODEL, ItemLLM
 from tokensel.select import frames
 from tokensel.select.auto import AUTO, auto_choice

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from tokensel.models.item_llm import Encoded
-from tokensel.models.head import PolicyHead, candidate_log_probs
+from tokensel.policy.head import PolicyHead, candidate_log_probs
 from tokensel.select.rule import chunk_means, chunk_sums, n_chunks
 
 STRATEGIES = ("policy", "item-align", "first-k", "random", "rarity", "topk-logits")

@@ -64,7 +64,7 @@ import torch
 from tokensel.config import PolicyConfig
 from tokensel.errors import TokenselError
 from tokensel.io.interactions import Histories
-from tokensel.models.head import PolicyHead
+from tokensel.policy.head import PolicyHead
 from tokensel.models.item_llm import ItemLLM
 from tokensel.models.readout import BlockInputs, ItemReadout
 from tokensel.models.user_model import UserModel, pad_histories

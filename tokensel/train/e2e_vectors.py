@@ -17,7 +17,7 @@ from tokensel.config import PolicyConfig
 from tokensel.errors import TokenselError
 from tokensel.models.batching import length_buckets
 from tokensel.models.gated import kept_vectors, lower_blocks
-from tokensel.models.head import PolicyHead
+from tokensel.policy.head import PolicyHead
 from tokensel.models.item_llm import ItemLLM
 from tokensel.models.readout import BlockInputs, ItemReadout, last_block
 from tokensel.select.rule import chunk_sums, select_mask

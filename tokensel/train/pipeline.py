@@ -18,8 +18,8 @@ from tokensel.io.items import read_items
 from tokensel.models.item_llm import ItemLLM
 from tokensel.models.readout import check_top_tunable, is_top_tunable
 from tokensel.models.user_model import UserModel
-from tokensel.models.bundle import Bundle, BundleConfig, read_bundle_config
-from tokensel.models.head import PolicyHead
+from tokensel.policy.bundle import Bundle, BundleConfig, read_bundle_config
+from tokensel.policy.head import PolicyHead
 from tokensel.train.common import Catalogue, embed_tokens
 from tokensel.train.e2e import OBJECTIVE as E2E, check_e2e, train_e2e
 from tokensel.train.stage1 import train_stage1

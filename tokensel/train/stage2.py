@@ -28,7 +28,7 @@ from tokensel.train.metrics import per_user_metrics, rank_users
 from tokensel.io.interactions import Histories
 from tokensel.models.item_llm import ItemLLM
 from tokensel.models.user_model import UserModel, pad_histories
-from tokensel.models.head import PolicyHead
+from tokensel.policy.head import PolicyHead
 from tokensel.select.rule import chunk_sums, select_mask
 from tokensel.train.common import Catalogue, embed_tokens, infonce, infonce_logits, stage2_users
 

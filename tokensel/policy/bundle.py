@@ -40,7 +40,7 @@ from tokensel.errors import TokenselError
 from tokensel.models.item_llm import ItemLLM
 from tokensel.models.readout import last_block
 from tokensel.models.user_model import UserModel
-from tokensel.models.head import PolicyHead
+from tokensel.policy.head import PolicyHead
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "default_bundle"
 
