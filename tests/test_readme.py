@@ -1,10 +1,11 @@
 """The README cannot drift from the CLI.
 
-Every `tokensel` command and option in a bash block of README.md or docs/ must exist (read from the
-Typer app, no subprocess), and every README block marked cheap (`<!-- test: cheap -->` on the line
-before it) runs, as written, on a copy of fixtures/ in a temporary folder and exits 0. The set-up
-blocks (`python3 -m venv ...`) are CI's job (.ci/run runs the test one verbatim), never run here; this
-file checks that they are still in the README exactly as CI runs them.
+Every `tokensel` command and option in a bash block, or in an inline `tokensel ...` code span, of
+README.md or docs/ must exist (read from the Typer app, no subprocess), and every README block marked
+cheap (`<!-- test: cheap -->` on the line before it) runs, as written, on a copy of fixtures/ in a
+temporary folder and exits 0. The set-up blocks (`python3 -m venv ...`) are CI's job (.ci/run runs
+the test one verbatim), never run here; this file checks that they are still in the README exactly
+as CI runs them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ DOCS = sorted((ROOT / "docs").glob("*.md"))
 CHEAP = "<!-- test: cheap -->"
 SETUP = "python3 -m venv"
 BLOCK = re.compile(r"^(" + re.escape(CHEAP) + r"[ \t]*\n)?```bash\n(.*?)^```", re.S | re.M)
+INLINE = re.compile(r"`(tokensel [^`\n]+)`")
 SEPARATORS = {"&&", "||", ";", "|"}
 
 
@@ -63,7 +65,8 @@ def options(command: click.Command) -> set[str]:
 @pytest.mark.parametrize("doc", [README, *DOCS], ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_documented_tokensel_option_exists(doc):
     cli = typer.main.get_command(app)
-    calls = [call for _, code in bash_blocks(doc) for call in tokensel_calls(code)]
+    inline = "\n".join(INLINE.findall(doc.read_text()))  # `tokensel train ... --stage 1` in the prose
+    calls = [call for _, code in bash_blocks(doc) for call in tokensel_calls(code)] + tokensel_calls(inline)
     if doc == README:
         assert len(calls) >= 10, "the README documents fewer tokensel calls than expected: is the block parser broken?"
     for sub, opts in calls:
