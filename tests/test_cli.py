@@ -139,7 +139,7 @@ def test_info_is_a_short_summary_and_json_on_request(tiny_bundle):
 
 
 def test_info_on_the_shipped_bundle_shows_its_stage_2_choice_and_warnings():
-    """The README's logs.stage2: what the shipped bundle's stage 2 kept, and the warnings it recorded."""
+    """docs/choosing.md's logs.stage2: what the shipped bundle's stage 2 kept, and the warnings it recorded."""
     r = invoke("info")
     flat_out = "".join(r.output.split())
     log = json.loads((bundle_mod.DEFAULT_BUNDLE / "config.json").read_text())["logs"]["stage2"]

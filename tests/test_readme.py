@@ -102,3 +102,10 @@ def test_cheap_readme_block_runs_on_the_fixtures(n, tmp_path):
     r = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"README block failed (exit {r.returncode}):\n{code}\n--- stdout\n{r.stdout[-4000:]}\n--- stderr\n{r.stderr[-4000:]}"
     assert "Traceback" not in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("doc", [README, *DOCS], ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_resolves(doc):
+    links = [t.split("#")[0] for t in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()) if not re.match(r"[a-z]+:|#", t)]
+    missing = [t for t in links if not (doc.parent / t).exists()]
+    assert not missing, f"{doc.name} links to missing files: {missing}"
