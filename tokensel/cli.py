@@ -23,7 +23,7 @@ from tokensel.errors import TokenselError
 from tokensel.io import writers
 from tokensel.io.readers import open_items
 from tokensel.evaluate.check import CHECK_EPOCHS
-from tokensel.policy.bundle import CHECK_FILE, DEFAULT_BUNDLE, bundle_hash
+from tokensel.policy.bundle import CHECK_FILE, DEFAULT_BUNDLE, bundle_hash, bundle_label
 from tokensel.compress.job import output_paths
 from tokensel.report import bundle_summary, check_table
 from tokensel.select.auto import AUTO, current_check, resolve
@@ -336,7 +336,7 @@ def info(
         out_console.print_json(data=cfg)
         out_console.print(f"hash {bundle_hash(path)}", markup=False)
         return
-    lines = [f"tokensel bundle {path}"]
+    lines = [f"tokensel bundle: {bundle_label(path)}"]
     for label, value in [*bundle_summary(cfg), ("hash", bundle_hash(path))]:
         first, *rest = value.split("\n")
         lines.append(f"  {label + ':':<18} {first}")

@@ -36,7 +36,7 @@ from tokensel.io.interactions import COLUMNS
 from tokensel.policy.bundle import BundleConfig, bundle_hash, read_bundle_config, write_check
 from tokensel.models.readout import is_top_tunable
 from tokensel.select.auto import RULE, choose, rows_vs_first_k
-from tokensel.train.pipeline import file_digest
+from tokensel.train.pipeline import data_record
 
 CHECKED = ("first-k", "item-align", "policy")
 CHECK_EPOCHS = 6  # fixed: the validation targets are scored, so they cannot pick the epoch
@@ -99,7 +99,7 @@ def strategy_check(
         "k": k, "chunk": chunk, "prefix": prefix,
         "recommender": f"hllm, item tuning {tuning}", "epochs": epochs, "seeds": seeds, "scored": "validation",
         "users": ev.n_users, "items": ev.n_items,
-        "data": {"items": str(items), "items_sha": file_digest(Path(items)), "interactions": str(interactions), "interactions_sha": file_digest(Path(interactions))},
+        "data": data_record(items, interactions, ev.n_items, ev.data.rows),
         "bundle_hash": bundle_hash(bundle),
         "rows": rows, "rule": RULE, "chosen": choose(rows) if all(r["ratio_N@10"] is not None for r in rows) else "first-k",
         "seconds": round(time.perf_counter() - t0, 1),

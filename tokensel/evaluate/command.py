@@ -96,7 +96,7 @@ def headroom_command(
     recommender: Annotated[str, typer.Option(help="text-sim (training-free, the cheapest) | hllm | sasrec-init")] = "text-sim",
     seeds: Annotated[int, typer.Option(help="Training runs per file (text-sim is deterministic).")] = 1,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs for hllm / sasrec-init (default: evaluate's).")] = None,
-    item_tuning: Annotated[str, typer.Option(help="hllm: none | top (f's last block trains; the README's downstream setting, runs on a CPU) | lora | full.")] = "none",
+    item_tuning: Annotated[str, typer.Option(help="hllm: none | top (f's last block trains; the setting of RESULTS.md's downstream tables, runs on a CPU) | lora | full.")] = "none",
     model: Annotated[Optional[str], typer.Option(help="Item LLM: hub id or folder (default all-MiniLM-L6-v2).")] = None,
     id_col: Annotated[Optional[str], typer.Option()] = None,
     text_cols: Annotated[Optional[str], typer.Option(help="Text columns in order (default title,description).")] = None,

@@ -94,7 +94,7 @@ def headroom(
     """Compress first-k and first-(factor*k) for every k, train/score the recommender on each, pair them.
 
     `train` is the trained recommenders' budget (e.g. TrainConfig(item_tuning="top") for hllm with
-    f's last block trained, the setting of the README's downstream numbers). `work` keeps the
+    f's last block trained, the setting of RESULTS.md's downstream tables). `work` keeps the
     compressed files (default: a temporary folder, removed at the end). Texts are tokenised up to
     max(max_len, factor * the largest k), so the long side is never cut short.
     """

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from tokensel.config import TextConfig
-from tokensel.policy.bundle import bundle_hash, bundle_path, read_bundle_config, read_check
+from tokensel.policy.bundle import bundle_hash, bundle_label, bundle_path, read_bundle_config, read_check
 from tokensel.select.strategies import BUNDLE_STRATEGIES
 from tokensel.stats import paired_pvalues
 
@@ -92,7 +92,7 @@ def resolve(policy: str | Path | None) -> tuple[str, str]:
     path = bundle_path(policy)
     check = current_check(path)
     if check is None:
-        return "first-k", f"auto: first-k (bundle {path} has no strategy check for its weights; run tokensel check)"
+        return "first-k", f"auto: first-k ({bundle_label(path)} has no strategy check for its weights; run tokensel check)"
     where = f"the bundle's downstream check: k={check['k']}, {Path(check['data']['items']).name} validation; tokensel info shows it"
     if check["chosen"] == "first-k":
         return "first-k", f"auto: first-k (no selection beat it in {where})"
