@@ -159,9 +159,9 @@ def curve_table(result: dict):
 
     from tokensel.evaluate.runner import fmt_p
 
-    multi = len(result["seeds"]) > 1
+    multi = len(result["seeds"]) > 1 and not result["deterministic"]
     ref = result["reference"]
-    seeds = f"seeds {result['seeds']}" if multi else "one seed"
+    seeds = "deterministic, one run" if result["deterministic"] else f"seeds {result['seeds']}" if multi else "one seed"
     t = Table(
         title=f"tokensel curve: {escape(Path(result['items']).name)}, {escape(result['recommender'])}, {seeds}, {result['protocol']}",
         caption=(

@@ -285,14 +285,14 @@ def curve(
             decide[(s, k)] = {"valid_N@10": cell["valid"]["N@10"], "valid_vs_first_k": cell["valid_vs_first_k"],
                               "valid_vs_reference": cell["valid_vs_reference"], "cost": cell["cost_vs_reference"]}
     ref_name = f"first-{ref_key[1]}" if reference == "longest" else f"the full texts (first {ref_key[1]} tokens)"
-    v = verdict(decide, ks, ref_name, deterministic)
+    v = verdict(decide, ks, ref_name, deterministic, ref_key[1] if reference == "longest" else None)
     if not all(f.per_seed_valid_user for f in res.values()):
         v["line"] += f" {recommender} reports no per-user validation ranks: these decisions read the test targets."
     item_tuning_used = train.item_tuning
     rec_name = recommender + (f", item tuning {item_tuning_used}" if recommender == "hllm" else "")
     out = {
         "items": str(items), "interactions": str(interactions),
-        "recommender": rec_name, "train": asdict(train), "epochs": epochs, "seeds": list(ev.files[0].seeds),
+        "recommender": rec_name, "train": asdict(train), "epochs": epochs, "seeds": list(ev.files[0].seeds), "deterministic": deterministic,
         "protocol": protocol, **({"cold_share": cold_share} if protocol != "loo" else {}),
         "model": model, "bundle": str(bundle), "bundle_hash": bundle_hash(bundle), "text": asdict(text), "chunk": chunk,
         "ks": ks, "strategies": strategies,

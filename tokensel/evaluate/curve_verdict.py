@@ -62,13 +62,14 @@ def choose(at_k: dict[str, dict]) -> str:
     return best if fine[best]["valid_N@10"] > first else FIRST_K
 
 
-def verdict(cells: dict[tuple[str, int], dict], ks: list[int], reference: str, deterministic: bool = False) -> dict:
+def verdict(cells: dict[tuple[str, int], dict], ks: list[int], reference: str, deterministic: bool = False, reference_k: int | None = None) -> dict:
     """The curve's verdicts and its one line.
 
     cells: (strategy, k) -> {"valid_N@10", "valid_vs_first_k", "valid_vs_reference", "cost"} where cost
     is the item-LLM time per item relative to the reference (None if not measured). reference: how the
     reference reads in the line ("first-128", "the full texts (first 256)"). deterministic: the
-    recommender has no seed variance to see (text-sim)."""
+    recommender has no seed variance to see (text-sim). reference_k: the budget whose first-k is the
+    reference, if it is one of ks (holding there is no finding)."""
     strategies = list(dict.fromkeys(s for s, _ in cells))
     first_holds = next((k for k in ks if not below(cells[(FIRST_K, k)]["valid_vs_reference"])), None)
     selection = next(
@@ -85,8 +86,14 @@ def verdict(cells: dict[tuple[str, int], dict], ks: list[int], reference: str, d
     sees = deterministic or all(
         c[key][m]["sees_seed_variance"] for c in cells.values() for key in ("valid_vs_first_k", "valid_vs_reference") for m in METRICS
     )
+    if first_holds is None:
+        first_part = f"first-k is below {reference} at every k"
+    elif first_holds == reference_k:
+        first_part = f"first-k holds {reference} only at k={first_holds}, the reference itself"
+    else:
+        first_part = f"first-k holds {reference} from k={first_holds}"
     parts = [
-        f"first-k holds {reference} from k={first_holds}" if first_holds is not None else f"first-k is below {reference} at every k",
+        first_part,
         f"a selection from k={selection[0]} ({selection[1]})" if selection else "no selection holds it at any k",
         "run " + ", ".join(f"{run[k]} at {k}" for k in ks),
     ]

@@ -25,7 +25,7 @@ from tokensel.errors import TokenselError
 from tokensel.evaluate.curve import FIRST_K, compress_grid, evaluate_grid
 from tokensel.evaluate.recommenders import TrainConfig, make_recommender
 from tokensel.evaluate.runner import VectorCache
-from tokensel.stats import TESTS, paired_pvalues
+from tokensel.stats import TESTS, paired_pvalues, seed_user_test
 from tokensel.io.interactions import DataCounts
 
 ALPHA = 0.05
@@ -46,6 +46,8 @@ class Headroom:
     ratio: dict[str, float]  # first_long / first_k for N@10 and R@10
     p: dict[str, float]  # paired test, first_long vs first_k
     data: DataCounts = field(default_factory=DataCounts)  # what reading the interactions kept, dropped, skipped
+    p_seed: dict[str, float] = field(default_factory=dict)  # seed-aware test (tokensel.stats.seed_user_test), first_long vs first_k
+    sees_seed_variance: bool = False  # False with one seed: p_seed is then the paired t-test
 
     @property
     def verdict(self) -> str:
@@ -125,5 +127,9 @@ def headroom(
         a, b = by_file[f"first-{k}.parquet"], by_file[f"first-{factor * k}.parquet"]
         p = paired_pvalues(b.per_user, a.per_user, test)
         ratio = {m: b.metrics[m] / a.metrics[m] if a.metrics[m] else float("nan") for m in ("N@10", "R@10")}
-        rows.append(Headroom(k, factor * k, recommender, ev.n_users, share[k], a.metrics, b.metrics, ratio, {m: p[m] for m in ("N@10", "R@10")}, ev.data))
+        seed = {m: seed_user_test(b.per_seed_user[m], a.per_seed_user[m]) for m in ("N@10", "R@10")}
+        rows.append(Headroom(
+            k, factor * k, recommender, ev.n_users, share[k], a.metrics, b.metrics, ratio, {m: p[m] for m in ("N@10", "R@10")}, ev.data,
+            {m: seed[m][0] for m in seed}, make_recommender(recommender).deterministic or all(seed[m][1] for m in seed),
+        ))
     return rows

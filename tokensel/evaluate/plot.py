@@ -54,8 +54,9 @@ def plot_curve(curve: dict, path: str | Path, metric: str = "N@10") -> Path:
         ax.set_xticks(ks, [str(k) for k in ks])
         ax.set_xlabel("tokens kept per item (k)")
         ax.set_ylabel(f"test {metric.replace('N@', 'NDCG@').replace('R@', 'Recall@')} (%)")
-        seeds = len(curve["seeds"])
-        ax.set_title(f"{Path(curve['items']).name}: {curve['recommender']}, {seeds} seed{'s' if seeds != 1 else ''}, {curve['protocol']}", fontsize=10)
+        n = len(curve["seeds"])
+        seeds = "deterministic" if curve.get("deterministic") else f"{n} seed{'s' if n != 1 else ''}"
+        ax.set_title(f"{Path(curve['items']).name}: {curve['recommender']}, {seeds}, {curve['protocol']}", fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
