@@ -259,5 +259,7 @@ def curve_command(
             err.print(f"picture written to {plot}", markup=False)
         if record and result.get("verdict_store"):
             err.print(f"verdict recorded for this catalogue in {result['verdict_store']}", markup=False)
+        elif result.get("verdict_store_error"):
+            err.print(f"warning: the verdict was not recorded: {result['verdict_store_error']}", markup=False)
     except TokenselError as exc:
         fail(err, exc)

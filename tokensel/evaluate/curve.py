@@ -318,5 +318,8 @@ def curve(
             c = next(c for c in cells if c["strategy"] == chosen and c["k"] == k)
             detail = "" if chosen == FIRST_K else f"{c['valid_vs_first_k']['N@10']['ratio']:.2f}x first-k validation NDCG@10"
             verdicts.append(Verdict(k, chosen, "curve", rec_name, len(out["seeds"]), sees, now(), detail))
-        out["verdict_store"] = str(record(items, fp, out["bundle_hash"], text, verdicts))
+        try:
+            out["verdict_store"] = str(record(items, fp, out["bundle_hash"], text, verdicts))
+        except TokenselError as exc:  # the curve itself is done: report it, say the verdict was not recorded
+            out["verdict_store_error"] = str(exc)
     return out
