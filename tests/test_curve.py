@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
@@ -110,8 +111,6 @@ def test_fingerprint_follows_the_texts_and_the_text_settings(tmp_path):
     assert verdicts.catalogue_fingerprint(copy, text) == fp  # the same texts wherever they live
     t = pq.read_table(ITEMS).to_pydict()
     t["title"][7] = t["title"][7] + " v2"
-    import pyarrow as pa
-
     pq.write_table(pa.table(t), copy)
     assert verdicts.catalogue_fingerprint(copy, text) != fp  # one changed title: another catalogue
 
@@ -158,14 +157,10 @@ def test_auto_follows_the_verdict_for_the_catalogue_it_compresses(tmp_path):
     api.compress(items, tmp_path / "ia.parquet", k=32, strategy="item-align", cache=False, device="cpu")
     assert pq.read_table(tmp_path / "auto.parquet").equals(pq.read_table(tmp_path / "ia.parquet"))
     assert len(s.notes) == 1 and s.notes[0].startswith("auto: item-align (this catalogue's curve verdict at k=32")
-    s = api.compress(items, tmp_path / "auto48.parquet", k=48, strategy="auto", cache=False, device="cpu")
-    assert s.notes[0].startswith("auto: item-align (this catalogue's curve verdict at k=32, the largest recorded budget below 48")
+    assert resolve(None, items, 48)[1].startswith("auto: item-align (this catalogue's curve verdict at k=32, the largest recorded budget below 48")
     # below every recorded budget: no verdict for this catalogue, and the shipped bundle's check was made on another one
-    s = api.compress(items, tmp_path / "auto16.parquet", k=16, strategy="auto", cache=False, device="cpu")
-    assert s.notes[0].startswith("auto: first-k (no verdict for this catalogue")
-    assert pq.read_table(tmp_path / "auto16.parquet").column("positions").to_pylist() == [
-        list(range(n)) for n in pq.read_table(tmp_path / "auto16.parquet").column("n_kept").to_pylist()
-    ]
+    strategy, why = resolve(None, items, 16)
+    assert strategy == "first-k" and why.startswith("auto: first-k (no verdict for this catalogue")
     # several budgets whose verdicts differ: one run per strategy, each file what its verdict says
     both = api.compress(items, tmp_path / "b{k}.parquet", k=[16, 32], strategy="auto", cache=False, device="cpu")
     assert [b.notes[0].split(" (")[0] for b in both] == ["auto: first-k", "auto: item-align"]
@@ -173,15 +168,12 @@ def test_auto_follows_the_verdict_for_the_catalogue_it_compresses(tmp_path):
     # a changed catalogue is a new catalogue: the verdict recorded for the old texts is not followed
     d = t.to_pydict()
     d["description"][3] = "changed " + (d["description"][3] or "")
-    import pyarrow as pa
-
     pq.write_table(pa.table(d), items)
-    s = api.compress(items, tmp_path / "changed.parquet", k=32, strategy="auto", cache=False, device="cpu")
-    assert s.notes[0].startswith("auto: first-k (no verdict for this catalogue")
+    assert resolve(None, items, 32)[1].startswith("auto: first-k (no verdict for this catalogue")
     # the CLI prints the one line
     r = runner.invoke(app, ["compress", str(other), "-o", str(tmp_path / "o.parquet"), "--k", "32", "--no-cache", "--device", "cpu"])
     assert r.exit_code == 0, r.output
-    assert "auto: policy (this catalogue's curve verdict at k=32" in " ".join(r.output.split())
+    assert "auto: policy (this catalogue's curve verdict at k=32" in " ".join(r.output.split()) and r.output.count("auto:") == 1
 
 
 def test_auto_follows_the_bundles_check_only_on_its_catalogue(tmp_path):
