@@ -262,28 +262,17 @@ def curve(
         log({"stage": "cost", "seconds": round(time.perf_counter() - t0, 1)})
     del llm
 
-    ref = res[ref_key]
     deterministic = make_recommender(recommender).deterministic
-    cells, decide = [], {}
-    for s in strategies:
-        for k in ks:
-            f, first = res[(s, k)], res[(FIRST_K, k)]
-            cell = {
-                "strategy": s, "k": k, "prefix": None if s == FIRST_K else prefix_at(k, prefix),
-                "texts": Path(f.texts).name, "same_as": Path(f.same_as).name if f.same_as else None,
-                "tokens_per_item": summaries[(s, k)].tokens_out / max(summaries[(s, k)].items, 1),
-                "test": dict(f.metrics), "test_std": dict(f.std),
-                "valid": {m: float(_valid(f)[m].mean()) for m in METRICS},
-                "vs_first_k": compare(f.per_seed_user, first.per_seed_user),
-                "vs_reference": compare(f.per_seed_user, ref.per_seed_user),
-                "valid_vs_first_k": compare(_valid(f), _valid(first)),
-                "valid_vs_reference": compare(_valid(f), _valid(ref)),
-                "cost_ms_per_item": 1e3 * cost_s[(s, k)],
-                "cost_vs_reference": cost_s[(s, k)] / cost_s[ref_key] if cost_s[ref_key] else None,
-            }
-            cells.append(cell)
-            decide[(s, k)] = {"valid_N@10": cell["valid"]["N@10"], "valid_vs_first_k": cell["valid_vs_first_k"],
-                              "valid_vs_reference": cell["valid_vs_reference"], "cost": cell["cost_vs_reference"]}
+    cells = [
+        make_cell(s, k, res, res[ref_key], summaries[(s, k)], cost_s[(s, k)], cost_s[ref_key], None if s == FIRST_K else prefix_at(k, prefix))
+        for s in strategies for k in ks
+    ]
+    decide = {
+        (c["strategy"], c["k"]): {"valid_N@10": c["valid"]["N@10"], "valid_vs_first_k": c["valid_vs_first_k"],
+                                  "valid_vs_reference": c["valid_vs_reference"], "cost": c["cost_vs_reference"]}
+        for c in cells
+    }
+    ref = res[ref_key]
     ref_name = f"first-{ref_key[1]}" if reference == "longest" else f"the full texts (first {ref_key[1]} tokens)"
     v = verdict(decide, ks, ref_name, deterministic, ref_key[1] if reference == "longest" else None)
     if not all(f.per_seed_valid_user for f in res.values()):
@@ -309,17 +298,41 @@ def curve(
         "seconds": round(time.perf_counter() - t0, 1),
     }
     if record_verdict:
-        fp = catalogue_fingerprint(items, text)
-        out["catalogue"] = fp
-        sees = v["sees_seed_variance"]
-        verdicts = []
-        for k in ks:
-            chosen = v["run"][str(k)]
-            c = next(c for c in cells if c["strategy"] == chosen and c["k"] == k)
-            detail = "" if chosen == FIRST_K else f"{c['valid_vs_first_k']['N@10']['ratio']:.2f}x first-k validation NDCG@10"
-            verdicts.append(Verdict(k, chosen, "curve", rec_name, len(out["seeds"]), sees, now(), detail))
-        try:
-            out["verdict_store"] = str(record(items, fp, out["bundle_hash"], text, verdicts))
-        except TokenselError as exc:  # the curve itself is done: report it, say the verdict was not recorded
-            out["verdict_store_error"] = str(exc)
+        out.update(record_curve(items, text, out))
     return out
+
+
+def make_cell(strategy: str, k: int, res: dict[Key, FileResult], ref: FileResult, summary: CompressSummary, cost: float, ref_cost: float, prefix: int | None) -> dict:
+    """One row of the curve: test metrics (reported), validation metrics (deciding), both compared
+    with first-k at k and with the reference, tokens and cost per item."""
+    f, first = res[(strategy, k)], res[(FIRST_K, k)]
+    return {
+        "strategy": strategy, "k": k, "prefix": prefix,
+        "texts": Path(f.texts).name, "same_as": Path(f.same_as).name if f.same_as else None,
+        "tokens_per_item": summary.tokens_out / max(summary.items, 1),
+        "test": dict(f.metrics), "test_std": dict(f.std),
+        "valid": {m: float(_valid(f)[m].mean()) for m in METRICS},
+        "vs_first_k": compare(f.per_seed_user, first.per_seed_user),
+        "vs_reference": compare(f.per_seed_user, ref.per_seed_user),
+        "valid_vs_first_k": compare(_valid(f), _valid(first)),
+        "valid_vs_reference": compare(_valid(f), _valid(ref)),
+        "cost_ms_per_item": 1e3 * cost,
+        "cost_vs_reference": cost / ref_cost if ref_cost else None,
+    }
+
+
+def record_curve(items: str | Path, text: TextConfig, result: dict) -> dict:
+    """Record the strategy to run at every k for this catalogue (what compress --strategy auto follows);
+    returns the catalogue's fingerprint and where the verdict went (or why it could not be recorded)."""
+    fp = catalogue_fingerprint(items, text)
+    v = result["verdict"]
+    verdicts = []
+    for k in result["ks"]:
+        chosen = v["run"][str(k)]
+        c = next(c for c in result["cells"] if c["strategy"] == chosen and c["k"] == k)
+        detail = "" if chosen == FIRST_K else f"{c['valid_vs_first_k']['N@10']['ratio']:.2f}x first-k validation NDCG@10"
+        verdicts.append(Verdict(k, chosen, "curve", result["recommender"], len(result["seeds"]), v["sees_seed_variance"], now(), detail))
+    try:
+        return {"catalogue": fp, "verdict_store": str(record(items, fp, result["bundle_hash"], text, verdicts))}
+    except TokenselError as exc:  # the curve itself is done: report it, say the verdict was not recorded
+        return {"catalogue": fp, "verdict_store_error": str(exc)}
