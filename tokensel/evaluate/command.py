@@ -212,7 +212,7 @@ def curve_command(
     user_col: Annotated[str, typer.Option()] = "user_id",
     item_col: Annotated[str, typer.Option()] = "item_id",
     order_col: Annotated[str, typer.Option()] = "timestamp",
-    cost_items: Annotated[int, typer.Option(help="Items timed per file for the cost column.")] = 1000,
+    cost_items: Annotated[int, typer.Option(help="Items timed per file for the cost column (the first N, catalogue order; each file twice, the best counts).")] = 256,
     work: Annotated[Optional[Path], typer.Option(help="Keep the compressed files, score cache and item vectors here (default: a temporary folder).")] = None,
     record: Annotated[bool, typer.Option("--record/--no-record", help="Record the strategy to run at each k for this catalogue, where compress --strategy auto reads it.")] = True,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",

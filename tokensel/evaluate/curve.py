@@ -188,7 +188,7 @@ def curve(
     item_col: str = "item_id",
     order_col: str = "timestamp",
     max_users: int | None = None,
-    cost_items: int | None = 1000,
+    cost_items: int | None = 256,
     cost_batch: int = 32,
     cost_repeats: int = 2,
     work: str | Path | None = None,
