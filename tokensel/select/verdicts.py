@@ -150,7 +150,7 @@ def record(items: str | Path, fingerprint: str, bundle: str, text: TextConfig, v
         try:
             data = _read(path)
             entry = data["verdicts"].setdefault(
-                entry_key, {"catalogue": fingerprint, "bundle_hash": bundle, "items": str(items), "text": text_settings(text), "by_k": {}}
+                entry_key, {"catalogue": fingerprint, "bundle_hash": bundle, "items": str(Path(items).resolve()), "text": text_settings(text), "by_k": {}}
             )
             for v in verdicts:
                 entry["by_k"][str(v.k)] = asdict(v)
