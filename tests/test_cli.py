@@ -15,6 +15,7 @@ from tokensel import inspect as ins
 from tokensel.cli import app
 from tokensel.io.parquet_out import read_metadata
 from tokensel.policy.bundle import bundle_hash
+from tokensel.select.verdicts import catalogue_fingerprint
 
 from conftest import INTERACTIONS, ITEMS, check_contract
 
@@ -197,7 +198,12 @@ def test_auto_is_the_default_strategy_and_follows_the_default_bundles_check(tmp_
     assert "auto: first-k" in r.output and "no strategy check" in " ".join(r.output.split())
     rows = [{"strategy": s, "N@10": n, "R@10": n, "ratio_N@10": n / 5, "p_N@10": p, "ratio_R@10": n / 5, "p_R@10": p}
             for s, n, p in (("first-k", 5.0, None), ("item-align", 5.1, 0.7), ("policy", 5.5, 0.04))]
-    bundle_mod.write_check(bundle, {"k": 32, "rows": rows, "chosen": "policy", "bundle_hash": bundle_hash(bundle), "data": {"items": str(ITEMS)}})
+    check = {"k": 32, "rows": rows, "chosen": "policy", "bundle_hash": bundle_hash(bundle), "data": {"items": str(ITEMS)}, "catalogue": "0" * 16}
+    bundle_mod.write_check(bundle, check)  # a check made on another catalogue is not followed
+    r = invoke("compress", ITEMS, "-o", out, "--k", "32", "--chunk", "4", "--prefix", "8")
+    assert r.exit_code == 0, r.output
+    assert read_metadata(out)["strategy"] == "first-k" and "made on another catalogue" in " ".join(r.output.split())
+    bundle_mod.write_check(bundle, {**check, "catalogue": catalogue_fingerprint(ITEMS, bundle_mod.read_bundle_config(bundle).text)})
     r = invoke("compress", ITEMS, "-o", out, "--k", "32", "--chunk", "4", "--prefix", "8")
     assert r.exit_code == 0, r.output
     meta = read_metadata(out)

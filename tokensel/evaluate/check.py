@@ -11,7 +11,8 @@ the recommender trains a fixed number of epochs and the last one is scored, so t
 targets never choose anything and the test targets are never read (`TrainConfig.score`). Each
 strategy is paired with first-k over users. The result is written beside the bundle's weights
 (`check.json`, see `tokensel.policy.bundle.write_check`); `tokensel info` prints it, and
-`tokensel compress --strategy auto` runs the strategy it chose (`tokensel.select.auto.RULE`: the
+`tokensel compress --strategy auto` runs the strategy it chose on this catalogue (the check records
+the catalogue's fingerprint, and its verdict in tokensel.select.verdicts) (`tokensel.select.auto.RULE`: the
 best validation NDCG@10 among the strategies not significantly below first-k in NDCG@10 or
 Recall@10, first-k included; a tie goes to first-k, which needs no model). A policy whose stage 2
 kept first-k or item-align writes their very texts; the runner then reuses that strategy's runs
@@ -36,6 +37,7 @@ from tokensel.io.interactions import COLUMNS
 from tokensel.policy.bundle import BundleConfig, bundle_hash, read_bundle_config, write_check
 from tokensel.models.readout import is_top_tunable
 from tokensel.select.auto import RULE, choose, rows_vs_first_k
+from tokensel.select.verdicts import Verdict, catalogue_fingerprint, now, record
 from tokensel.train.pipeline import data_record
 
 CHECKED = ("first-k", "item-align", "policy")
@@ -105,6 +107,12 @@ def strategy_check(
         "seconds": round(time.perf_counter() - t0, 1),
         **({"same_texts": same} if same else {}),
     }
+    check["catalogue"] = catalogue_fingerprint(items, text)  # auto follows this check only on this very catalogue
     if save:
         write_check(bundle, check)
+        row = next(r for r in rows if r["strategy"] == check["chosen"])
+        detail = f"{row['ratio_N@10']:.2f}x first-k validation NDCG@10" if check["chosen"] != "first-k" and row.get("ratio_N@10") else ""
+        record(items, check["catalogue"], check["bundle_hash"], text, [Verdict(
+            k, check["chosen"], "check", check["recommender"], seeds, seeds > 1, now(), detail,
+        )])
     return check
