@@ -15,7 +15,9 @@ strategy is paired with first-k over users. The result is written beside the bun
 best validation NDCG@10 among the strategies not significantly below first-k in NDCG@10 or
 Recall@10, first-k included; a tie goes to first-k, which needs no model). A policy whose stage 2
 kept first-k or item-align writes their very texts; the runner then reuses that strategy's runs
-instead of retraining, and the check records it (`same_texts`).
+instead of retraining, and the check records it (`same_texts`). With `protocol="cold"` the scored
+validation targets are cold items, held out of all training (tokensel.io.cold), and the verdict is
+over the users whose validation target is cold; the check records the protocol and its counts.
 
     from tokensel.evaluate.check import strategy_check
     check = strategy_check("bundle/", "items.parquet", "interactions.parquet")
@@ -29,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tokensel.compress.run import compress
-from tokensel.config import TrainConfig
+from tokensel.config import COLD_SHARE, TrainConfig, check_protocol
 from tokensel.errors import TokenselError
 from tokensel.evaluate.runner import VectorCache, evaluate_detailed
 from tokensel.io.interactions import COLUMNS
@@ -60,9 +62,12 @@ def strategy_check(
     device: str = "auto",
     save: bool = True,
     log: Callable[[dict], None] | None = None,
+    protocol: str = "loo",
+    cold_share: float = COLD_SHARE,
 ) -> dict:
     """Run the check for `bundle` on these items and interactions, save it in the bundle (unless
     save=False) and return it. k defaults to the budget the bundle's policy was trained at."""
+    check_protocol(protocol, cold_share)
     bundle = Path(bundle)
     cfg: BundleConfig = read_bundle_config(bundle)
     if cfg.policy is None:
@@ -90,7 +95,7 @@ def strategy_check(
         ev = evaluate_detailed(
             items, interactions, files, "hllm", seeds, model=model, train=train, epochs=epochs, device=device,
             id_col=text.id_col, user_col=columns[0], item_col=columns[1], order_col=columns[2], max_users=max_users,
-            cache=VectorCache(), log=log,
+            cache=VectorCache(), log=log, protocol=protocol, cold_share=cold_share,
         )
     rows = rows_vs_first_k({strategy: (f.metrics, f.per_user) for strategy, f in zip(CHECKED, ev.files)})
     strategy_of = {str(path): strategy for strategy, path in zip(CHECKED, files)}
@@ -104,6 +109,7 @@ def strategy_check(
         "rows": rows, "rule": RULE, "chosen": choose(rows) if all(r["ratio_N@10"] is not None for r in rows) else "first-k",
         "seconds": round(time.perf_counter() - t0, 1),
         **({"same_texts": same} if same else {}),
+        **({"protocol": ev.cold.as_dict()} if ev.cold else {}),
     }
     if save:
         write_check(bundle, check)

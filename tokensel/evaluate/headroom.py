@@ -19,10 +19,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tokensel.compress.run import compress
+from tokensel.config import COLD_SHARE, check_protocol
 from tokensel.errors import TokenselError
 from tokensel.evaluate.recommenders import TrainConfig, make_recommender
 from tokensel.evaluate.runner import VectorCache, evaluate_detailed
 from tokensel.stats import TESTS, paired_pvalues
+from tokensel.io.cold import ColdCounts
 from tokensel.io.interactions import DataCounts
 
 ALPHA = 0.05
@@ -43,13 +45,14 @@ class Headroom:
     ratio: dict[str, float]  # first_long / first_k for N@10 and R@10
     p: dict[str, float]  # paired test, first_long vs first_k
     data: DataCounts = field(default_factory=DataCounts)  # what reading the interactions kept, dropped, skipped
+    cold: ColdCounts | None = None  # --protocol cold: what the split held out; `users` are then the cold-target users
 
     @property
     def verdict(self) -> str:
         return verdict(self.longer_than_k, self.ratio, self.p, self.k, self.long_k)
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "verdict": self.verdict}
+        return {**asdict(self), "verdict": self.verdict, "protocol": "cold" if self.cold else "loo"}
 
 
 def verdict(longer_than_k: float, ratio: dict[str, float], p: dict[str, float], k: int, long_k: int) -> str:
@@ -90,14 +93,18 @@ def headroom(
     device: str = "auto",
     dtype: str = "auto",
     log: Callable[[dict], None] | None = None,
+    protocol: str = "loo",
+    cold_share: float = COLD_SHARE,
 ) -> list[Headroom]:
     """Compress first-k and first-(factor*k) for every k, train/score the recommender on each, pair them.
 
     `train` is the trained recommenders' budget (e.g. TrainConfig(item_tuning="top") for hllm with
     f's last block trained, the setting of the README's downstream numbers). `work` keeps the
     compressed files (default: a temporary folder, removed at the end). Texts are tokenised up to
-    max(max_len, factor * the largest k), so the long side is never cut short.
+    max(max_len, factor * the largest k), so the long side is never cut short. `protocol` "cold": the
+    cold-start protocol (tokensel.io.cold), both sides paired over the users whose test target is cold.
     """
+    check_protocol(protocol, cold_share)
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1 or factor < 2 or seeds < 1:
         raise TokenselError(f"need budgets >= 1, --factor >= 2 and --seeds >= 1 (got ks={ks}, factor={factor}, seeds={seeds})")
@@ -122,6 +129,7 @@ def headroom(
         ev = evaluate_detailed(
             items, interactions, files, recommender, seeds, model=model, train=train, epochs=epochs, device=device, dtype=dtype, id_col=id_col,
             user_col=user_col, item_col=item_col, order_col=order_col, test=test, max_users=max_users, cache=VectorCache(), log=log,
+            protocol=protocol, cold_share=cold_share,
         )
     by_file = {Path(f.texts).name: f for f in ev.files}
     rows = []
@@ -129,5 +137,5 @@ def headroom(
         a, b = by_file[f"first-{k}.parquet"], by_file[f"first-{factor * k}.parquet"]
         p = paired_pvalues(b.per_user, a.per_user, test)
         ratio = {m: b.metrics[m] / a.metrics[m] if a.metrics[m] else float("nan") for m in ("N@10", "R@10")}
-        rows.append(Headroom(k, factor * k, recommender, ev.n_users, share[k], a.metrics, b.metrics, ratio, {m: p[m] for m in ("N@10", "R@10")}, ev.data))
+        rows.append(Headroom(k, factor * k, recommender, ev.n_users, share[k], a.metrics, b.metrics, ratio, {m: p[m] for m in ("N@10", "R@10")}, ev.data, ev.cold))
     return rows
