@@ -367,3 +367,28 @@ def test_train_under_cold_records_the_split_and_refuses_a_stage_1_that_saw_cold_
     policy = PolicyConfig(objective="bounded", epochs=1, negatives=8, k=8, prefix=2, train_chunk=2, select_chunk=2)
     with pytest.raises(TokenselError, match="stage 1 was trained with --protocol loo"):
         train(ITEMS, INTERACTIONS, tmp_path / "loo", stages=(2,), policy=policy, protocol="cold", cold_share=0.2, device="cpu", log=lambda r: None)
+
+
+def test_headroom_pairs_the_cold_target_users(tiny_bert, tmp_path, monkeypatch):
+    from tokensel.evaluate.headroom import headroom
+
+    monkeypatch.setattr(cold_mod, "MIN_COLD_USERS", 5)
+    rows = headroom(ITEMS, INTERACTIONS, [8], model=tiny_bert, device="cpu", protocol="cold", cold_share=0.2)
+    assert rows[0].cold.cold_items == 10 and rows[0].users == rows[0].cold.cold_users
+    assert rows[0].as_dict()["protocol"] == "cold" and rows[0].as_dict()["cold"]["cold_users"] == rows[0].users
+
+
+def test_the_strategy_check_under_cold_records_its_split(tmp_path, tiny_bundle, monkeypatch):
+    import shutil
+
+    from tokensel import api
+    from tokensel.report import check_table
+
+    monkeypatch.setattr(cold_mod, "MIN_COLD_USERS", 5)
+    path = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, path)
+    check = api.check(path, ITEMS, INTERACTIONS, epochs=1, device="cpu", save=False, protocol="cold", cold_share=0.2)
+    cold = check["protocol"]
+    assert cold["protocol"] == "cold" and cold["scored"] == "valid" and check["users"] == cold["cold_users"]
+    lines = check_table(check)
+    assert "cold-target users' validation targets" in lines[0] and lines[1].startswith("  cold start: 10 cold items (20%")

@@ -97,7 +97,7 @@ def _sequences(hist: Histories) -> list[list[int]]:
     return hist.sequences
 
 
-def _rebuild(hist: Histories, keep: list[int], sequences: list[list[int]], negatives: list[int]) -> Histories:
+def _rebuild(hist: Histories, keep: list[int], sequences: list[list[int]], negatives: np.ndarray) -> Histories:
     """`hist` restricted to users `keep` (indices) with new sequences and the items allowed as negatives."""
     return replace(hist, users=[hist.users[u] for u in keep], sequences=sequences, negatives=negatives)
 
@@ -160,7 +160,7 @@ def drop_cold(hist: Histories, cold: np.ndarray, keep_last: int = 1) -> tuple[Hi
         keep.append(u)
         seqs.append(warm + list(tail))
         dropped += len(head) - len(warm)
-    return _rebuild(hist, keep, seqs, np.flatnonzero(~cold).tolist()), keep, dropped
+    return _rebuild(hist, keep, seqs, np.flatnonzero(~cold)), keep, dropped
 
 
 def cold_split(

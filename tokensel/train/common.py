@@ -63,8 +63,8 @@ def draw_negatives(hist, n_items: int, n: int, device: torch.device | str | None
     protocol's warm items, tokensel.io.cold)."""
     if hist.negatives is None:
         return torch.randint(0, n_items, (n,), device=device, generator=generator)
-    pool = torch.as_tensor(hist.negatives, dtype=torch.long, device=device)
-    return pool[torch.randint(0, len(pool), (n,), device=device, generator=generator)]
+    pool = torch.as_tensor(hist.negatives, dtype=torch.long)  # no copy for an int64 array: a step costs O(n), not O(items)
+    return pool[torch.randint(0, len(pool), (n,), generator=generator)].to(device)
 
 
 def stage2_users(hist, cfg, rng) -> tuple[list[tuple[list[int], int]], list[list[int]], list[int]]:
