@@ -286,10 +286,13 @@ def test_evaluate_cold_end_to_end_with_text_sim(cold_texts, tiny_bert, tmp_path,
         assert line in " ".join(res.output.split()), line
 
     # the headline and the warm rows are the two groups of the same ranking: the per-user means agree
-    ev = evaluate_detailed(ITEMS, INTERACTIONS, [cold_texts["first-k"]], "text-sim", 1, model=tiny_bert, device="cpu", protocol="cold", cold_share=0.2)
-    f = ev.files[0]
+    twin = tmp_path / "twin.parquet"  # the same token lists: first-k's runs, both groups paired with it
+    twin.write_bytes(cold_texts["first-k"].read_bytes())
+    ev = evaluate_detailed(ITEMS, INTERACTIONS, [cold_texts["first-k"], twin], "text-sim", 1, model=tiny_bert, device="cpu", protocol="cold", cold_share=0.2)
+    f, g = ev.files
     assert ev.n_users == proto["cold_users"] == len(f.per_user["N@10"])
     assert {m: round(f.metrics[m], 6) for m in METRICS} == {m: round(rows[0]["metrics"][m], 6) for m in METRICS}
+    assert g.same_as == str(cold_texts["first-k"]) and g.warm["metrics"] == f.warm["metrics"] and g.warm["p_vs_first"] is not None
     loo = evaluate_detailed(ITEMS, INTERACTIONS, [cold_texts["first-k"]], "text-sim", 1, model=tiny_bert, device="cpu")
     assert len(loo.files[0].per_user["N@10"]) == 60 and loo.cold is None and "warm N@10" not in _render(loo)
 
@@ -328,11 +331,20 @@ def test_the_check_under_cold_never_reads_the_test_targets(cold_texts, tiny_bert
     assert c1 == c2 and c1.scored == "valid" and np.array_equal(a, b)
 
 
-def test_too_few_cold_users_is_refused_with_one_message(cold_texts, tiny_bert, tmp_path):
-    """The product threshold (200) on the 60 fixture users: every command that takes --protocol cold exits 2."""
+def test_too_few_cold_users_is_refused_with_one_message(cold_texts, tiny_bert, tiny_bundle, tmp_path, monkeypatch):
+    """The product threshold (200) on the 60 fixture users: every command that takes --protocol cold exits
+    2, and those that compress before they evaluate refuse before compressing anything."""
+    from tokensel.evaluate import check, headroom
+
+    def no_compress(*a, **k):
+        raise AssertionError("compressed before refusing")
+
+    monkeypatch.setattr(check, "compress", no_compress)
+    monkeypatch.setattr(headroom, "compress", no_compress)
     calls = {
         "evaluate": ["evaluate", str(ITEMS), str(INTERACTIONS), "--texts", str(cold_texts["first-k"]), "--recommender", "text-sim", "--model", tiny_bert],
-        "headroom": ["headroom", str(ITEMS), str(INTERACTIONS), "--ks", "8", "--model", tiny_bert, "--work", str(tmp_path / "work")],
+        "headroom": ["headroom", str(ITEMS), str(INTERACTIONS), "--ks", "8", "--model", tiny_bert],
+        "check": ["check", str(ITEMS), str(INTERACTIONS), "--policy", str(tiny_bundle), "--no-save"],
         "train": ["train", str(ITEMS), str(INTERACTIONS), "-o", str(tmp_path / "bundle"), "--model", tiny_bert, "--epochs1", "1"],
     }
     for name, args in calls.items():
@@ -340,7 +352,8 @@ def test_too_few_cold_users_is_refused_with_one_message(cold_texts, tiny_bert, t
         assert res.exit_code == 2, (name, res.output)
         msg = " ".join(res.output.split())
         assert msg.count("error:") == 1 and "Traceback" not in res.output, (name, res.output)
-        assert "--cold-share 0.1: only" in msg and "users have a cold test target" in msg and "at least 200" in msg, (name, msg)
+        scored = "validation" if name == "check" else "test"
+        assert "--cold-share 0.1: only" in msg and f"users have a cold {scored} target" in msg and "at least 200" in msg, (name, msg)
     assert not (tmp_path / "bundle").exists()  # nothing half-written
 
 

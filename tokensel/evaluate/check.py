@@ -33,7 +33,7 @@ from pathlib import Path
 from tokensel.compress.run import compress
 from tokensel.config import COLD_SHARE, TrainConfig, check_protocol
 from tokensel.errors import TokenselError
-from tokensel.evaluate.runner import VectorCache, evaluate_detailed
+from tokensel.evaluate.runner import VectorCache, evaluate_detailed, read_split
 from tokensel.io.interactions import COLUMNS
 from tokensel.policy.bundle import BundleConfig, bundle_hash, read_bundle_config, write_check
 from tokensel.models.readout import is_top_tunable
@@ -78,6 +78,8 @@ def strategy_check(
     tuning = item_tuning_for(model)
     train = TrainConfig(item_tuning=tuning, score="valid", patience=None)
     text = cfg.text
+    if protocol == "cold":  # too few cold users is refused before anything is compressed
+        read_split(items, interactions, text.id_col, columns, max_users, protocol, cold_share, train.score)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tokensel-check-") as tmp:
         files = []

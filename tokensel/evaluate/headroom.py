@@ -19,10 +19,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tokensel.compress.run import compress
-from tokensel.config import COLD_SHARE, check_protocol
+from tokensel.config import COLD_SHARE, TextConfig, check_protocol
 from tokensel.errors import TokenselError
 from tokensel.evaluate.recommenders import TrainConfig, make_recommender
-from tokensel.evaluate.runner import VectorCache, evaluate_detailed
+from tokensel.evaluate.runner import VectorCache, evaluate_detailed, read_split
 from tokensel.stats import TESTS, paired_pvalues
 from tokensel.io.cold import ColdCounts
 from tokensel.io.interactions import DataCounts
@@ -105,6 +105,8 @@ def headroom(
     cold-start protocol (tokensel.io.cold), both sides paired over the users whose test target is cold.
     """
     check_protocol(protocol, cold_share)
+    if protocol == "cold":  # too few cold users is refused before anything is compressed
+        read_split(items, interactions, id_col or TextConfig().id_col, (user_col, item_col, order_col), max_users, protocol, cold_share)
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1 or factor < 2 or seeds < 1:
         raise TokenselError(f"need budgets >= 1, --factor >= 2 and --seeds >= 1 (got ks={ks}, factor={factor}, seeds={seeds})")

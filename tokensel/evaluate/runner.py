@@ -38,7 +38,7 @@ from tokensel.train.metrics import KS, per_user_metrics
 from tokensel.evaluate.recommenders import Recommender, TrainConfig, make_recommender
 from tokensel.stats import paired_pvalues, paired_test_name
 from tokensel.io.cold import ColdCounts, ColdSplit, cold_split
-from tokensel.io.interactions import DataCounts, first_users, read_histories
+from tokensel.io.interactions import DataCounts, Histories, first_users, read_histories
 from tokensel.io.item_ids import IdCheck
 from tokensel.io.items import open_parquet
 from tokensel.io.readers import open_items  # [formats hook]
@@ -136,6 +136,29 @@ def read_item_ids(path: str | Path, id_col: str) -> list:
     ids = [v for rb in src.iter_batches(65536, [id_col]) for v in rb.column(0).to_pylist()]
     IdCheck(path, id_col)(ids, 0)
     return ids
+
+
+def read_split(
+    items: str | Path,
+    interactions: str | Path,
+    id_col: str,
+    columns: tuple[str, str, str],
+    max_users: int | None = None,
+    protocol: str = "loo",
+    cold_share: float = COLD_SHARE,
+    scored: str = "test",
+) -> tuple[list, Histories, ColdSplit | None]:
+    """The catalogue's ids, the users' histories and, under the cold protocol, the cold split (whose
+    histories are then the ones to train on). Commands that compress before evaluating (headroom, the
+    strategy check) call it first too, so that too few cold users is refused before any model runs."""
+    check_protocol(protocol, cold_share)
+    item_ids = read_item_ids(items, id_col)
+    index = {str(i): n for n, i in enumerate(item_ids)}
+    hist = first_users(read_histories(interactions, index, *columns), max_users)
+    if protocol != "cold":
+        return item_ids, hist, None
+    split = cold_split(hist, interactions, index, columns, cold_share, scored)
+    return item_ids, split.histories, split
 
 
 def load_texts(path: str | Path, item_ids: list, items_path: str | Path = "the items file", id_col: str | None = None) -> tuple[list[list[int]], dict]:
@@ -266,13 +289,9 @@ def evaluate_detailed(
     for p, meta in zip(texts, metas):
         _check_model(p, meta, model)
     col = id_col or metas[0].get("id_col") or "item_id"
-    item_ids = read_item_ids(items, col)
-    index = {str(i): n for n, i in enumerate(item_ids)}
-    hist = first_users(read_histories(interactions, index, user_col, item_col, order_col), max_users)
-    split: ColdSplit | None = None
-    if protocol == "cold":  # before the model loads: too few cold users is refused at once
-        split = cold_split(hist, interactions, index, (user_col, item_col, order_col), cold_share, cfg.score)
-        hist = split.histories
+    # before the model loads: bad interactions and too few cold users are refused at once
+    item_ids, hist, split = read_split(items, interactions, col, (user_col, item_col, order_col), max_users, protocol, cold_share, cfg.score)
+    if split is not None:
         log({"stage": "cold split", **split.counts.as_dict()})
     rec = make_recommender(recommender, cfg, dev, log)
     llm = ItemLLM.from_pretrained(model, device=dev, dtype=pick_dtype(dev, dtype))

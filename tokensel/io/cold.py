@@ -183,7 +183,7 @@ def cold_split(
     )
     if counts.cold_users < MIN_COLD_USERS:
         raise TokenselError(
-            f"--cold-share {share:g}: only {counts.cold_users:,} users have a cold {scored} target (one of the {counts.cold_items:,} "
+            f"--cold-share {share:g}: only {counts.cold_users:,} users have a cold {'test' if scored == 'test' else 'validation'} target (one of the {counts.cold_items:,} "
             f"newest items); the cold protocol needs at least {MIN_COLD_USERS} for its per-user statistics to mean anything. "
             "Raise --cold-share, or give it more interactions"
         )
