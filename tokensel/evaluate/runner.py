@@ -150,8 +150,8 @@ def read_split(
 ) -> tuple[list, Histories, ColdSplit | None]:
     """The catalogue's ids, the users' histories and, under the cold protocol, the cold split (whose
     histories are then the ones to train on). Commands that compress before evaluating (headroom, the
-    strategy check) call it first too, so that too few cold users is refused before any model runs."""
-    check_protocol(protocol, cold_share)
+    strategy check) call it first too, so that too few cold users is refused before any model runs.
+    The callers have checked `protocol` and `cold_share` (config.check_protocol)."""
     item_ids = read_item_ids(items, id_col)
     index = {str(i): n for n, i in enumerate(item_ids)}
     hist = first_users(read_histories(interactions, index, *columns), max_users)
