@@ -297,13 +297,25 @@ def test_plot_without_the_extra_names_it(tmp_path, monkeypatch):
     assert not work.exists()
 
 
-def test_cold_protocol_is_refused_until_the_runner_has_it():
-    import inspect
+def test_cold_curve_refuses_too_few_cold_users_before_compressing(tmp_path):
+    work = tmp_path / "work"
+    r = runner.invoke(app, ["curve", str(ITEMS), str(INTERACTIONS), "--recommender", "text-sim", "--protocol", "cold", "--work", str(work)])
+    out = " ".join(r.output.split())
+    assert r.exit_code == 2 and "--cold-share" in out and "Traceback" not in r.output
+    assert not work.exists() or not any(work.iterdir())
 
-    if "protocol" in inspect.signature(evaluate_detailed).parameters:
-        pytest.skip("the runner has a cold-start protocol")
-    r = runner.invoke(app, ["curve", str(ITEMS), str(INTERACTIONS), "--recommender", "text-sim", "--protocol", "cold"])
-    assert r.exit_code == 2 and "--protocol cold is not available" in " ".join(r.output.split())
+
+def test_cold_curve_scores_the_cold_target_users(tmp_path, monkeypatch):
+    import tokensel.io.cold as cold
+
+    monkeypatch.setattr(cold, "MIN_COLD_USERS", 5)
+    out = tmp_path / "cold.json"
+    r = runner.invoke(app, ["curve", str(ITEMS), str(INTERACTIONS), "--ks", "16,32", "--strategies", "first-k", "--recommender", "text-sim",
+                            "--protocol", "cold", "--cold-share", "0.2", "--device", "cpu", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert data["protocol"] == "cold" and data["cold_share"] == 0.2
+    assert 5 <= data["users"] < 60  # the cold-target users only, not every test user
 
 
 def test_api_refuses_the_same_settings():

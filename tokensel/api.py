@@ -34,12 +34,13 @@ def train(
 ) -> Bundle:
     """`tokensel.train.pipeline.train`, then (when stage 2 ran and check_strategies) the downstream
     strategy check (tokensel.evaluate.check) on the same data, saved in the bundle: which strategy to
-    trust, and what `compress --strategy auto` runs."""
+    trust, and what `compress --strategy auto` runs. Under `protocol="cold"` the check is made under it too."""
     bundle = pipeline.train(items, interactions, out, log=log, **kwargs)
     if check_strategies and bundle.policy is not None:  # stage 2 ran
         extra = {"epochs": check_epochs} if check_epochs else {}
         try:
-            check(bundle.path, items, interactions, columns=kwargs.get("columns", COLUMNS), device=kwargs.get("device", "auto"), log=log, **extra)
+            protocol = {k: kwargs[k] for k in ("protocol", "cold_share") if k in kwargs}
+            check(bundle.path, items, interactions, columns=kwargs.get("columns", COLUMNS), device=kwargs.get("device", "auto"), log=log, **protocol, **extra)
         except TokenselError as exc:  # the bundle is written and sound; only the verdict is missing
             log({"strategy check": f"not run: {exc}; run tokensel check when fixed (auto keeps first-k until then)"})
     return bundle

@@ -18,7 +18,7 @@ from rich.table import Table
 from tokensel import __version__
 from tokensel import api
 from tokensel import inspect as ins
-from tokensel.config import OBJECTIVE_NAMES, ItemModelConfig, PolicyConfig, Stage1Config, TextConfig, UserModelConfig
+from tokensel.config import COLD_SHARE, OBJECTIVE_NAMES, ItemModelConfig, PolicyConfig, Stage1Config, TextConfig, UserModelConfig
 from tokensel.errors import TokenselError
 from tokensel.io import writers
 from tokensel.io.readers import open_items
@@ -27,7 +27,7 @@ from tokensel.policy.bundle import CHECK_FILE, DEFAULT_BUNDLE, bundle_hash, bund
 from tokensel.compress.job import output_paths
 from tokensel.report import bundle_summary, check_table
 from tokensel.select.auto import AUTO, current_check, resolve
-from tokensel.evaluate.command import curve_command, evaluate_command, fail, headroom_command
+from tokensel.evaluate.command import COLD_SHARE_HELP, PROTOCOL_HELP, curve_command, evaluate_command, fail, headroom_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Keep the most informative tokens of item texts (TSPORec).")
 console = Console(stderr=True)
@@ -231,6 +231,8 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed of both stages.")] = Stage1Config.seed,
     check: Annotated[bool, typer.Option("--check/--no-check", help="After stage 2, the downstream strategy check (see tokensel check): which strategy to trust.")] = True,
     check_epochs: Annotated[int, typer.Option(help="Epochs of each recommender the check trains.")] = CHECK_EPOCHS,
+    protocol: Annotated[str, typer.Option(help="loo: train on every user's history | cold: leave the newest --cold-share of the items (by first interaction) out of both stages, negatives included, and run the check under the cold protocol.")] = "loo",
+    cold_share: Annotated[float, typer.Option(help=COLD_SHARE_HELP)] = COLD_SHARE,
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
     """Train a policy bundle: stage 1 (recommender pretraining) and stage 2 (policy learning), then the
@@ -255,7 +257,7 @@ def train(
         bundle = api.train(
             items, interactions, out, stages=stages, **configs, columns=(user_col, item_col, order_col), device=device,
             log=lambda row: console.print(json.dumps(row), markup=False, highlight=False, soft_wrap=True),
-            check_strategies=check, check_epochs=check_epochs,
+            check_strategies=check, check_epochs=check_epochs, protocol=protocol, cold_share=cold_share,
         )
     except TokenselError as exc:
         fail(console, exc)
@@ -279,6 +281,8 @@ def check_command(
     order_col: Annotated[str, typer.Option()] = "timestamp",
     max_users: Annotated[Optional[int], typer.Option(help="Only the first N users (a quick look).")] = None,
     save: Annotated[bool, typer.Option("--save/--no-save", help="Write the verdict into the bundle (check.json), where compress --strategy auto reads it.")] = True,
+    protocol: Annotated[str, typer.Option(help="loo | cold: the scored validation targets are the newest --cold-share of the items (by first interaction, test interactions not read), never trained on; the verdict is over the users whose validation target is cold.")] = "loo",
+    cold_share: Annotated[float, typer.Option(help=COLD_SHARE_HELP)] = COLD_SHARE,
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
     """Which strategy to trust with a bundle: first-k, item-align and the policy compressed at k, the same
@@ -286,7 +290,7 @@ def check_command(
     try:
         result = api.check(
             bundle or DEFAULT_BUNDLE, items, interactions, k=k, seeds=seeds, epochs=epochs, columns=(user_col, item_col, order_col),
-            max_users=max_users, device=device, save=save,
+            max_users=max_users, device=device, save=save, protocol=protocol, cold_share=cold_share,
             log=lambda row: console.print(json.dumps(row), markup=False, highlight=False, soft_wrap=True),
         )
     except TokenselError as exc:

@@ -232,3 +232,15 @@ class TrainConfig:
 SCORED_SPLITS = ("test", "valid")
 POOLINGS = ("mean", "mean-specials")  # text-sim / sasrec-init item vectors
 ITEM_TUNINGS = ("none", "top", "lora", "full")  # hllm: how much of the item LLM trains with the user model
+
+
+PROTOCOLS = ("loo", "cold")  # evaluation protocols: leave-one-out, cold start (tokensel.io.cold)
+COLD_SHARE = 0.1  # --protocol cold: share of the items held out as cold, those whose first interaction comes last
+
+
+def check_protocol(protocol: str, cold_share: float) -> None:
+    """Refuse an unknown --protocol or a --cold-share outside (0, 1) before anything is read."""
+    if protocol not in PROTOCOLS:
+        raise TokenselError(f"--protocol must be one of {', '.join(PROTOCOLS)} (got {protocol!r})")
+    if protocol == "cold" and not 0 < cold_share < 1:
+        raise TokenselError(f"--cold-share is a share of the items in (0, 1) (got {cold_share})")

@@ -16,7 +16,8 @@ def bundle_summary(cfg: dict) -> list[tuple[str, str]]:
     rows = [
         ("model", f"{get('identity', 'name')} ({get('identity', 'model_type')}, hidden {get('identity', 'hidden_size')}); item-LLM tuning {get('item', 'tuning')}"),
         ("text", f"columns {','.join(text.get('text_cols', []))}; labels {'on' if text.get('labels') else 'off'}; max_len {text.get('max_len')}; template {text.get('template')!r}"),
-        ("trained on", trained_on(data)),
+        ("trained on", trained_on(data)
+         + (f"\ncold start: the {c['cold_items']:,} newest items ({100 * c['share']:g}%) held out of both stages" if (c := data.get("protocol")) else "")),
         ("stage 1", f"{s1.get('epochs')} epochs, lr {s1.get('lr')}, {s1.get('negatives')} negatives; best validation NDCG@10 {get('logs', 'stage1', 'best_valid_N@10')}"),
     ]
     if pol is None or get("logs", "stage2") is None:
@@ -63,9 +64,12 @@ def _dig(d, keys):
 
 def check_table(check: dict) -> list[str]:
     """The check as a few plain lines (info, train and check print it)."""
+    cold = check.get("protocol")
     lines = [
         f"strategy check: k={check['k']}, {check['recommender']}, {check['epochs']} epochs x {check['seeds']} seed(s), "
-        f"{check['users']:,} users' {check['scored']} targets ({Path(check['data']['items']).name}), {check['seconds']:.0f} s",
+        f"{check['users']:,} {'cold-target ' if cold else ''}users' {check['scored']} targets ({Path(check['data']['items']).name}), {check['seconds']:.0f} s",
+        *([f"  cold start: {cold['cold_items']:,} cold items ({100 * cold['share']:g}% newest by first interaction) never trained on; "
+           f"{cold['warm_users']:,} warm-target users not in the verdict; {cold['dropped_interactions']:,} interactions with cold items dropped"] if cold else []),
         f"  {'strategy':<11} {'N@10':>6} {'vs first-k':>10} {'p':>8} {'R@10':>6} {'vs first-k':>10} {'p':>8}",
     ]
     for r in check["rows"]:

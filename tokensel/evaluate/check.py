@@ -16,7 +16,9 @@ the catalogue's fingerprint, and its verdict in tokensel.select.verdicts) (`toke
 best validation NDCG@10 among the strategies not significantly below first-k in NDCG@10 or
 Recall@10, first-k included; a tie goes to first-k, which needs no model). A policy whose stage 2
 kept first-k or item-align writes their very texts; the runner then reuses that strategy's runs
-instead of retraining, and the check records it (`same_texts`).
+instead of retraining, and the check records it (`same_texts`). With `protocol="cold"` the scored
+validation targets are cold items, held out of all training (tokensel.io.cold), and the verdict is
+over the users whose validation target is cold; the check records the protocol and its counts.
 
     from tokensel.evaluate.check import strategy_check
     check = strategy_check("bundle/", "items.parquet", "interactions.parquet")
@@ -30,9 +32,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tokensel.compress.run import compress
-from tokensel.config import TrainConfig
+from tokensel.config import COLD_SHARE, TrainConfig, check_protocol
 from tokensel.errors import TokenselError
-from tokensel.evaluate.runner import VectorCache, evaluate_detailed
+from tokensel.evaluate.runner import VectorCache, evaluate_detailed, read_split
 from tokensel.io.interactions import COLUMNS
 from tokensel.policy.bundle import BundleConfig, bundle_hash, read_bundle_config, write_check
 from tokensel.models.readout import is_top_tunable
@@ -62,9 +64,12 @@ def strategy_check(
     device: str = "auto",
     save: bool = True,
     log: Callable[[dict], None] | None = None,
+    protocol: str = "loo",
+    cold_share: float = COLD_SHARE,
 ) -> dict:
     """Run the check for `bundle` on these items and interactions, save it in the bundle (unless
     save=False) and return it. k defaults to the budget the bundle's policy was trained at."""
+    check_protocol(protocol, cold_share)
     bundle = Path(bundle)
     cfg: BundleConfig = read_bundle_config(bundle)
     if cfg.policy is None:
@@ -75,6 +80,8 @@ def strategy_check(
     tuning = item_tuning_for(model)
     train = TrainConfig(item_tuning=tuning, score="valid", patience=None)
     text = cfg.text
+    if protocol == "cold":  # too few cold users is refused before anything is compressed
+        read_split(items, interactions, text.id_col, columns, max_users, protocol, cold_share, train.score)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tokensel-check-") as tmp:
         files = []
@@ -92,7 +99,7 @@ def strategy_check(
         ev = evaluate_detailed(
             items, interactions, files, "hllm", seeds, model=model, train=train, epochs=epochs, device=device,
             id_col=text.id_col, user_col=columns[0], item_col=columns[1], order_col=columns[2], max_users=max_users,
-            cache=VectorCache(), log=log,
+            cache=VectorCache(), log=log, protocol=protocol, cold_share=cold_share,
         )
     rows = rows_vs_first_k({strategy: (f.metrics, f.per_user) for strategy, f in zip(CHECKED, ev.files)})
     strategy_of = {str(path): strategy for strategy, path in zip(CHECKED, files)}
@@ -106,6 +113,7 @@ def strategy_check(
         "rows": rows, "rule": RULE, "chosen": choose(rows) if all(r["ratio_N@10"] is not None for r in rows) else "first-k",
         "seconds": round(time.perf_counter() - t0, 1),
         **({"same_texts": same} if same else {}),
+        **({"protocol": ev.cold.as_dict()} if ev.cold else {}),
     }
     check["catalogue"] = catalogue_fingerprint(items, text)  # auto follows this check only on this very catalogue
     if save:

@@ -11,7 +11,14 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from tokensel.config import COLD_SHARE
 from tokensel.errors import TokenselError
+
+PROTOCOL_HELP = (
+    "loo: leave-one-out (every test item is also a training item) | cold: the newest --cold-share of the items (by first "
+    "interaction) never trained on, not even as negatives; metrics over the users whose test target is one of them, the others beside."
+)
+COLD_SHARE_HELP = "--protocol cold: share of the items held out as cold, those whose first interaction comes last."
 
 
 def fail(err: Console, exc: Exception) -> None:
@@ -44,6 +51,8 @@ def evaluate_command(
     item_col: Annotated[str, typer.Option()] = "item_id",
     order_col: Annotated[str, typer.Option()] = "timestamp",
     max_users: Annotated[Optional[int], typer.Option(help="Only the first N users (a quick check).")] = None,
+    protocol: Annotated[str, typer.Option(help=PROTOCOL_HELP)] = "loo",
+    cold_share: Annotated[float, typer.Option(help=COLD_SHARE_HELP)] = COLD_SHARE,
     cache: Annotated[Optional[Path], typer.Option(help="Folder to cache item vectors in (re-runs skip the item LLM).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (on a machine that is already busy, 1 can be several times faster than more).")] = None,
@@ -78,7 +87,7 @@ def evaluate_command(
         ev = evaluate_detailed(
             items, interactions, list(texts), recommender, seeds, model=model, train=cfg, device=device, dtype=dtype,
             id_col=id_col, user_col=user_col, item_col=item_col, order_col=order_col, test=test, max_users=max_users,
-            cache=VectorCache(cache), log=log,
+            cache=VectorCache(cache), log=log, protocol=protocol, cold_share=cold_share,
         )
     except TokenselError as exc:
         fail(err, exc)
@@ -106,6 +115,8 @@ def headroom_command(
     order_col: Annotated[str, typer.Option()] = "timestamp",
     test: Annotated[str, typer.Option(help="Paired test on per-user metrics: ttest | wilcoxon.")] = "ttest",
     max_users: Annotated[Optional[int], typer.Option(help="Only the first N users (a quick check).")] = None,
+    protocol: Annotated[str, typer.Option(help=PROTOCOL_HELP)] = "loo",
+    cold_share: Annotated[float, typer.Option(help=COLD_SHARE_HELP)] = COLD_SHARE,
     work: Annotated[Optional[Path], typer.Option(help="Keep the compressed first-k files in this folder (default: a temporary one).")] = None,
     out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Write the rows as JSON.")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
@@ -128,13 +139,13 @@ def headroom_command(
             items, interactions, budgets, factor=factor, recommender=recommender, seeds=seeds, model=model, id_col=id_col,
             text_cols=[c.strip() for c in text_cols.split(",") if c.strip()] if text_cols else None, labels=labels,
             user_col=user_col, item_col=item_col, order_col=order_col, epochs=epochs, train=TrainConfig(item_tuning=item_tuning), test=test, max_users=max_users, work=work,
-            device=device, dtype=dtype, log=lambda row: err.print(json.dumps(row), markup=False, highlight=False, soft_wrap=True) if "stage" in row else None,
+            protocol=protocol, cold_share=cold_share, device=device, dtype=dtype, log=lambda row: err.print(json.dumps(row), markup=False, highlight=False, soft_wrap=True) if "stage" in row else None,
         )
     except TokenselError as exc:
         fail(err, exc)
     from rich.table import Table
 
-    t = Table(title=f"tokensel headroom: {escape(str(items))}, {recommender}", caption=f"long = the first {factor}k tokens; ratio = long over first-k; p = paired {paired_test_name(test)} on per-user metrics over {rows[0].users:,} test users\ndata: {rows[0].data.note()}", caption_justify="left")
+    t = Table(title=f"tokensel headroom: {escape(str(items))}, {recommender}", caption=f"long = the first {factor}k tokens; ratio = long over first-k; p = paired {paired_test_name(test)} on per-user metrics over {rows[0].users:,} {'cold-target ' if rows[0].cold else ''}test users\ndata: {rows[0].data.note()}" + (f"\n{rows[0].cold.note()}" if rows[0].cold else ""), caption_justify="left")
     for c in ("k", "long", "texts > k", "N@10 first-k", "N@10 long", "N@10 ratio (p)", "R@10 first-k", "R@10 long", "R@10 ratio (p)"):
         t.add_column(c, justify="right")
     t.add_column("verdict", overflow="fold", min_width=30)

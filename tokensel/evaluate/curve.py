@@ -24,7 +24,6 @@ even the smallest budget selects something; the JSON records the prefix of every
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import tempfile
 import time
@@ -36,13 +35,13 @@ import pyarrow.parquet as pq
 
 from tokensel.compress.job import CompressSummary
 from tokensel.compress.run import compress
-from tokensel.config import TextConfig, TrainConfig
+from tokensel.config import TextConfig, TrainConfig, check_protocol
 from tokensel.device import pick_device, pick_dtype
 from tokensel.errors import TokenselError
 from tokensel.evaluate.cost import best_seconds
 from tokensel.evaluate.curve_verdict import FIRST_K, compare, verdict
 from tokensel.evaluate.recommenders import make_recommender
-from tokensel.evaluate.runner import METRICS, Evaluation, FileResult, VectorCache, evaluate_detailed
+from tokensel.evaluate.runner import METRICS, Evaluation, FileResult, VectorCache, evaluate_detailed, read_split
 from tokensel.io.readers import open_items
 from tokensel.models.item_llm import ItemLLM
 from tokensel.models.readout import is_top_tunable
@@ -52,7 +51,6 @@ from tokensel.select.verdicts import Verdict, catalogue_fingerprint, now, record
 
 STRATEGIES = (FIRST_K, "item-align", "policy")
 REFERENCES = ("longest", "full")
-PROTOCOLS = ("loo", "cold")
 Key = tuple[str, int]  # (strategy, k)
 
 
@@ -77,17 +75,6 @@ def check_strategies(strategies: list[str]) -> list[str]:
     if unknown:
         raise TokenselError(f"--strategies: unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
     return [FIRST_K, *[s for s in dict.fromkeys(strategies) if s != FIRST_K]]
-
-
-def protocol_options(protocol: str, cold_share: float) -> dict:
-    """What evaluate_detailed gets for the protocol: nothing for leave-one-out (its only protocol so far)."""
-    if protocol not in PROTOCOLS:
-        raise TokenselError(f"--protocol must be one of {', '.join(PROTOCOLS)} (got {protocol!r})")
-    if protocol == "loo":
-        return {}
-    if "protocol" not in inspect.signature(evaluate_detailed).parameters:
-        raise TokenselError(f"--protocol {protocol} is not available in this version of tokensel (only loo)")
-    return {"protocol": protocol, "cold_share": cold_share}
 
 
 def text_limit(llm: ItemLLM) -> int | None:
@@ -213,7 +200,7 @@ def curve(
         raise TokenselError(f"--reference must be one of {', '.join(REFERENCES)} (got {reference!r})")
     if seeds < 1 or (epochs is not None and epochs < 1):
         raise TokenselError("--seeds and --epochs must be at least 1")
-    extra = protocol_options(protocol, cold_share)
+    check_protocol(protocol, cold_share)
     bundle = bundle_path(policy)
     cfg = read_bundle_config(bundle)
     if any(s in BUNDLE_STRATEGIES for s in strategies) and cfg.policy is None and "policy" in strategies:
@@ -227,6 +214,8 @@ def curve(
         train = TrainConfig(item_tuning=tuning)
     make_recommender(recommender, train)  # an unknown recommender or item tuning fails before any work
     open_items(items)
+    if protocol == "cold":  # too few cold users is refused before anything is compressed
+        read_split(items, interactions, text.id_col, (user_col, item_col, order_col), max_users, protocol, cold_share)
     dev = pick_device(device)
     llm = ItemLLM.from_pretrained(model, device=dev, dtype=pick_dtype(dev, dtype))
     llm.set_template(text.template)
@@ -256,7 +245,7 @@ def curve(
         ev, res = evaluate_grid(
             items, interactions, files, recommender, seeds, model=model, train=train, epochs=epochs, device=device, dtype=dtype,
             id_col=text.id_col, user_col=user_col, item_col=item_col, order_col=order_col, max_users=max_users,
-            cache=VectorCache(folder / "vectors" if work else None), log=log, **extra,
+            cache=VectorCache(folder / "vectors" if work else None), log=log, protocol=protocol, cold_share=cold_share,
         )
         cost_s = measure_cost(llm, files, cost_items, cost_batch, cost_repeats)
         log({"stage": "cost", "seconds": round(time.perf_counter() - t0, 1)})

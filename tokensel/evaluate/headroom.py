@@ -21,11 +21,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tokensel.config import COLD_SHARE, TextConfig, check_protocol
 from tokensel.errors import TokenselError
 from tokensel.evaluate.curve import FIRST_K, compress_grid, evaluate_grid
 from tokensel.evaluate.recommenders import TrainConfig, make_recommender
-from tokensel.evaluate.runner import VectorCache
+from tokensel.evaluate.runner import VectorCache, read_split
 from tokensel.stats import TESTS, paired_pvalues, seed_user_test
+from tokensel.io.cold import ColdCounts
 from tokensel.io.interactions import DataCounts
 
 ALPHA = 0.05
@@ -48,13 +50,14 @@ class Headroom:
     data: DataCounts = field(default_factory=DataCounts)  # what reading the interactions kept, dropped, skipped
     p_seed: dict[str, float] = field(default_factory=dict)  # seed-aware test (tokensel.stats.seed_user_test), first_long vs first_k
     sees_seed_variance: bool = False  # False with one seed: p_seed is then the paired t-test
+    cold: ColdCounts | None = None  # --protocol cold: what the split held out; `users` are then the cold-target users
 
     @property
     def verdict(self) -> str:
         return verdict(self.longer_than_k, self.ratio, self.p, self.k, self.long_k)
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "verdict": self.verdict}
+        return {**asdict(self), "verdict": self.verdict, "protocol": "cold" if self.cold else "loo"}
 
 
 def verdict(longer_than_k: float, ratio: dict[str, float], p: dict[str, float], k: int, long_k: int) -> str:
@@ -95,14 +98,20 @@ def headroom(
     device: str = "auto",
     dtype: str = "auto",
     log: Callable[[dict], None] | None = None,
+    protocol: str = "loo",
+    cold_share: float = COLD_SHARE,
 ) -> list[Headroom]:
     """Compress first-k and first-(factor*k) for every k, train/score the recommender on each, pair them.
 
     `train` is the trained recommenders' budget (e.g. TrainConfig(item_tuning="top") for hllm with
     f's last block trained, the setting of RESULTS.md's downstream tables). `work` keeps the
     compressed files (default: a temporary folder, removed at the end). Texts are tokenised up to
-    max(max_len, factor * the largest k), so the long side is never cut short.
+    max(max_len, factor * the largest k), so the long side is never cut short. `protocol` "cold": the
+    cold-start protocol (tokensel.io.cold), both sides paired over the users whose test target is cold.
     """
+    check_protocol(protocol, cold_share)
+    if protocol == "cold":  # too few cold users is refused before anything is compressed
+        read_split(items, interactions, id_col or TextConfig().id_col, (user_col, item_col, order_col), max_users, protocol, cold_share)
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1 or factor < 2 or seeds < 1:
         raise TokenselError(f"need budgets >= 1, --factor >= 2 and --seeds >= 1 (got ks={ks}, factor={factor}, seeds={seeds})")
@@ -119,7 +128,7 @@ def headroom(
         ev, _ = evaluate_grid(
             items, interactions, {key: Path(s.out) for key, s in summaries.items()}, recommender, seeds, model=model, train=train, epochs=epochs,
             device=device, dtype=dtype, id_col=id_col, user_col=user_col, item_col=item_col, order_col=order_col, test=test, max_users=max_users,
-            cache=VectorCache(), log=log,
+            cache=VectorCache(), log=log, protocol=protocol, cold_share=cold_share,
         )
     by_file = {Path(f.texts).name: f for f in ev.files}
     rows = []
@@ -130,6 +139,6 @@ def headroom(
         seed = {m: seed_user_test(b.per_seed_user[m], a.per_seed_user[m]) for m in ("N@10", "R@10")}
         rows.append(Headroom(
             k, factor * k, recommender, ev.n_users, share[k], a.metrics, b.metrics, ratio, {m: p[m] for m in ("N@10", "R@10")}, ev.data,
-            {m: seed[m][0] for m in seed}, make_recommender(recommender).deterministic or all(seed[m][1] for m in seed),
+            {m: seed[m][0] for m in seed}, make_recommender(recommender).deterministic or all(seed[m][1] for m in seed), ev.cold,
         ))
     return rows

@@ -9,6 +9,8 @@ For every file: the kept `token_ids` are read as they are (never re-tokenised), 
 scratch for every seed with the same budget. Test metrics are Recall/NDCG@5/10/50 in percent,
 leave-one-out, full ranking over all items with the user's history masked. Per-user metrics are
 averaged over seeds and compared with the first file by a paired test (tokensel.stats).
+With `protocol="cold"` (tokensel.io.cold) the newest items are held out of all training, the headline
+metrics are over the users whose test target is one of them, and the warm-target users are beside.
 A file whose kept token lists (and template) equal an earlier file's is the same experiment, so it is
 not retrained: it gets that file's runs (`FileResult.same_as`). A stage-2 head that chose first-k or
 item-align writes exactly their texts, and retraining them would only spend the budget twice.
@@ -29,12 +31,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from tokensel.config import COLD_SHARE, check_protocol
 from tokensel.device import pick_device, pick_dtype
 from tokensel.errors import TokenselError
 from tokensel.train.metrics import KS, per_user_metrics
 from tokensel.evaluate.recommenders import Recommender, TrainConfig, make_recommender
 from tokensel.stats import paired_pvalues, paired_test_name
-from tokensel.io.interactions import DataCounts, first_users, read_histories
+from tokensel.io.cold import ColdCounts, ColdSplit, cold_split
+from tokensel.io.interactions import DataCounts, Histories, first_users, read_histories
 from tokensel.io.item_ids import IdCheck
 from tokensel.io.items import open_parquet
 from tokensel.io.readers import open_items  # [formats hook]
@@ -46,14 +50,19 @@ from tokensel.train.pipeline import file_digest
 METRICS = tuple(f"{m}@{k}" for m in ("R", "N") for k in KS)  # R@5 R@10 R@50 N@5 N@10 N@50
 
 
-def protocol_note(test: str = "ttest", n_users: int | None = None, n_items: int | None = None, trained: bool = True) -> str:
+def protocol_note(test: str = "ttest", n_users: int | None = None, n_items: int | None = None, trained: bool = True, cold: ColdCounts | None = None) -> str:
     """How the numbers were made. `trained` False: a deterministic, untrained scorer (text-sim), which
-    has no epochs and gives the same result for every seed, so it runs once."""
+    has no epochs and gives the same result for every seed, so it runs once. `cold`: the cold split's counts."""
     users = f"{n_users:,} users" if n_users is not None else "all users"
     items = f"all {n_items:,} items" if n_items is not None else "all items"
+    split = (
+        f"leave-one-out test over {users} (last interaction = test, the one before = validation); " if cold is None else
+        f"cold-start {'test' if cold.scored == 'test' else 'validation'} over the {users} whose {cold.scored} target is cold "
+        "(cold items removed from every history, then leave-one-out); "
+    )
     return (
-        f"leave-one-out test over {users} (last interaction = test, the one before = validation); "
-        f"full ranking over {items} with the user's history masked (a repeat of the target is not masked); "
+        split
+        + f"full ranking over {items} with the user's history masked (a repeat of the target is not masked); "
         + ("percent; best epoch on validation NDCG@10; " if trained else "percent; untrained and deterministic: one pass, no epochs; ")
         + f"p = paired {paired_test_name(test)} on per-user metrics"
         + (" (averaged over seeds)" if trained else "")
@@ -77,6 +86,9 @@ class FileResult:
     meta: dict = field(default_factory=dict)  # the file's tokensel metadata
     same_as: str | None = None  # an earlier file with the same token lists, whose runs these are
     per_seed_valid_user: dict[str, np.ndarray] = field(repr=False, default_factory=dict)  # [seeds, U] per metric on the validation targets (what decides)
+    # --protocol cold: the warm-target users' results beside the cold headline ({"users", "metrics", "p_vs_first"})
+    warm: dict | None = None
+    warm_per_user: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
 
     def as_dict(self) -> dict:
         """Exactly the SPEC's evaluate contract."""
@@ -100,15 +112,19 @@ class Evaluation:
     test: str
     config: dict
     data: DataCounts = field(default_factory=DataCounts)
+    cold: ColdCounts | None = None  # --protocol cold: what the split held out (n_users is then the cold users)
 
     @property
     def protocol(self) -> str:
         trained = not make_recommender(self.recommender).deterministic
-        return protocol_note(self.test, self.n_users, self.n_items, trained) + "\ndata: " + self.data.note()
+        note = protocol_note(self.test, self.n_users, self.n_items, trained, self.cold) + "\ndata: " + self.data.note()
+        return note + ("\n" + self.cold.note() if self.cold else "")
 
     def to_list(self) -> list[dict]:
-        """The SPEC's evaluate contract, each object with the data counts (`data`) added."""
-        return [{**f.as_dict(), "data": asdict(self.data)} for f in self.files]
+        """The SPEC's evaluate contract, each object with the data counts (`data`) added; under the cold
+        protocol also its counts (`protocol`) and the warm-target users' results (`warm_users`)."""
+        cold = {"protocol": self.cold.as_dict()} if self.cold else {}
+        return [{**f.as_dict(), "data": asdict(self.data), **cold, **({"warm_users": f.warm} if self.cold else {})} for f in self.files]
 
 
 # ---------------------------------------------------------------------------------------- inputs
@@ -121,6 +137,29 @@ def read_item_ids(path: str | Path, id_col: str) -> list:
     ids = [v for rb in src.iter_batches(65536, [id_col]) for v in rb.column(0).to_pylist()]
     IdCheck(path, id_col)(ids, 0)
     return ids
+
+
+def read_split(
+    items: str | Path,
+    interactions: str | Path,
+    id_col: str,
+    columns: tuple[str, str, str],
+    max_users: int | None = None,
+    protocol: str = "loo",
+    cold_share: float = COLD_SHARE,
+    scored: str = "test",
+) -> tuple[list, Histories, ColdSplit | None]:
+    """The catalogue's ids, the users' histories and, under the cold protocol, the cold split (whose
+    histories are then the ones to train on). Commands that compress before evaluating (headroom, the
+    strategy check) call it first too, so that too few cold users is refused before any model runs.
+    The callers have checked `protocol` and `cold_share` (config.check_protocol)."""
+    item_ids = read_item_ids(items, id_col)
+    index = {str(i): n for n, i in enumerate(item_ids)}
+    hist = first_users(read_histories(interactions, index, *columns), max_users)
+    if protocol != "cold":
+        return item_ids, hist, None
+    split = cold_split(hist, interactions, index, columns, cold_share, scored)
+    return item_ids, split.histories, split
 
 
 def load_texts(path: str | Path, item_ids: list, items_path: str | Path = "the items file", id_col: str | None = None) -> tuple[list[list[int]], dict]:
@@ -222,8 +261,14 @@ def evaluate_detailed(
     max_users: int | None = None,
     cache: VectorCache | None = None,
     log: Callable[[dict], None] | None = None,
+    protocol: str = "loo",
+    cold_share: float = COLD_SHARE,
 ) -> Evaluation:
-    """Everything `evaluate` computes, plus per-user metrics, per-seed results and timings."""
+    """Everything `evaluate` computes, plus per-user metrics, per-seed results and timings.
+
+    protocol "cold": the cold-start split (tokensel.io.cold) with `cold_share` of the items cold; the
+    files' metrics, per-user metrics and p-values are the cold-target users', `warm` the others'."""
+    check_protocol(protocol, cold_share)
     if not texts:
         raise TokenselError("give at least one --texts file (the output of tokensel compress)")
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
@@ -245,8 +290,10 @@ def evaluate_detailed(
     for p, meta in zip(texts, metas):
         _check_model(p, meta, model)
     col = id_col or metas[0].get("id_col") or "item_id"
-    item_ids = read_item_ids(items, col)
-    hist = first_users(read_histories(interactions, {str(i): n for n, i in enumerate(item_ids)}, user_col, item_col, order_col), max_users)
+    # before the model loads: bad interactions and too few cold users are refused at once
+    item_ids, hist, split = read_split(items, interactions, col, (user_col, item_col, order_col), max_users, protocol, cold_share, cfg.score)
+    if split is not None:
+        log({"stage": "cold split", **split.counts.as_dict()})
     rec = make_recommender(recommender, cfg, dev, log)
     llm = ItemLLM.from_pretrained(model, device=dev, dtype=pick_dtype(dev, dtype))
     vocab = len(llm.tokenizer)
@@ -261,7 +308,8 @@ def evaluate_detailed(
         if content in seen:
             twin = seen[content]
             p = paired_pvalues(twin.per_user, results[0].per_user, test) if results else None
-            results.append(replace(twin, texts=str(path), p_vs_first=p, embed_seconds=0.0, train_seconds=0.0, meta=meta, same_as=twin.texts))
+            warm = twin.warm and {**twin.warm, "p_vs_first": paired_pvalues(twin.warm_per_user, results[0].warm_per_user, test) if results else None}
+            results.append(replace(twin, texts=str(path), p_vs_first=p, embed_seconds=0.0, train_seconds=0.0, meta=meta, same_as=twin.texts, warm=warm))
             log({"texts": str(path), "stage": "reused", "same_as": twin.texts})
             continue
         llm.set_template(template)
@@ -289,6 +337,16 @@ def evaluate_detailed(
             runs.append(rec.run_tuned(make_llm, tokens, hist, seed) if rec.needs_item_llm else rec.run(vectors, hist, seed))
         train_s = time.perf_counter() - t1
         per_seed_users = [per_user_metrics(r.test_ranks) for r in runs]
+        warm, warm_per_user = None, {}
+        if split is not None:  # the headline is the cold-target users'; the warm-target users' beside
+            warm_users = [{m: u[m][torch.from_numpy(~split.cold_users)] for m in METRICS} for u in per_seed_users]
+            warm_per_user = {m: torch.stack([u[m] for u in warm_users]).double().mean(0).numpy() for m in METRICS}
+            warm = {
+                "users": int((~split.cold_users).sum()),
+                "metrics": {m: float(warm_per_user[m].mean()) for m in METRICS},
+                "p_vs_first": paired_pvalues(warm_per_user, results[0].warm_per_user, test) if results else None,
+            }
+            per_seed_users = [{m: u[m][torch.from_numpy(split.cold_users)] for m in METRICS} for u in per_seed_users]
         per_seed_user = {m: torch.stack([u[m] for u in per_seed_users]).double().numpy() for m in METRICS}
         per_user = {m: per_seed_user[m].mean(0) for m in METRICS}
         per_seed_valid_user = {}
@@ -303,10 +361,15 @@ def evaluate_detailed(
             {"seed": r.seed, "best_epoch": r.best_epoch, "seconds": round(r.seconds, 1), "valid": r.valid, "test": {m: float(seed_means[m][j]) for m in METRICS}}
             for j, r in enumerate(runs)
         ]
-        results.append(FileResult(str(path), recommender, seed_list, metrics, std, p, per_user, per_seed_user, per_seed, embed_s, train_s, meta, per_seed_valid_user=per_seed_valid_user))
+        results.append(FileResult(
+            str(path), recommender, seed_list, metrics, std, p, per_user, per_seed_user, per_seed, embed_s, train_s, meta,
+            per_seed_valid_user=per_seed_valid_user, warm=warm, warm_per_user=warm_per_user,
+        ))
         seen[content] = results[-1]
         log({"texts": str(path), "stage": "train+test", "seconds": round(train_s, 1), "N@10": round(metrics["N@10"], 3), "R@10": round(metrics["R@10"], 3)})
-    return Evaluation(results, recommender, model, len(hist.users), len(item_ids), test, {"train": cfg.__dict__, "device": str(dev), "dtype": dtype}, hist.counts)
+    n_users = int(split.cold_users.sum()) if split else len(hist.users)
+    config = {"train": cfg.__dict__, "device": str(dev), "dtype": dtype}
+    return Evaluation(results, recommender, model, n_users, len(item_ids), test, config, hist.counts, split.counts if split else None)
 
 
 def evaluate(
@@ -357,12 +420,16 @@ def results_table(ev: Evaluation, title: str | None = None):
     deterministic = make_recommender(ev.recommender).deterministic
     multi = len(ev.files[0].seeds) > 1 and not deterministic
     runs = "deterministic, one run" if deterministic else f"seeds {ev.files[0].seeds}"
-    t = Table(title=title or f"tokensel evaluate: {ev.recommender}, {runs}", caption=ev.protocol, caption_justify="left")
+    users = f", {ev.n_users:,} cold-target users (warm-target users beside)" if ev.cold else ""
+    t = Table(title=title or f"tokensel evaluate: {ev.recommender}, {runs}{users}", caption=ev.protocol, caption_justify="left")
     t.add_column("texts", overflow="fold")
     for m in METRICS:
         t.add_column(m, justify="right")
     t.add_column("p R@10", justify="right")
     t.add_column("p N@10", justify="right")
+    if ev.cold:
+        for c in ("warm N@10", "warm R@10", "warm p N@10"):
+            t.add_column(c, justify="right")
     names = [Path(f.texts).name for f in ev.files]
     if len(set(names)) < len(names):  # the file names alone would be ambiguous
         names = [f.texts for f in ev.files]
@@ -372,5 +439,6 @@ def results_table(ev: Evaluation, title: str | None = None):
             name += f" (same token lists as {twin[f.same_as]}: its runs)"
         cells = [f"{f.metrics[m]:.2f}" + (f" ±{f.std[m]:.2f}" if multi else "") for m in METRICS]
         p = f.p_vs_first
-        t.add_row(escape(name), *cells, fmt_p(p and p["R@10"]), fmt_p(p and p["N@10"]))
+        warm = [f"{f.warm['metrics']['N@10']:.2f}", f"{f.warm['metrics']['R@10']:.2f}", fmt_p(f.warm["p_vs_first"] and f.warm["p_vs_first"]["N@10"])] if f.warm else []
+        t.add_row(escape(name), *cells, fmt_p(p and p["R@10"]), fmt_p(p and p["N@10"]), *warm)
     return t

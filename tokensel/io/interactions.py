@@ -12,6 +12,7 @@ and counted. Every count reaches the user through `DataCounts`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -50,6 +51,7 @@ class Histories:
     skipped_unknown: int  # interactions naming items not in the item file
     skipped_short: int  # users with fewer than 3 interactions (no train/valid/test split)
     counts: DataCounts = field(default_factory=DataCounts)
+    negatives: Sequence[int] | None = None  # the items training may draw as negatives (None: all); the cold protocol leaves its cold items out
 
     def split(self, part: str) -> tuple[list[list[int]], list[int]]:
         """(history, target) per user for `train` (target = last train item), `valid` or `test`."""

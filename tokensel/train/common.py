@@ -57,6 +57,16 @@ def infonce(logits: torch.Tensor) -> torch.Tensor:
     return -torch.log_softmax(logits, -1)[..., 0]
 
 
+def draw_negatives(hist, n_items: int, n: int, device: torch.device | str | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[n] sampled negatives, uniform over the items training may see: all of them (leave-one-out: the
+    very draw training always made, so seeded runs are unchanged), or `hist.negatives` (the cold
+    protocol's warm items, tokensel.io.cold)."""
+    if hist.negatives is None:
+        return torch.randint(0, n_items, (n,), device=device, generator=generator)
+    pool = torch.as_tensor(hist.negatives, dtype=torch.long)  # no copy for an int64 array: a step costs O(n), not O(items)
+    return pool[torch.randint(0, len(pool), (n,), generator=generator)].to(device)
+
+
 def stage2_users(hist, cfg, rng) -> tuple[list[tuple[list[int], int]], list[list[int]], list[int]]:
     """Stage 2's (history, next item) training pairs (at most cfg.max_users, sampled with `rng`) and its
     validation histories and targets (at most cfg.valid_users): the same draws for every objective."""

@@ -77,7 +77,7 @@ from tokensel.train.e2e_vectors import (
     prepare,
     step_vectors,
 )
-from tokensel.train.common import infonce, infonce_logits, stage2_users
+from tokensel.train.common import draw_negatives, infonce, infonce_logits, stage2_users
 from tokensel.select.auto import SURROGATE_RULE, choose_proven, rows_vs_first_k
 from tokensel.train.stage1 import validate_per_user
 
@@ -230,7 +230,7 @@ def _train(llm, user, head, tokens, hist, cfg, temperature, log, data) -> dict:
             batch = pairs[s : s + cfg.batch_size]
             first_k_step = cfg.surrogate_mix > 0 and rng.random() < cfg.surrogate_mix
             selector = None if first_k_step else head
-            negs = torch.randint(0, n_items, (cfg.negatives,), generator=gen)
+            negs = draw_negatives(hist, n_items, cfg.negatives, generator=gen)
             tgt = torch.tensor([t for _, t in batch])
             hist_items = sorted({i for h, _ in batch for i in h})
             side_items = sorted(set(tgt.tolist()) | set(negs.tolist()))

@@ -27,7 +27,7 @@ from tokensel.io.interactions import Histories
 from tokensel.models.item_llm import ItemLLM
 from tokensel.models.readout import BlockInputs, ItemReadout
 from tokensel.models.user_model import UserModel, pad_histories
-from tokensel.train.common import embed_tokens, infonce, infonce_logits
+from tokensel.train.common import draw_negatives, embed_tokens, infonce, infonce_logits
 
 
 @dataclass
@@ -318,7 +318,7 @@ def fit(user: UserModel, items: ItemTable, hist: Histories, seed: int, cfg: Trai
         losses = []
         for batch in length_batches(windows(train_seqs, c.history + 1, rng), c.batch_size, rng):
             width = max(len(w) for w in batch) - 1
-            negs = torch.randint(0, n_items, (c.negatives,), device=dev)
+            negs = draw_negatives(hist, n_items, c.negatives, dev)
             emb = items.step(sorted({i for w in batch for i in w} | set(negs.tolist()))) if items.needs_rows else items.step([])
             losses.append(infonce_step(user, opt, emb, batch, negs, width, c.temperature, amp))
         items.after_epoch()

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 
-from tokensel.config import AUTO_OBJECTIVE, ItemModelConfig, PolicyConfig, Stage1Config, TextConfig, UserModelConfig
+from tokensel.config import AUTO_OBJECTIVE, COLD_SHARE, ItemModelConfig, PolicyConfig, Stage1Config, TextConfig, UserModelConfig, check_protocol
 from tokensel.device import pick_device
 from tokensel.errors import TokenselError
+from tokensel.io.cold import cold_split
 from tokensel.io.interactions import COLUMNS, read_histories
 from tokensel.io.items import read_items
 from tokensel.models.item_llm import ItemLLM
@@ -87,11 +88,16 @@ def train(
     device: str = "auto",
     log: Callable[[dict], None] = print,
     reward: Reward | None = None,
+    protocol: str = "loo",
+    cold_share: float = COLD_SHARE,
 ) -> Bundle:
     """Train a bundle. Stage 2 alone starts from the stage-1 bundle already at `out`.
 
     `reward` replaces the paper's stage-2 reward (experiments: research/stage2_rewards.py); its name is
-    then logged in the bundle's config (logs.stage2.reward)."""
+    then logged in the bundle's config (logs.stage2.reward). `protocol` "cold": both stages train
+    without the cold items (tokensel.io.cold), so the bundle can be evaluated under the cold protocol
+    on the same data without having seen its cold items; the split's counts are in the config's data."""
+    check_protocol(protocol, cold_share)
     out = Path(out)
     if 2 in stages:
         policy = resolve_objective(policy or PolicyConfig(), item_cfg.base_model if item_cfg else stage1_model(out))
@@ -112,10 +118,19 @@ def train(
         llm, user = b.item_llm, b.user_model
         text, item_cfg, user_cfg, stage1 = b.config.text, b.config.item, b.config.user, b.config.stage1
         prev_logs = {k: v for k, v in b.config.logs.items() if k != "stage2"}  # keep how stage 1 went
+        prev = b.config.data.get("protocol") or {}
+        if protocol == "cold" and (prev.get("protocol") != "cold" or prev.get("share") != cold_share):
+            was = f"--protocol cold --cold-share {prev['share']:g}" if prev.get("protocol") == "cold" else "--protocol loo"
+            raise TokenselError(f"{out}: stage 1 was trained with {was}, so its batches held items that are cold under --cold-share {cold_share:g}; train stage 1 with the same protocol")
     t0 = time.perf_counter()
     ids, texts = read_items(items, text)
     index = {i: n for n, i in enumerate(ids)}
     hist = read_histories(interactions, index, *columns)
+    cold = None
+    if protocol == "cold":  # neither stage sees a cold item: histories, targets and negatives are warm
+        split = cold_split(hist, interactions, index, tuple(columns), cold_share)
+        hist, cold = split.histories, split.counts
+        log({"cold split": cold.note()})
     tokens = llm.tokenize(texts, text.max_len)
     log({"items": len(ids), "users": len(hist.users), "skipped interactions with unknown items": hist.skipped_unknown, "skipped users with < 3 interactions": hist.skipped_short, "dropped duplicate interaction rows": hist.counts.duplicate_rows, "interaction rows tied in the order column": hist.counts.order_ties, "empty texts": sum(1 for t in tokens if not t)})
     config = BundleConfig(
@@ -124,7 +139,12 @@ def train(
         item=item_cfg,
         user=user_cfg,
         stage1=stage1,
-        data={**data_record(items, interactions, len(ids), hist.counts.rows), "n_items": len(ids), "n_users": len(hist.users)},
+        data={
+            **data_record(items, interactions, len(ids), hist.counts.rows),
+            "n_items": len(ids),
+            "n_users": len(hist.users),
+            **({"protocol": cold.as_dict()} if cold else {}),
+        },
     )
     if 1 not in stages:
         config.logs.update(prev_logs)

@@ -23,7 +23,7 @@ from tokensel.io.interactions import Histories
 from tokensel.models.item_llm import ItemLLM
 from tokensel.models.readout import ItemReadout, cache_block_inputs, last_block
 from tokensel.models.user_model import UserModel, pad_histories
-from tokensel.train.common import embed_tokens
+from tokensel.train.common import draw_negatives, embed_tokens
 from tokensel.train.loop import apply_item_tuning, infonce_step, trainable_state, windows
 
 
@@ -95,7 +95,7 @@ def train_stage1(
         losses = []
         for s in range(0, len(wins), cfg.batch_size):
             batch = wins[s : s + cfg.batch_size]
-            negs = torch.randint(0, n_items, (cfg.negatives,), device=dev)
+            negs = draw_negatives(hist, n_items, cfg.negatives, dev)
             if frozen:
                 emb = table
             else:  # re-encode only the items this step touches, with gradients

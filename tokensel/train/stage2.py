@@ -30,7 +30,7 @@ from tokensel.models.item_llm import ItemLLM
 from tokensel.models.user_model import UserModel, pad_histories
 from tokensel.policy.head import PolicyHead
 from tokensel.select.rule import chunk_sums, select_mask
-from tokensel.train.common import Catalogue, embed_tokens, infonce, infonce_logits, stage2_users
+from tokensel.train.common import Catalogue, draw_negatives, embed_tokens, infonce, infonce_logits, stage2_users
 
 
 def paper_objective(r: torch.Tensor, d: torch.Tensor, cfg: PolicyConfig) -> torch.Tensor:
@@ -156,7 +156,7 @@ def train_stage2(
             batch = data[s : s + cfg.batch_size]
             B = len(batch)
             tgt = torch.tensor([t for _, t in batch], device=dev)
-            negs = torch.randint(0, n_items, (cfg.negatives,), generator=gen).to(dev)
+            negs = draw_negatives(hist, n_items, cfg.negatives, generator=gen).to(dev)
             got = reward.losses(llm, user, head, cat, batch, tgt, negs, ref_table, cfg, temperature, gen)
             if got is None:
                 continue
