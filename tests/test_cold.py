@@ -334,16 +334,17 @@ def test_the_check_under_cold_never_reads_the_test_targets(cold_texts, tiny_bert
 def test_too_few_cold_users_is_refused_with_one_message(cold_texts, tiny_bert, tiny_bundle, tmp_path, monkeypatch):
     """The product threshold (200) on the 60 fixture users: every command that takes --protocol cold exits
     2, and those that compress before they evaluate refuse before compressing anything."""
-    from tokensel.evaluate import check, headroom
+    from tokensel.evaluate import check, curve
 
     def no_compress(*a, **k):
         raise AssertionError("compressed before refusing")
 
     monkeypatch.setattr(check, "compress", no_compress)
-    monkeypatch.setattr(headroom, "compress", no_compress)
+    monkeypatch.setattr(curve, "compress", no_compress)  # headroom and curve compress through curve.compress_grid
     calls = {
         "evaluate": ["evaluate", str(ITEMS), str(INTERACTIONS), "--texts", str(cold_texts["first-k"]), "--recommender", "text-sim", "--model", tiny_bert],
         "headroom": ["headroom", str(ITEMS), str(INTERACTIONS), "--ks", "8", "--model", tiny_bert],
+        "curve": ["curve", str(ITEMS), str(INTERACTIONS), "--ks", "8,16", "--strategies", "first-k", "--recommender", "text-sim", "--policy", str(tiny_bundle)],
         "check": ["check", str(ITEMS), str(INTERACTIONS), "--policy", str(tiny_bundle), "--no-save"],
         "train": ["train", str(ITEMS), str(INTERACTIONS), "-o", str(tmp_path / "bundle"), "--model", tiny_bert, "--epochs1", "1"],
     }
