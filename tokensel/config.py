@@ -230,5 +230,6 @@ class TrainConfig:
 
 
 SCORED_SPLITS = ("test", "valid")
+CHECK_EPOCHS = 6  # the strategy check's epochs per recommender: fixed, since the validation targets it scores cannot pick the epoch
 POOLINGS = ("mean", "mean-specials")  # text-sim / sasrec-init item vectors
 ITEM_TUNINGS = ("none", "top", "lora", "full")  # hllm: how much of the item LLM trains with the user model

@@ -29,17 +29,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tokensel.compress.run import compress
-from tokensel.config import TrainConfig
+from tokensel.config import CHECK_EPOCHS, TrainConfig
 from tokensel.errors import TokenselError
 from tokensel.evaluate.runner import VectorCache, evaluate_detailed
 from tokensel.io.interactions import COLUMNS
 from tokensel.policy.bundle import BundleConfig, bundle_hash, read_bundle_config, write_check
 from tokensel.models.readout import is_top_tunable
-from tokensel.select.auto import RULE, choose, rows_vs_first_k
+from tokensel.select.auto import RULE, choose
+from tokensel.select.rows import rows_vs_first_k
 from tokensel.train.pipeline import file_digest
 
 CHECKED = ("first-k", "item-align", "policy")
-CHECK_EPOCHS = 6  # fixed: the validation targets are scored, so they cannot pick the epoch
 
 
 def item_tuning_for(model: str) -> str:
@@ -108,3 +108,4 @@ def strategy_check(
     if save:
         write_check(bundle, check)
     return check
+

@@ -11,7 +11,6 @@ import itertools
 import numpy as np
 import pyarrow as pa
 
-from tokensel.models.item_llm import ItemLLM
 
 COLUMNS = ("text", "token_ids", "positions", "n_tokens", "n_kept")
 
@@ -47,8 +46,9 @@ def kept_counts(keep: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.diff(cs[token_offsets(lengths)])
 
 
-def output_columns(llm: ItemLLM, token_lists: list[list[int]], keep: np.ndarray) -> dict[str, pa.Array]:
-    """text, token_ids, positions, n_tokens, n_kept for a batch of items, built from flat arrays + offsets."""
+def output_columns(tokenizer, token_lists: list[list[int]], keep: np.ndarray) -> dict[str, pa.Array]:
+    """text, token_ids, positions, n_tokens, n_kept for a batch of items, built from flat arrays + offsets.
+    `tokenizer`: anything with decode_batch (the fast tokenizer, or the item LLM)."""
     lengths = lengths_of(token_lists)
     flat = flatten_tokens(token_lists, lengths)
     positions, kept_off = keep_to_positions(keep, lengths)
@@ -56,7 +56,7 @@ def output_columns(llm: ItemLLM, token_lists: list[list[int]], keep: np.ndarray)
     off32 = pa.array(kept_off.astype(np.int32))
     ids_list = kept_ids.tolist()
     bounds = kept_off.tolist()
-    texts = llm.decode_batch([ids_list[a:b] for a, b in zip(bounds[:-1], bounds[1:])]) if len(lengths) else []
+    texts = tokenizer.decode_batch([ids_list[a:b] for a, b in zip(bounds[:-1], bounds[1:])]) if len(lengths) else []
     return {
         "text": pa.array(texts, type=pa.string()),
         "token_ids": pa.ListArray.from_arrays(off32, pa.array(kept_ids.astype(np.int32))),
