@@ -73,14 +73,14 @@ def compress(
     """
     notes: list[str] = []
     auto_text = None  # auto -> first-k: the bundle's text settings, under the options given here
-    if policy is not None:
-        verify_bundle(policy)  # named: checked whatever the strategy resolves to, before any work
+    if policy is not None and strategy not in (AUTO, *BUNDLE_STRATEGIES):
+        verify_bundle(policy)  # named: checked whatever the strategy (auto and the bundle strategies check it as they read it)
     if strategy == AUTO:
         strategy, model, auto_text, why = auto_choice(policy, model)
         notes.append(why)
     elif strategy in BUNDLE_STRATEGIES and (note := lost_note(strategy, policy)):
         notes.append(note)
-    given = {"--prefix": prefix, "--chunk": chunk}
+    given = {"--prefix": prefix, "--chunk": chunk, "--device": None if device == "auto" else device, "--dtype": None if dtype == "auto" else dtype}
     cfg = CompressConfig(
         ks=(k,) if isinstance(k, int) else tuple(k), chunk=CHUNK if chunk is None else chunk, prefix=PREFIX if prefix is None else prefix, passthrough=tuple(passthrough), limit=limit,
         pipeline=pipeline, **({"batch_rows": batch_rows} if batch_rows else {}),
@@ -102,8 +102,10 @@ def compress(
     if strategy == "policy" and sel.name == FIRST_K:
         notes.append("policy: this bundle's stage 2 kept the first tokens (no head it trained beat first-k on its validation), so the output is first-k")
     warnings = []
-    if sel.name == FIRST_K and (ignored := [f"{opt} {v}" for opt, v in given.items() if v is not None]):
-        warnings.append(f"warning: {' and '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored: first-k keeps each item's first k tokens")
+    ignored = [f"{opt} {v}" for opt, v in given.items() if v is not None and (opt in ("--device", "--dtype") or sel.name == FIRST_K)]
+    if ignored and not sel.needs_forward:
+        does = "keeps each item's first k tokens and runs no model" if sel.name == FIRST_K else "runs no model"
+        warnings.append(f"warning: {', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored: {sel.name} {does}")
     if batch_rows is None and sel.needs_forward and sel.device_type == "cuda":
         cfg = replace(cfg, batch_rows=16384)  # larger windows fill a GPU's larger batches
     if engine == "ray":

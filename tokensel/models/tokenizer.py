@@ -59,7 +59,10 @@ def local_folder(name: str) -> Path | None:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover - transformers depends on it
         return None
-    found = try_to_load_from_cache(path, "config.json")
+    try:
+        found = try_to_load_from_cache(path, "config.json")
+    except Exception:  # not a hub id (e.g. a missing folder): the model path names the problem  # noqa: BLE001
+        return None
     return Path(found).parent if isinstance(found, str) else None
 
 

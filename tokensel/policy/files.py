@@ -169,16 +169,20 @@ def file_manifest(path: Path) -> dict[str, str]:
     return {f.relative_to(path).as_posix(): sha256_of(f) for f in _hashed_files(path) if f.relative_to(path) != Path(CONFIG_FILE)}
 
 
-def verify_bundle(path: str | Path | None) -> BundleConfig:
+def verify_bundle(path: str | Path | None, required: tuple[str, ...] = ()) -> BundleConfig:
     """The bundle's config, after checking its files against the manifest it records (or, for a bundle
-    saved before manifests, that its safetensors files are whole); damage is a TokenselError naming the file."""
+    saved before manifests, that its safetensors files are whole); damage is a TokenselError naming the
+    file. A file that is absent is an error only where it is `required` (compress needs no user model)."""
     path = bundle_path(path)
     cfg = read_bundle_config(path)
+    for name in required:
+        if not (path / name).is_file():
+            raise TokenselError(f"{path / name}: missing from the bundle; copy the whole bundle folder, or train it again")
     if cfg.files:
         for name, digest in sorted(cfg.files.items()):
             f = path / name
             if not f.is_file():
-                raise TokenselError(f"{f}: missing from the bundle; copy the whole bundle folder, or train it again")
+                continue  # absent: `required` says where that matters
             if sha256_of(f) != digest:
                 raise TokenselError(f"{f}: damaged: its content does not match the SHA-256 the bundle's config.json records; copy the bundle again, or train it again")
         return cfg

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tokensel.config import TextConfig, check_rule_settings
+from tokensel.config import TextConfig, check_device_names, check_rule_settings
 from tokensel.errors import TokenselError
 from tokensel.models.tokenizer import DEFAULT_MODEL, ModelFiles, TextTokenizer, load_text_tokenizer, read_model
 from tokensel.policy.files import BundleConfig, bundle_hash, bundle_path, check_identity, keeps_first_k, verify_bundle
@@ -40,6 +40,7 @@ class SelectorSpec:
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise TokenselError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        check_device_names(self.device, self.dtype)
 
 
 def check_budgets(ks: Sequence[int], chunk: int, prefix: int, max_len: int, strategy: str) -> None:
@@ -90,9 +91,9 @@ def plan_selector(spec: SelectorSpec) -> Plan:
     bundle = None
     if spec.strategy in BUNDLE_STRATEGIES:
         path = bundle_path(spec.policy)
-        bundle = verify_bundle(path)
-        if spec.strategy == "policy" and not (path / "policy.safetensors").exists():
+        if spec.strategy == "policy" and (path / "config.json").exists() and not (path / "policy.safetensors").exists():
             raise TokenselError(f"{path}: the bundle has no policy yet (stage 2 has not run): tokensel train --stage 2, or compress with --strategy item-align (needs only stage 1)")
+        bundle = verify_bundle(path, required=("item.safetensors",))
         name = FIRST_K if spec.strategy == "policy" and keeps_first_k(path) else spec.strategy
         model_name = spec.model or bundle.item.base_model
         model = read_model(model_name)
