@@ -101,7 +101,8 @@ def compress_file(
                 w, keeps = job
                 for writer, keep in zip(writers, keeps):
                     cols = sel.columns(w.toks, keep, w.batch.texts, w.batch.spans)
-                    writer.write(output_table(text.id_col, w.batch.ids, cols, w.batch.passthrough, schema, fields))
+                    ids = w.batch.ids if w.batch.id_array is None else w.batch.id_array
+                    writer.write(output_table(text.id_col, ids, cols, w.batch.passthrough, schema, fields))
 
             sink = BackgroundWriter(write, enabled=pipeline)
             windows = prefetch(read(), 2) if pipeline else read()

@@ -170,6 +170,7 @@ class TextTokenizer:
         self.backend = backend
         self.class_name = class_name
         self.item_token_id = backend.token_to_id(item_token)
+        self._last: tuple[list[str], list] | None = None  # the last texts tokenised and their encodings (offsets)
 
     @classmethod
     def from_folder(cls, folder: str | Path, item_token: str = "[ITEM]") -> TextTokenizer | None:
@@ -180,31 +181,35 @@ class TextTokenizer:
             return None
         try:
             cfg = json.loads(cfg_file.read_text())
-            spec = json.loads(file.read_text())
         except (OSError, json.JSONDecodeError):
             return None
         cls_name = cfg.get("tokenizer_class")
-        if cfg.get("truncation_side", "right") != "right" or cfg.get("auto_map"):
-            return None
-        if cls_name in WORDPIECE_CLASSES:
-            if not _wordpiece_as_rebuilt(spec, cfg):
-                return None
-            cls_name = "BertTokenizer"
-        elif cls_name in GENERIC_CLASSES:
-            cls_name = "TokenizersBackend"
-        else:
+        if cls_name not in (*WORDPIECE_CLASSES, *GENERIC_CLASSES) or cfg.get("truncation_side", "right") != "right" or cfg.get("auto_map"):
             return None
         from tokenizers import Tokenizer
 
-        backend = Tokenizer.from_str(json.dumps(spec))
-        vocab = backend.get_vocab(with_added_tokens=True)
+        try:
+            backend = Tokenizer.from_file(str(file))
+        except Exception:  # noqa: BLE001  (the model path names what is wrong with the file)
+            return None
+        if cls_name in WORDPIECE_CLASSES:
+            if not _wordpiece_as_rebuilt(backend, cfg):
+                return None
+            cls_name = "BertTokenizer"
+        else:
+            cls_name = "TokenizersBackend"
         added = cfg.get("added_tokens_decoder") or {}
-        if any(tok.get("content") not in vocab for tok in added.values() if isinstance(tok, dict)):
+        if any(backend.token_to_id(tok.get("content", "")) is None for tok in added.values() if isinstance(tok, dict)):
             return None  # transformers would add tokens the file lacks
         return cls(backend, cls_name, item_token)
 
     def tokenize(self, texts: list[str], max_len: int) -> list[list[int]]:
-        return encode_plain(self.backend, texts, max_len)
+        """As `encode_plain`, in one pass that also keeps the offsets `offsets` asks for next (per-field output)."""
+        if not texts:
+            return []
+        encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)
+        self._last = (texts, encodings)
+        return [e.ids[:max_len] for e in encodings]
 
     def decode_batch(self, sequences: list[list[int]]) -> list[str]:
         return decode_plain(self.backend, sequences)
@@ -214,7 +219,9 @@ class TextTokenizer:
 
     def offsets(self, texts: list[str]) -> list[list[tuple[int, int]]]:
         """Each token's character span in its text (no specials, not cut)."""
-        return [e.offsets for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        last = self._last
+        encodings = last[1] if last is not None and last[0] is texts else self.backend.encode_batch(list(texts), add_special_tokens=False)
+        return [e.offsets for e in encodings]
 
     def encode(self, text: str, specials: bool) -> list[int]:
         return self.backend.encode(text, add_special_tokens=specials).ids
@@ -232,22 +239,26 @@ class TextTokenizer:
         return full[:start]
 
 
-def _wordpiece_as_rebuilt(spec: dict, cfg: dict) -> bool:
+def _state(component) -> dict | None:
+    return json.loads(component.__getstate__()) if component is not None else None
+
+
+def _wordpiece_as_rebuilt(backend, cfg: dict) -> bool:
     """Whether transformers' BertTokenizer, which rebuilds normaliser, pre-tokeniser, decoder and
     model from the config's settings, gets what tokenizer.json holds."""
     want_norm = {
         "type": "BertNormalizer", "clean_text": True, "handle_chinese_chars": cfg.get("tokenize_chinese_chars", True),
         "strip_accents": cfg.get("strip_accents"), "lowercase": cfg.get("do_lower_case", True),
     }
-    model = spec.get("model") or {}
+    model = backend.model
     return (
-        spec.get("normalizer") == want_norm
-        and (spec.get("pre_tokenizer") or {}).get("type") == "BertPreTokenizer"
-        and spec.get("decoder") == {"type": "WordPiece", "prefix": "##", "cleanup": True}
-        and model.get("type") == "WordPiece"
-        and model.get("unk_token") == cfg.get("unk_token", "[UNK]")
-        and model.get("continuing_subword_prefix") == "##"
-        and model.get("max_input_chars_per_word") == 100
+        _state(backend.normalizer) == want_norm
+        and (_state(backend.pre_tokenizer) or {}).get("type") == "BertPreTokenizer"
+        and _state(backend.decoder) == {"type": "WordPiece", "prefix": "##", "cleanup": True}
+        and type(model).__name__ == "WordPiece"
+        and model.unk_token == cfg.get("unk_token", "[UNK]")
+        and model.continuing_subword_prefix == "##"
+        and model.max_input_chars_per_word == 100
     )
 
 

@@ -9,15 +9,14 @@ API (lists of strings, tables, datasets), the output columns and the pickling ar
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
-import pyarrow as pa
 
 from tokensel.config import TextConfig
 from tokensel.errors import TokenselError
+from tokensel.io.arrow import string_array
 from tokensel.io.fields import build_text_spans, field_columns, per_field
 from tokensel.io.items import build_text
 from tokensel.select import frames
@@ -68,7 +67,8 @@ class TokenSelector:
 
     def with_text(self, **changes) -> TokenSelector:
         """The same loaded selector with other text settings (columns, labels, template, max_len, id column)."""
-        out = copy.copy(self)
+        out = object.__new__(type(self))  # not copy.copy: that would go through __reduce__ and rebuild
+        out.__dict__.update(self.__dict__)
         out.text = replace(self.text, **{k: v for k, v in changes.items() if v is not None})
         return out
 
@@ -94,7 +94,7 @@ class TokenSelector:
         if spans is not None and per_field(self.text.text_cols):
             tok = self.tokenizer
             values = field_columns(tok.offsets, tok.decode_batch, texts, spans, token_lists, keep, cols["text"].to_pylist())
-            cols.update({c: pa.array(v, type=pa.string()) for c, v in zip(self.text.text_cols, values)})
+            cols.update({c: string_array(v) for c, v in zip(self.text.text_cols, values)})
         return cols
 
     def _check_ready(self) -> None:
