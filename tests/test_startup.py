@@ -259,3 +259,9 @@ def test_per_field_columns_match_on_the_new_path(tmp_path, tiny_llama):
     assert new == model_path_file(tmp_path / "old.parquet", items, spec, cfg)
     assert {"title", "description"} <= set(pq.read_schema(tmp_path / "new.parquet").names)
     assert isinstance(pq.read_table(tmp_path / "new.parquet").column("title"), pa.ChunkedArray)
+
+
+def test_a_model_that_does_not_match_the_bundle_is_named_before_anything_loads(tiny_bundle, tiny_llama, monkeypatch):
+    monkeypatch.setattr(selector_mod, "load", lambda spec: pytest.fail("the model was loaded"))
+    with pytest.raises(TokenselError, match="does not match model"):
+        build_selector(SelectorSpec("item-align", str(tiny_bundle), model=tiny_llama, device="cpu"))

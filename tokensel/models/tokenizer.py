@@ -93,7 +93,7 @@ def model_source(name: str, folder: Path) -> dict:
         except PackageNotFoundError:
             rev = None
         return {"model_name": DEFAULT_MODEL_NAME, "model_revision": rev}
-    commit = _SNAPSHOT.search(f"{Path(folder).resolve()}/")
+    commit = _SNAPSHOT.search(f"{Path(folder).as_posix()}/")  # as transformers reads `_commit_hash` from the path
     return {"model_name": name, "model_revision": commit.group(1) if commit else weights_fingerprint(Path(folder))}
 
 

@@ -100,8 +100,8 @@ def plan_selector(spec: SelectorSpec) -> Plan:
         tokenizer = load_text_tokenizer(model, bundle.item.item_token)
         prov = {"model": bundle.identity.get("name"), **model.source, "policy": str(path), "policy_hash": bundle_hash(path)} if model else None
         plan = Plan(spec, name, model, tokenizer, prov, bundle)
-        if plan.identity is not None:
-            check_identity(bundle.identity, plan.identity, path, model_name)
+        if plan.identity is not None:  # a field config.json names differently (n_layer, d_model) is left to the model path
+            check_identity(bundle.identity, {**bundle.identity, **{k: v for k, v in plan.identity.items() if v is not None}}, path, model_name)
         return plan
     model_name = spec.model or DEFAULT_MODEL
     model = read_model(model_name)
