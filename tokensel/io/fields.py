@@ -52,7 +52,8 @@ def token_fields(offsets: list[tuple[int, int]], spans: list[Span]) -> np.ndarra
     which = np.array([i for i, (s, e) in enumerate(spans) if e > s], dtype=np.int64)
     if not len(offsets) or not len(which):
         return np.zeros(len(offsets), dtype=np.int64)
-    last = np.array([max(e - 1, s) for s, e in offsets], dtype=np.int64)
+    pairs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    last = np.maximum(pairs[:, 1] - 1, pairs[:, 0])
     return which[np.clip(np.searchsorted(starts, last, side="right") - 1, 0, len(which) - 1)]
 
 
