@@ -228,3 +228,15 @@ def check_contract(out: Path, items: Path, tokenizer_path: str, k: int, *, max_l
         if len(full) <= k:
             assert pos == list(range(len(full))), f"row {r}: short text not kept whole"
     return table
+
+
+def record_manifest(bundle: Path) -> None:
+    """Re-record a bundle's file manifest after a test edits its files on purpose (as save_pretrained would)."""
+    import json
+
+    from tokensel.config import write_json
+    from tokensel.policy.files import file_manifest
+
+    cfg = json.loads((bundle / "config.json").read_text())
+    cfg["files"] = file_manifest(bundle)
+    write_json(bundle / "config.json", cfg)

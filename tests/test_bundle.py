@@ -21,7 +21,7 @@ from tokensel.policy.bundle import Bundle, bundle_hash
 from tokensel.select.strategies import Policy
 from tokensel.train.pipeline import train
 
-from conftest import INTERACTIONS, ITEMS, check_contract
+from conftest import INTERACTIONS, ITEMS, check_contract, record_manifest
 
 K, CHUNK, PREFIX = 32, 4, 8
 QUIET = {"device": "cpu", "log": lambda row: None}
@@ -172,6 +172,7 @@ def test_item_align_is_the_policy_rule_with_identity_projections(tiny_bundle, tm
     ident = shutil.copytree(tiny_bundle, tmp_path / "ident")
     d = load_file(tiny_bundle / "policy.safetensors")["w_q"].shape[0]
     save_file({"w_q": torch.eye(d), "w_k": torch.eye(d)}, ident / "policy.safetensors")
+    record_manifest(ident)  # a deliberate edit: the bundle's manifest records the new head
     aligned, _ = compress_with(tmp_path, tiny_bundle, "align.parquet", "item-align")
     identity_policy, _ = compress_with(tmp_path, ident, "ident.parquet", "policy")
     trained, _ = compress_with(tmp_path, tiny_bundle, "trained.parquet", "policy")

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-import tokensel.policy.bundle as bundle_mod
+import tokensel.policy.files as bundle_mod
 from tokensel import inspect as ins
 from tokensel.cli import app
 from tokensel.io.parquet_out import read_metadata

@@ -147,12 +147,15 @@ def test_a_damaged_bundle_file_is_named(work, tiny_bundle, damage, file):
     ("--device", "cuda:7", "--devicecuda:7"),
     ("--dtype", "int8", "--dtypeint8"),
 ])
-def test_a_device_or_dtype_this_machine_cannot_use_is_named(work, tiny_bert, option, value, says):
+def test_a_device_or_dtype_this_machine_cannot_use_is_named(work, tiny_llama, option, value, says):
+    """A name tokensel does not know fails whatever the strategy; a device this machine lacks fails
+    where a model would run on it (first-k runs none: tests/test_startup.py)."""
     folder, items = work
     torch = pytest.importorskip("torch")
     if value.startswith("cuda") and torch.cuda.is_available() and value == "cuda":
         pytest.skip("this machine has a CUDA GPU: --device cuda is valid here")
-    r = cli("compress", items, "-o", folder / "out.parquet", "--model", tiny_bert, "--strategy", "first-k", option, value)
+    strategy = "topk-logits" if value.startswith("cuda") else "first-k"
+    r = cli("compress", items, "-o", folder / "out.parquet", "--model", tiny_llama, "--strategy", strategy, option, value)
     assert r.exit_code == 2, r.output
     assert says in flat(r.output)
     assert leftovers(folder, keep={"items.parquet"}) == []

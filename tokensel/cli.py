@@ -1,4 +1,10 @@
-"""The `tokensel` command: a thin layer over the Python API (tokensel.api)."""
+"""The `tokensel` command: a thin layer over the Python API (tokensel.api).
+
+It starts fast: at import it loads nothing that imports torch or transformers, so `--help`,
+`--version`, `info` and `compress` with a strategy that runs no model (first-k: what `--strategy auto`
+runs with the shipped bundle) take about the time of reading the items. The commands that train,
+check or inspect import the heavy API when they run (`heavy`, the CLI's one deferred import).
+"""
 
 from __future__ import annotations
 
@@ -16,22 +22,28 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tokensel import __version__
-from tokensel import api
-from tokensel import inspect as ins
-from tokensel.config import COLD_SHARE, OBJECTIVE_NAMES, ItemModelConfig, PolicyConfig, Stage1Config, TextConfig, UserModelConfig
+from tokensel.compress.job import output_paths
+from tokensel.compress.run import compress as compress_file
+from tokensel.config import CHECK_EPOCHS, COLD_SHARE, OBJECTIVE_NAMES, ItemModelConfig, PolicyConfig, Stage1Config, TextConfig, UserModelConfig
 from tokensel.errors import TokenselError
+from tokensel.evaluate.command import COLD_SHARE_HELP, PROTOCOL_HELP, curve_command, evaluate_command, fail, headroom_command
 from tokensel.io import writers
 from tokensel.io.readers import open_items
-from tokensel.evaluate.check import CHECK_EPOCHS
-from tokensel.policy.bundle import CHECK_FILE, DEFAULT_BUNDLE, bundle_hash, bundle_label
-from tokensel.compress.job import output_paths
+from tokensel.policy.files import CHECK_FILE, DEFAULT_BUNDLE, bundle_hash, bundle_label
 from tokensel.report import bundle_summary, check_table
 from tokensel.select.auto import AUTO, current_check, resolve
-from tokensel.evaluate.command import COLD_SHARE_HELP, PROTOCOL_HELP, curve_command, evaluate_command, fail, headroom_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Keep the most informative tokens of item texts (TSPORec).")
 console = Console(stderr=True)
 out_console = Console()
+
+
+def heavy():
+    """(tokensel.api, tokensel.inspect): torch and transformers, imported by the commands that train,
+    check or inspect when they run. The CLI's one deferred import (see the module docstring)."""
+    from tokensel import api, inspect
+
+    return api, inspect
 
 
 def _version(value: bool) -> None:
@@ -80,8 +92,8 @@ def compress(
     items: Annotated[Path, typer.Argument(help="Items Parquet: an id column and text columns.")],
     out: Annotated[Optional[str], typer.Option("-o", "--out", help="Output Parquet (default: <items>.k<K>-<strategy>.parquet beside the items; with several --k it must contain {k}).")] = None,
     k: Annotated[str, typer.Option(help="Tokens kept per item (the budget); several as 32,64,128 write one file each from one model pass (-o must then contain {k}).")] = "64",
-    chunk: Annotated[int, typer.Option(help="Selection chunk size in tokens.")] = 8,
-    prefix: Annotated[int, typer.Option(help="Leading tokens always kept.")] = 16,
+    chunk: Annotated[Optional[int], typer.Option(help="Selection chunk size in tokens (default 8; first-k ignores it).", show_default=False)] = None,
+    prefix: Annotated[Optional[int], typer.Option(help="Leading tokens always kept (default 16; first-k ignores it).", show_default=False)] = None,
     strategy: Annotated[str, typer.Option(help="auto (default: what the bundle's strategy check chose, first-k where it has none; see tokensel info) | policy | item-align (the policy rule with W_Q = W_K = I: needs only stage 1) | first-k | random | rarity | topk-logits")] = "auto",
     policy: Annotated[Optional[Path], typer.Option(help="Trained bundle folder (default: the one shipped with tokensel).")] = None,
     model: Annotated[Optional[str], typer.Option(help="Item LLM: hub id or folder (default: the bundle's model, or all-MiniLM-L6-v2).")] = None,
@@ -92,7 +104,7 @@ def compress(
     labels: Annotated[Optional[bool], typer.Option("--labels/--no-labels", help="Build the text as `title: A description: B` (labels) or `A B` (default: the bundle's setting, else no labels).")] = None,
     passthrough: Annotated[str, typer.Option(help="Comma-separated input columns copied to the output.")] = "",
     seed: Annotated[int, typer.Option(help="Seed of the random strategy.")] = 0,
-    batch_rows: Annotated[Optional[int], typer.Option(help="Rows read per window (default 4096; 16384 on CUDA). Results do not depend on it.")] = None,
+    batch_rows: Annotated[Optional[int], typer.Option(help="Rows read per window (default 4096; 16384 when a model runs on CUDA). Results do not depend on it.")] = None,
     batch_tokens: Annotated[Optional[int], typer.Option(help="Padded tokens per forward pass (default 8192; 65536 on CUDA). Results do not depend on it on the CPU; on a GPU pin it for byte-equal reruns.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N rows.")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
@@ -114,7 +126,7 @@ def compress(
         ks = [budgets] if isinstance(budgets, int) else budgets
         out, exports = _export_plan(items, out, ks, strategy, policy, fmt)
         with progress_bar(items, limit) as tick:
-            summary = api.compress(
+            summary = compress_file(
                 items, out, k=budgets, chunk=chunk, prefix=prefix, strategy=strategy, policy=policy, model=model,
                 id_col=id_col, text_cols=_cols(text_cols) if text_cols else None, max_len=max_len, template=template, labels=labels,
                 passthrough=_cols(passthrough), seed=seed, batch_rows=batch_rows, batch_tokens=batch_tokens, limit=limit,
@@ -180,6 +192,8 @@ def print_summary(summaries: list) -> None:
         out_console.print(line, markup=False, highlight=False, soft_wrap=True)
     for note in first.notes:
         out_console.print(note, markup=False, highlight=False, soft_wrap=True)
+    for warning in first.warnings:
+        console.print(warning, markup=False, highlight=False, soft_wrap=True)
     for col in first.empty_columns:
         console.print(f"warning: text column {col!r} is null or blank in every row: check --text-cols", markup=False, highlight=False, soft_wrap=True)
 
@@ -254,7 +268,7 @@ def train(
                                 masked_side=masked_side, mask_layers=mask_layers, sigma=sigma, perturb_samples=perturb_samples, prior_lr=prior_lr, model_lr=model_lr, readout_lr=readout_lr,
                                 grad_chunks=grad_chunks, warmup_epochs=warmup_epochs, surrogate_mix=surrogate_mix, keep_best=keep_best, settle_epochs=settle_epochs),
         )
-        bundle = api.train(
+        bundle = heavy()[0].train(
             items, interactions, out, stages=stages, **configs, columns=(user_col, item_col, order_col), device=device,
             log=lambda row: console.print(json.dumps(row), markup=False, highlight=False, soft_wrap=True),
             check_strategies=check, check_epochs=check_epochs, protocol=protocol, cold_share=cold_share,
@@ -288,7 +302,7 @@ def check_command(
     """Which strategy to trust with a bundle: first-k, item-align and the policy compressed at k, the same
     recommender (hllm) retrained on each, VALIDATION targets scored (never test), each paired with first-k."""
     try:
-        result = api.check(
+        result = heavy()[0].check(
             bundle or DEFAULT_BUNDLE, items, interactions, k=k, seeds=seeds, epochs=epochs, columns=(user_col, item_col, order_col),
             max_users=max_users, device=device, save=save, protocol=protocol, cold_share=cold_share,
             log=lambda row: console.print(json.dumps(row), markup=False, highlight=False, soft_wrap=True),
@@ -315,6 +329,7 @@ def inspect(
 ) -> None:
     """Show kept tokens vs first-k: green = kept only by the selection, blue = only by first-k (paper fig. 3, 4)."""
 
+    ins = heavy()[1]
     try:
         report = ins.inspect(items, compressed, ids=_cols(ids), n=n, top=top)
     except TokenselError as exc:

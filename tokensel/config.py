@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,6 +34,18 @@ def check_rule_settings(ks, chunk: int, prefix: int) -> None:
     """The selection rule's settings, for the file job and the in-memory Selector alike."""
     if not ks or min(ks) < 1 or chunk < 1 or prefix < 0:
         raise TokenselError(f"need --k >= 1, --chunk >= 1, --prefix >= 0 (got k={list(ks)}, chunk={chunk}, prefix={prefix})")
+
+
+DTYPE_NAMES = ("fp32", "bf16", "fp16")  # --dtype besides auto (tokensel.device maps them to torch dtypes)
+
+
+def check_device_names(device: str, dtype: str) -> None:
+    """--device and --dtype spelled as tokensel knows them; whether this machine has the device is
+    tokensel.device's question, asked only where a model runs."""
+    if not re.fullmatch(r"auto|cpu(:\d+)?|cuda(:\d+)?", device):
+        raise TokenselError(f"--device {device}: tokensel runs on cpu or cuda; choose auto, cpu, cuda or cuda:N")
+    if dtype != "auto" and dtype not in DTYPE_NAMES:
+        raise TokenselError(f"--dtype {dtype}: choose auto, {', '.join(DTYPE_NAMES)}")
 
 
 @dataclass(frozen=True)
@@ -230,6 +243,7 @@ class TrainConfig:
 
 
 SCORED_SPLITS = ("test", "valid")
+CHECK_EPOCHS = 6  # the strategy check's epochs per recommender: fixed, since the validation targets it scores cannot pick the epoch
 POOLINGS = ("mean", "mean-specials")  # text-sim / sasrec-init item vectors
 ITEM_TUNINGS = ("none", "top", "lora", "full")  # hllm: how much of the item LLM trains with the user model
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tokensel.select.auto import lost_to_first_k
-from tokensel.train.stage2 import stage2_warnings
+from tokensel.train.warnings import stage2_warnings
 
 
 def bundle_summary(cfg: dict) -> list[tuple[str, str]]:

@@ -6,9 +6,10 @@ It stores what the model computes, not what is selected from it. One SQLite file
     (scorer hash, item key) -> (n_tokens, float32 score of every token)
 
 where the item key is a 128-bit hash of the item id and its built text, and the scorer hash covers
-everything the token scores depend on: tokensel version, strategy, model identity and a weight
-fingerprint, the policy head's fingerprint, max_len, template, text columns, dtype, device type and
-the forward-batch geometry. Budget, prefix and chunk are not in it: the selection is a pure function
+everything the token scores depend on: tokensel version, strategy, model identity and revision (which
+weight files), the bundle's hash (its item embedding and policy head), the torch and transformers
+versions, max_len, template, text columns, dtype, device type and the forward-batch geometry. All of
+it is read from files, so a run whose scores are all cached never loads the model. Budget, prefix and chunk are not in it: the selection is a pure function
 of the token scores (tokensel.select), so a run with another k, prefix or chunk reuses every entry
 and runs no model. Only items that need scoring (more than k tokens) are stored.
 
@@ -31,7 +32,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from tokensel.errors import TokenselError
 
@@ -58,19 +58,6 @@ def item_key(item_id, text: str) -> bytes:
     h.update(b"\x00")
     h.update(text.encode())
     return h.digest()
-
-
-def weights_fingerprint(module: torch.nn.Module) -> str:
-    """A cheap fingerprint of a model's weights: names, shapes, dtypes and a strided sample of each tensor."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, t in module.state_dict().items():
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        flat = t.detach().reshape(-1)
-        if flat.numel():
-            step = max(1, flat.numel() // 4096)
-            sample = flat[::step][:4096].float().cpu().numpy()
-            h.update(sample.tobytes())
-    return h.hexdigest()
 
 
 def config_hash(config: dict) -> str:

@@ -8,21 +8,20 @@ runs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from tokensel import __version__
-from tokensel.compress.cache import weights_fingerprint
 from tokensel.config import CompressConfig
 from tokensel.errors import TokenselError
 from tokensel.io.fields import per_field
 from tokensel.io.items import check_columns
 from tokensel.io.readers import open_items
+from tokensel.select.base import TokenSelector
 from tokensel.select.keep import COLUMNS
-from tokensel.select.selector import Selector
 
 
 @dataclass
@@ -45,6 +44,7 @@ class CompressSummary:
     k: int = 0
     filled: dict[str, int] = field(default_factory=dict)  # per text column: rows with a non-blank value
     notes: list[str] = field(default_factory=list)  # what --strategy auto chose, or that the strategy lost the bundle's check
+    warnings: list[str] = field(default_factory=list)  # options given that the strategy run ignores
 
     @property
     def ratio(self) -> float:
@@ -77,7 +77,7 @@ def output_paths(items: Path, out: str | Path | None, ks: tuple[int, ...], strat
     return {k: Path(out.replace("{k}", str(k))) for k in ks}
 
 
-def preflight(items: Path, outs: list[Path], sel: Selector, cfg: CompressConfig) -> pa.Schema:
+def preflight(items: Path, outs: list[Path], sel: TokenSelector, cfg: CompressConfig) -> pa.Schema:
     """Checks every engine makes before any work; returns the output schema."""
     for out in outs:
         if out.resolve() == items.resolve():
@@ -97,7 +97,7 @@ def preflight(items: Path, outs: list[Path], sel: Selector, cfg: CompressConfig)
     return pa.schema(fields + [schema_in.field(c) for c in cfg.passthrough])
 
 
-def field_names(sel: Selector) -> list[str]:
+def field_names(sel: TokenSelector) -> list[str]:
     """The per-field output columns (one per text column when there are two or more)."""
     return list(sel.text.text_cols) if per_field(sel.text.text_cols) else []
 
@@ -114,7 +114,7 @@ def output_table(id_col: str, ids, cols: dict, passthrough: pa.Table | None, sch
     return pa.Table.from_arrays(arrays, names=names)
 
 
-def compress_meta(sel: Selector, cfg: CompressConfig, k: int) -> dict:
+def compress_meta(sel: TokenSelector, cfg: CompressConfig, k: int) -> dict:
     """The file metadata (`tokensel` key): how the file was made."""
     text = sel.text
     return {
@@ -133,24 +133,30 @@ def compress_meta(sel: Selector, cfg: CompressConfig, k: int) -> dict:
     }
 
 
-def scorer_config(sel: Selector) -> dict:
-    """Everything an item's cached token scores depend on besides its id and text (not k, prefix, chunk)."""
-    llm, text = sel.llm, sel.text
-    head = getattr(sel.strategy, "head", None)
-    identity = {k: v for k, v in llm.identity().items() if k != "name"}  # where files live does not matter
+def scorer_config(sel: TokenSelector) -> dict:
+    """Everything an item's cached token scores depend on besides its id and text (not k, prefix, chunk),
+    all of it from files: a run whose scores are all cached never loads the model."""
+    text = sel.text
+    identity = {k: v for k, v in sel.identity.items() if k != "name"}  # where files live does not matter
     return {
         "version": __version__,
         "strategy": sel.name,
-        "provenance": {k: v for k, v in sel.provenance.items() if k not in ("policy", "model", "model_name")},
+        "provenance": {k: v for k, v in sel.provenance.items() if k not in ("policy", "model", "model_name")},  # revision, bundle hash
         "identity": identity,
-        "weights": weights_fingerprint(llm.model),
-        "head": weights_fingerprint(head) if isinstance(head, torch.nn.Module) else None,
+        "libraries": {lib: _version(lib) for lib in ("torch", "transformers")},
         "max_len": text.max_len,
         "template": text.template,
         "text_cols": text.text_cols,
         "labels": text.labels,
-        "dtype": str(next(llm.model.parameters()).dtype),
-        "device": llm.device.type,
+        "dtype": sel.dtype_name,
+        "device": sel.device_type,
         "pad_multiple": sel.batch.pad_multiple,
         "min_batch_tokens": sel.batch.min_batch_tokens,
     }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None

@@ -6,7 +6,8 @@ tokens; everything else is kept off the hot path:
 - Items are read in windows of `batch_rows` rows and tokenised in one call to the fast tokenizer.
 - Items with n <= k pass through without a forward pass.
 - The model path is the Selector's (tokensel.select.selector): forward batches whose widths depend on
-  the item alone, token scores, then the selection rule for every budget from the same scores.
+  the item alone, token scores, then the selection rule for every budget from the same scores. The
+  model is loaded on the first item the cache does not have; first-k never loads it (nor torch).
 - The score cache (tokensel.compress.cache) sits between scoring and selecting: items scored before
   (by an interrupted run, a run at another budget, prefix or chunk, or an older catalogue) are not
   scored again, and every forward batch is committed as soon as it is scored.
@@ -31,9 +32,8 @@ from tokensel.compress.threads import BackgroundWriter, prefetch
 from tokensel.config import CompressConfig
 from tokensel.io.items import ItemBatch, iter_item_batches
 from tokensel.io.parquet_out import AtomicParquetWriter
+from tokensel.select.base import TokenSelector
 from tokensel.select.keep import kept_counts, lengths_of
-from tokensel.select.selector import Selector
-from tokensel.select.strategies import Rarity
 
 
 @dataclass
@@ -50,15 +50,15 @@ class RunCounters:
     forward_batches: int = 0  # forward passes run (0: the model never ran)
 
 
-def auto_pipeline(sel: Selector) -> bool:
+def auto_pipeline(sel: TokenSelector) -> bool:
     """Threads pay when there are spare cores (or a GPU does the forward pass); on 2 cores they contend."""
-    return sel.needs_forward and (sel.llm.device.type == "cuda" or (os.cpu_count() or 1) > 2)
+    return sel.needs_forward and (sel.device_type == "cuda" or (os.cpu_count() or 1) > 2)
 
 
 def compress_file(
     items: str | Path,
     outs: dict[int, Path],
-    sel: Selector,
+    sel: TokenSelector,
     cfg: CompressConfig,
     on_progress: Callable[[int], None] | None = None,
     cache: str | Path | None = None,
@@ -75,7 +75,7 @@ def compress_file(
     schema = preflight(items, [Path(outs[k]) for k in ks], sel, cfg)
     text = sel.text
     fields = field_names(sel)
-    if isinstance(sel.strategy, Rarity) and not sel.strategy.fitted:
+    if sel.needs_fit:
         sel.fit(batches=(sel.tokenize(b.texts) for b in iter_item_batches(items, text, cfg.batch_rows, check_duplicates=False, limit=cfg.limit)))
     summaries = [CompressSummary(out=str(outs[k]), k=k) for k in ks]
     run = RunCounters()
@@ -101,7 +101,8 @@ def compress_file(
                 w, keeps = job
                 for writer, keep in zip(writers, keeps):
                     cols = sel.columns(w.toks, keep, w.batch.texts, w.batch.spans)
-                    writer.write(output_table(text.id_col, w.batch.ids, cols, w.batch.passthrough, schema, fields))
+                    ids = w.batch.ids if w.batch.id_array is None else w.batch.id_array
+                    writer.write(output_table(text.id_col, ids, cols, w.batch.passthrough, schema, fields))
 
             sink = BackgroundWriter(write, enabled=pipeline)
             windows = prefetch(read(), 2) if pipeline else read()
@@ -129,7 +130,7 @@ def compress_file(
     return summaries
 
 
-def window_keeps(sel: Selector, w: Window, cfg: CompressConfig, ks: list[int], store, run: RunCounters, tick) -> list[np.ndarray]:
+def window_keeps(sel: TokenSelector, w: Window, cfg: CompressConfig, ks: list[int], store, run: RunCounters, tick) -> list[np.ndarray]:
     """One flat keep mask per budget for a window: the model scores each item at most once for all of them."""
     ids = w.batch.ids
     if not sel.needs_forward:
@@ -143,7 +144,7 @@ def window_keeps(sel: Selector, w: Window, cfg: CompressConfig, ks: list[int], s
     return [sel.keep(w.toks, ids, k, cfg.chunk, cfg.prefix, scores) for k in ks]
 
 
-def window_scores(sel: Selector, w: Window, need: np.ndarray, store, run: RunCounters, tick) -> dict[int, np.ndarray]:
+def window_scores(sel: TokenSelector, w: Window, need: np.ndarray, store, run: RunCounters, tick) -> dict[int, np.ndarray]:
     """Token scores of the items in `need`: from the cache where it has them, else from the model.
 
     Each forward batch is committed to the cache as soon as it is scored, so a kill loses at most

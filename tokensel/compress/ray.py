@@ -36,8 +36,7 @@ from tokensel.io.item_ids import IdCheck
 from tokensel.io.items import iter_item_batches, open_parquet
 from tokensel.io.readers import item_format
 from tokensel.io.parquet_out import AtomicParquetWriter
-from tokensel.select.selector import Selector
-from tokensel.select.strategies import Rarity
+from tokensel.select.base import TokenSelector
 
 
 def check_ray() -> None:
@@ -51,10 +50,11 @@ def check_ray() -> None:
 class SelectorActor:
     """A Ray Data actor: the pickled Selector loads itself once, then turns input batches into output rows."""
 
-    def __init__(self, selector: Selector, k: int, cfg: CompressConfig, threads: int):
-        import torch
+    def __init__(self, selector: TokenSelector, k: int, cfg: CompressConfig, threads: int):
+        if selector.needs_forward:  # the model runs in this actor: its share of the cores
+            import torch
 
-        torch.set_num_threads(threads)
+            torch.set_num_threads(threads)
         self.sel, self.k, self.cfg = selector, k, cfg
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -81,7 +81,7 @@ def _input_ids(path: Path, id_col: str, limit: int | None):
 def compress_file_ray(
     items: str | Path,
     out: str | Path,
-    sel: Selector,
+    sel: TokenSelector,
     cfg: CompressConfig,
     *,
     workers: int = 2,
@@ -92,7 +92,6 @@ def compress_file_ray(
     check_ray()
     import ray
     import ray.data
-    import torch
 
     if len(cfg.ks) > 1:
         raise TokenselError("--engine ray compresses one budget per run; give one --k, or use the local engine")
@@ -103,7 +102,7 @@ def compress_file_ray(
     t0 = time.perf_counter()
     schema = preflight(items, [out], sel, cfg)
     text = sel.text
-    if isinstance(sel.strategy, Rarity) and not sel.strategy.fitted:  # fitted once here, shipped to the actors in the pickle
+    if sel.needs_fit:  # fitted once here, shipped to the actors in the pickle
         sel.fit(batches=(sel.tokenize(b.texts) for b in iter_item_batches(items, text, cfg.batch_rows, check_duplicates=False, limit=cfg.limit)))
     meta = {**compress_meta(sel, cfg, k), "engine": "ray"}
     started = False
@@ -115,7 +114,7 @@ def compress_file_ray(
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    gpu = sel.llm.device.type == "cuda"
+    gpu = sel.device_type == "cuda"
     res = {"num_gpus": 1} if gpu else {"num_cpus": 0.5}
     columns = list(dict.fromkeys([text.id_col, *text.text_cols, *cfg.passthrough]))
     summary = CompressSummary(out=str(out), engine="ray", k=k)

@@ -1,5 +1,9 @@
 """`compress` on files: the options a notebook or the CLI passes, turned into a Selector and a
-CompressConfig, then the local or the Ray engine. tokensel.api re-exports it."""
+CompressConfig, then the local or the Ray engine. tokensel.api re-exports it.
+
+Nothing here imports torch: first-k runs on the fast tokenizer alone (tokensel.select.build picks
+the selector), so the CLI's main job starts in the time it takes to read the items.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +17,13 @@ from tokensel.compress.ray import check_ray, compress_file_ray
 from tokensel.config import CompressConfig
 from tokensel.errors import TokenselError
 from tokensel.io.readers import open_items
+from tokensel.policy.files import verify_bundle
 from tokensel.select.auto import AUTO, auto_choice, catalogue_text, lost_note
 from tokensel.select.batching import BatchConfig
-from tokensel.select.strategies import BUNDLE_STRATEGIES
-from tokensel.select.selector import Selector, SelectorSpec, check_budgets
+from tokensel.select.build import build_selector
+from tokensel.select.plan import BUNDLE_STRATEGIES, FIRST_K, SelectorSpec, check_budgets
+
+CHUNK, PREFIX = 8, 16  # the rule's defaults (compress --chunk / --prefix)
 
 
 def compress(
@@ -24,8 +31,8 @@ def compress(
     out: str | Path | None = None,
     *,
     k: int | Sequence[int] = 64,
-    chunk: int = 8,
-    prefix: int = 16,
+    chunk: int | None = None,
+    prefix: int | None = None,
     strategy: str = "auto",
     policy: str | Path | None = None,
     model: str | None = None,
@@ -55,6 +62,8 @@ def compress(
     budgets whose verdicts differ are compressed as one run per strategy.
 
     k: one budget, or several (one file each, from one model pass; a list of summaries is returned).
+    chunk, prefix: the selection rule's (default 8 and 16). First-k keeps the first k tokens whatever
+    they are: given to it, they are recorded and named in the summaries' `warnings`.
     out: the output file; with several budgets it must contain `{k}`. Default: beside the items file,
     `<items>.k<k>-<strategy>.parquet`.
     cache: the score cache that makes runs resumable, incremental and free for a new budget
@@ -66,6 +75,8 @@ def compress(
     """
     notes: list[str] = []
     auto_text = None  # auto -> first-k: the bundle's text settings, under the options given here
+    if policy is not None and strategy not in (AUTO, *BUNDLE_STRATEGIES):
+        verify_bundle(policy)  # named: checked whatever the strategy (auto and the bundle strategies check it as they read it)
     if strategy == AUTO:
         ks = [k] if isinstance(k, int) else list(k)
         text = catalogue_text(policy, id_col=id_col, text_cols=text_cols, max_len=max_len, template=template, labels=labels)
@@ -89,8 +100,9 @@ def compress(
         notes.append(why)
     elif strategy in BUNDLE_STRATEGIES and (note := lost_note(strategy, policy)):
         notes.append(note)
+    given = {"--prefix": prefix, "--chunk": chunk, "--device": None if device == "auto" else device, "--dtype": None if dtype == "auto" else dtype}
     cfg = CompressConfig(
-        ks=(k,) if isinstance(k, int) else tuple(k), chunk=chunk, prefix=prefix, passthrough=tuple(passthrough), limit=limit,
+        ks=(k,) if isinstance(k, int) else tuple(k), chunk=CHUNK if chunk is None else chunk, prefix=PREFIX if prefix is None else prefix, passthrough=tuple(passthrough), limit=limit,
         pipeline=pipeline, **({"batch_rows": batch_rows} if batch_rows else {}),
     )
     spec = SelectorSpec(strategy, None if policy is None else str(policy), model, seed, device, dtype)  # refuses an unknown strategy
@@ -103,13 +115,18 @@ def compress(
         if len(cfg.ks) > 1:
             raise TokenselError("--engine ray compresses one budget per run; give one --k, or use the local engine")
     outs = output_paths(items, out, cfg.ks, strategy)
-    sel = Selector.from_spec(spec, text=auto_text)
+    sel = build_selector(spec, text=auto_text)
     sel = sel.with_text(id_col=id_col, text_cols=text_cols, max_len=max_len, template=template, labels=labels)
-    sel.batch = BatchConfig.for_device(sel.llm.device, batch_tokens=batch_tokens)
+    sel.batch = BatchConfig.for_device(sel.device_type, batch_tokens=batch_tokens)
     check_budgets(cfg.ks, cfg.chunk, cfg.prefix, sel.text.max_len, strategy)
-    if strategy == "policy" and sel.name == "first-k":
+    if strategy == "policy" and sel.name == FIRST_K:
         notes.append("policy: this bundle's stage 2 kept the first tokens (no head it trained beat first-k on its validation), so the output is first-k")
-    if batch_rows is None and sel.llm.device.type == "cuda":
+    warnings = []
+    ignored = [f"{opt} {v}" for opt, v in given.items() if v is not None and (opt in ("--device", "--dtype") or sel.name == FIRST_K)]
+    if ignored and not sel.needs_forward:
+        does = "keeps each item's first k tokens and runs no model" if sel.name == FIRST_K else "runs no model"
+        warnings.append(f"warning: {', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored: {sel.name} {does}")
+    if batch_rows is None and sel.needs_forward and sel.device_type == "cuda":
         cfg = replace(cfg, batch_rows=16384)  # larger windows fill a GPU's larger batches
     if engine == "ray":
         summaries = [compress_file_ray(items, outs[cfg.ks[0]], sel, cfg, workers=workers, on_progress=on_progress)]
@@ -118,5 +135,5 @@ def compress(
         cache_path = (first.with_name(f"{items.stem}.cache.sqlite") if cache is True else Path(cache)) if cache else None
         summaries = compress_file(items, outs, sel, cfg, on_progress=on_progress, cache=cache_path)
     for summary in summaries:
-        summary.notes = notes
+        summary.notes, summary.warnings = notes, warnings
     return summaries[0] if isinstance(k, int) else summaries

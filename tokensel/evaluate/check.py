@@ -32,18 +32,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tokensel.compress.run import compress
-from tokensel.config import COLD_SHARE, TrainConfig, check_protocol
+from tokensel.config import CHECK_EPOCHS, COLD_SHARE, TrainConfig, check_protocol
 from tokensel.errors import TokenselError
 from tokensel.evaluate.runner import VectorCache, evaluate_detailed, read_split
 from tokensel.io.interactions import COLUMNS
 from tokensel.policy.bundle import BundleConfig, bundle_hash, read_bundle_config, write_check
 from tokensel.models.readout import is_top_tunable
-from tokensel.select.auto import RULE, choose, rows_vs_first_k
+from tokensel.select.auto import RULE, choose
+from tokensel.select.rows import rows_vs_first_k
 from tokensel.select.verdicts import Verdict, catalogue_fingerprint, now, record
 from tokensel.train.pipeline import data_record
 
 CHECKED = ("first-k", "item-align", "policy")
-CHECK_EPOCHS = 6  # fixed: the validation targets are scored, so they cannot pick the epoch
 
 
 def item_tuning_for(model: str) -> str:
@@ -124,3 +124,4 @@ def strategy_check(
             k, check["chosen"], "check", check["recommender"], seeds, seeds > 1, now(), detail,
         )])
     return check
+

@@ -24,7 +24,6 @@ from collections.abc import Callable
 
 import numpy as np
 
-from tokensel.errors import TokenselError
 
 Span = tuple[int, int]  # [start, end) of one field's part in the joined text; (p, p) when empty
 
@@ -53,7 +52,8 @@ def token_fields(offsets: list[tuple[int, int]], spans: list[Span]) -> np.ndarra
     which = np.array([i for i, (s, e) in enumerate(spans) if e > s], dtype=np.int64)
     if not len(offsets) or not len(which):
         return np.zeros(len(offsets), dtype=np.int64)
-    last = np.array([max(e - 1, s) for s, e in offsets], dtype=np.int64)
+    pairs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    last = np.maximum(pairs[:, 1] - 1, pairs[:, 0])
     return which[np.clip(np.searchsorted(starts, last, side="right") - 1, 0, len(which) - 1)]
 
 
@@ -106,7 +106,7 @@ def per_field(text_cols: list[str]) -> bool:
 
 
 def field_columns(
-    tokenizer,
+    offsets: Callable[[list[str]], list[list[tuple[int, int]]]],
     decode_batch: Callable[[list[list[int]]], list[str]],
     texts: list[str],
     spans: list[list[Span]],
@@ -114,12 +114,10 @@ def field_columns(
     keep: np.ndarray,
     out_texts: list[str],
 ) -> list[list[str]]:
-    """Per-field values ([field][item]) of a window: offsets of the joined texts give each kept token's field."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise TokenselError("per-field output needs a fast tokenizer (character offsets); this one is not")
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    """Per-field values ([field][item]) of a window: `offsets(texts)` (each token's character span, from
+    the fast tokenizer) gives each kept token's field."""
     kept_ids, kept_fields, at = [], [], 0
-    for toks, offs, sp in zip(token_lists, enc["offset_mapping"], spans):
+    for toks, offs, sp in zip(token_lists, offsets(texts), spans):
         k = keep[at : at + len(toks)]
         at += len(toks)
         fl = token_fields(list(offs[: len(toks)]), sp)

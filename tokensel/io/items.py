@@ -58,6 +58,7 @@ class ItemBatch:
     passthrough: pa.Table | None
     filled: dict[str, int] = field(default_factory=dict)  # per text column: rows with a non-blank value
     spans: list[list[Span]] | None = None  # [formats hook] each text column's [start, end) in texts[i]
+    id_array: pa.Array | None = None  # the ids as read (not dictionary-encoded), written back without a conversion
 
 
 def iter_item_batches(
@@ -90,7 +91,9 @@ def iter_item_batches(
             built = [build_text_spans({c: data[c][i] for c in text.text_cols}, text.text_cols, text.labels) for i in range(rb.num_rows)]
             extra = pa.Table.from_batches([rb]).select(list(passthrough)) if passthrough else None
             filled = {c: sum(1 for v in data[c] if v is not None and not v.isspace() and v) for c in text.text_cols}
-            yield ItemBatch(row, ids, [t for t, _ in built], extra, filled, [sp for _, sp in built])
+            id_array = rb.column(text.id_col)
+            id_array = None if pa.types.is_dictionary(id_array.type) else id_array
+            yield ItemBatch(row, ids, [t for t, _ in built], extra, filled, [sp for _, sp in built], id_array)
             row += rb.num_rows
     except (pa.ArrowInvalid, OSError) as exc:
         raise TokenselError(f"{path}: the file is damaged or truncated near row {row} ({exc})") from None

@@ -40,7 +40,8 @@ class AtomicParquetWriter:
             raise os_error(self.path, exc) from None
 
     def write(self, table: pa.Table) -> None:
-        table = table.cast(self.schema)
+        if not table.schema.equals(self.schema):  # a cast imports pyarrow.compute: only where the types differ
+            table = table.cast(self.schema)
         self.rows += table.num_rows
         try:
             if not self.row_group_rows:

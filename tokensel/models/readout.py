@@ -23,8 +23,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel
-from transformers.utils import logging as hf_logging
 
 from tokensel.models.batching import length_buckets
 from tokensel.errors import TokenselError
@@ -82,7 +80,12 @@ def check_top_tunable(name: str) -> None:
 @functools.lru_cache(maxsize=16)
 def _untunable_model_type(path: str) -> str | None:
     """The model type when the model at `path` has no BERT-style last block, else None. Cached: train
-    asks once to pick stage 2's objective and again to validate the settings."""
+    asks once to pick stage 2's objective and again to validate the settings. Transformers is imported
+    here, where a model is built, as in ItemLLM.from_pretrained: selecting from cached scores needs
+    this module (through the bundle) but not transformers."""
+    from transformers import AutoConfig, AutoModel
+    from transformers.utils import logging as hf_logging
+
     hf_logging.set_verbosity_error()
     try:
         config = AutoConfig.from_pretrained(path)

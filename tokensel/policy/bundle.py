@@ -16,136 +16,31 @@ what differs.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from tokensel import __version__
-from tokensel.config import (
-    ItemModelConfig,
-    PolicyConfig,
-    Stage1Config,
-    TextConfig,
-    UserModelConfig,
-    from_dict,
-    to_dict,
-    write_json,
-)
+from tokensel.config import write_json
 from tokensel.errors import TokenselError
 from tokensel.models.item_llm import ItemLLM
 from tokensel.models.readout import last_block
 from tokensel.models.user_model import UserModel
+from tokensel.policy.files import (  # noqa: F401  (re-exported: the bundle's files, read without torch)
+    CHECK_FILE,
+    DEFAULT_BUNDLE,
+    BundleConfig,
+    bundle_hash,
+    bundle_label,
+    bundle_path,
+    check_identity,
+    file_manifest,
+    read_bundle_config,
+    read_check,
+    write_check,
+)
 from tokensel.policy.head import PolicyHead
-
-DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "default_bundle"
-
-
-@dataclass
-class BundleConfig:
-    identity: dict
-    text: TextConfig = field(default_factory=TextConfig)
-    item: ItemModelConfig = field(default_factory=ItemModelConfig)
-    user: UserModelConfig = field(default_factory=UserModelConfig)
-    stage1: Stage1Config | None = None
-    policy: PolicyConfig | None = None
-    data: dict = field(default_factory=dict)
-    logs: dict = field(default_factory=dict)
-    version: str = __version__
-
-    def to_json(self) -> dict:
-        return {k: to_dict(v) for k, v in self.__dict__.items()}
-
-    @classmethod
-    def from_json(cls, d: dict) -> BundleConfig:
-        return cls(
-            identity=d["identity"],
-            text=from_dict(TextConfig, {"labels": True, **d["text"]}) if d.get("text") else TextConfig(),  # bundles from before `labels` had them
-            item=from_dict(ItemModelConfig, d.get("item")) or ItemModelConfig(),
-            user=from_dict(UserModelConfig, d.get("user")) or UserModelConfig(),
-            stage1=from_dict(Stage1Config, d.get("stage1")),
-            policy=from_dict(PolicyConfig, d.get("policy")),
-            data=d.get("data", {}),
-            logs=d.get("logs", {}),
-            version=d.get("version", "?"),
-        )
-
-
-def check_identity(expected: dict, actual: dict, bundle: Path, model_name: str) -> None:
-    """Raise naming every field where the loaded model differs from the one the bundle was trained on."""
-    diffs = []
-    for key in ("model_type", "hidden_size", "num_hidden_layers", "item_token_id"):
-        if expected.get(key) != actual.get(key):
-            diffs.append(f"{key}: bundle {expected.get(key)!r}, model {actual.get(key)!r}")
-    for key in ("vocab_size", "vocab_sha"):
-        e, a = expected["tokenizer"].get(key), actual["tokenizer"].get(key)
-        if e != a:
-            diffs.append(f"tokenizer {key}: bundle {e!r}, model {a!r}")
-    if diffs:
-        raise TokenselError(
-            f"bundle {bundle} was trained on model {expected.get('name')!r}, which does not match model "
-            f"{model_name!r}: " + "; ".join(diffs)
-        )
-
-
-CHECK_FILE = "check.json"
-
-
-def bundle_path(path: str | Path | None) -> Path:
-    """A bundle folder; None is the shipped one."""
-    return Path(path) if path is not None else DEFAULT_BUNDLE
-
-
-def bundle_label(path: str | Path | None) -> str:
-    """How messages name a bundle: the shipped one by that name (its folder is wherever tokensel was
-    installed, which says nothing to a reader), any other as the path it was given."""
-    path = bundle_path(path)
-    return "the shipped bundle" if path.resolve() == DEFAULT_BUNDLE else str(path)
-
-
-def read_bundle_config(path: str | Path | None = None) -> BundleConfig:
-    """A bundle's config alone (no weights loaded); default: the shipped bundle."""
-    path = bundle_path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise TokenselError(f"{path}: not a tokensel bundle (no config.json)")
-    try:
-        return BundleConfig.from_json(json.loads(cfg_file.read_text()))
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise TokenselError(f"{cfg_file}: unreadable bundle config ({exc})") from None
-
-
-def read_check(path: str | Path | None = None) -> dict | None:
-    """The bundle's strategy check (tokensel.evaluate.check), or None where it has not run."""
-    f = bundle_path(path) / CHECK_FILE
-    if not f.exists():
-        return None
-    try:
-        check = json.loads(f.read_text())
-        if not isinstance(check, dict) or "chosen" not in check or "rows" not in check:
-            raise ValueError("no chosen strategy or rows")
-    except (json.JSONDecodeError, ValueError) as exc:
-        raise TokenselError(f"{f}: unreadable strategy check ({exc}); run tokensel check again") from None
-    return check
-
-
-def write_check(path: Path, check: dict) -> None:
-    write_json(Path(path) / CHECK_FILE, check)
-
-
-def bundle_hash(path: Path) -> str:
-    """A short content hash of the bundle (config and weights), recorded in compressed files. The
-    strategy check is a verdict about the bundle written after it, not part of what selects: left out."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.relative_to(path) != Path(CHECK_FILE)):
-        h.update(str(f.relative_to(path)).encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
 
 class Bundle:
     """A loaded bundle: the item LLM with its `[ITEM]` embedding (and adapter), g, and the policy head."""
@@ -201,6 +96,7 @@ class Bundle:
                 },
                 path / "policy.safetensors",
             )
+        self.config.files = file_manifest(path)  # after every other file is written: what verify_bundle checks
         write_json(path / "config.json", self.config.to_json())
         self.path = path
         return path

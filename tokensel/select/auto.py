@@ -17,32 +17,15 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from tokensel.config import TextConfig
-from tokensel.policy.bundle import bundle_hash, bundle_label, bundle_path, read_bundle_config, read_check
-from tokensel.select.strategies import BUNDLE_STRATEGIES
+from tokensel.policy.files import bundle_hash, bundle_label, bundle_path, read_bundle_config, read_check, verify_bundle
+from tokensel.select.plan import BUNDLE_STRATEGIES
 from tokensel.select.verdicts import catalogue_fingerprint, recorded, verdict_for
-from tokensel.stats import paired_pvalues
 
 AUTO = "auto"
 ALPHA = 0.05
 METRICS = ("N@10", "R@10")
 RULE = "best validation NDCG@10 among strategies not significantly below first-k in NDCG@10 or Recall@10 (paired test, p < 0.05); ties go to first-k"
-
-
-def rows_vs_first_k(results: dict[str, tuple[dict[str, float], dict[str, np.ndarray]]]) -> list[dict]:
-    """The rows `choose` reads: per strategy (first-k among them) its mean NDCG@10 / Recall@10, the
-    ratio to first-k's and the paired p-value over users. results: strategy -> (means, per-user values)."""
-    first_means, first_users = results["first-k"]
-    rows = []
-    for strategy, (means, users) in results.items():
-        p = paired_pvalues({m: users[m] for m in METRICS}, first_users) if strategy != "first-k" else {}
-        row = {"strategy": strategy, "N@10": round(means["N@10"], 4), "R@10": round(means["R@10"], 4)}
-        for m in METRICS:
-            row[f"ratio_{m}"] = round(means[m] / first_means[m], 4) if first_means[m] else None
-        rows.append({**row, "p_N@10": p.get("N@10"), "p_R@10": p.get("R@10")})
-    return rows
 
 
 def lost_metrics(row: dict) -> list[str]:
@@ -137,10 +120,10 @@ def auto_choice(
     """--strategy auto in full, for the file job and the Selector alike: (strategy, model, text
     settings or None, why). A strategy that reads no bundle (first-k) gets the bundle's model and text
     settings, so it writes the tokens the check measured; a bundle strategy reads them itself."""
+    cfg = verify_bundle(policy)  # whatever it resolves to: a damaged bundle is named, not silently half-used
     strategy, why = resolve(policy, items, k, text)
     if strategy in BUNDLE_STRATEGIES:
         return strategy, model, None, why
-    cfg = read_bundle_config(policy)
     return strategy, model or cfg.item.base_model, cfg.text, why
 
 

@@ -15,10 +15,8 @@ import math
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
-import torch
 
 from tokensel.errors import TokenselError
-from tokensel.models.item_llm import ItemLLM
 
 
 @dataclass(frozen=True)
@@ -36,30 +34,36 @@ class BatchConfig:
                 raise TokenselError(f"--{f.name.replace('_', '-')} must be at least 1 (got {getattr(self, f.name)})")
 
     @classmethod
-    def for_device(cls, device: torch.device | str, **overrides) -> BatchConfig:
-        """Defaults scaled for the device (larger on CUDA); given values (not None) win."""
-        base = cls(batch_tokens=65536, max_batch=512) if torch.device(device).type == "cuda" else cls()
+    def for_device(cls, device, **overrides) -> BatchConfig:
+        """Defaults scaled for the device (a torch.device or its name; larger on CUDA); given values (not None) win."""
+        base = cls(batch_tokens=65536, max_batch=512) if str(device).split(":")[0] == "cuda" else cls()
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def input_offset(llm: ItemLLM) -> int:
-    """Model-input columns before the item's own text (leading specials + template)."""
-    return len(llm.lead_ids) + len(llm.template_ids)
+@dataclass(frozen=True)
+class Geometry:
+    """What an item's forward width depends on besides its length: the model-input columns before its
+    text (leading specials + template), the model's maximum positions, the padding id. The item LLM
+    has the same three attributes; this is them read from the model's files, before it is loaded."""
+
+    input_offset: int
+    max_positions: int | None
+    pad_id: int
 
 
-def forward_batches(lengths: np.ndarray, llm: ItemLLM, cfg: BatchConfig) -> list[tuple[int, np.ndarray]]:
+def forward_batches(lengths: np.ndarray, geometry, cfg: BatchConfig) -> list[tuple[int, np.ndarray]]:
     """(text width, item indices) of each forward batch: items of one width, in input order, at most
     `max_batch` rows and `batch_tokens` padded tokens; a width that needs several batches is split
     into batches of even size (no tiny remainder batch)."""
     lengths = np.asarray(lengths, dtype=np.int64)
     if not len(lengths):
         return []
-    off = input_offset(llm)
+    off = geometry.input_offset
     m = max(1, cfg.pad_multiple)
     need = off + lengths + 1
     widths = -(-need // m) * m
-    max_pos = getattr(llm.model.config, "max_position_embeddings", None)
-    if isinstance(max_pos, int) and max_pos > 0:
+    max_pos = geometry.max_positions
+    if max_pos:
         widths = np.where(widths > max_pos, np.maximum(need, max_pos), widths)
     order = np.lexsort((np.arange(len(lengths)), widths))
     cuts = np.flatnonzero(np.diff(widths[order])) + 1
@@ -81,7 +85,7 @@ def plain_batches(lengths: np.ndarray, rows: int = 4096) -> list[tuple[int, np.n
     return out
 
 
-def dummy_rows(llm: ItemLLM, width: int, rows: int, cfg: BatchConfig) -> list[list[int]]:
+def dummy_rows(geometry, width: int, rows: int, cfg: BatchConfig) -> list[list[int]]:
     """Filler rows that bring a small forward batch up to min_batch_tokens padded tokens."""
-    full = width + input_offset(llm) + 1
-    return [[llm.pad_id] * width] * max(math.ceil(cfg.min_batch_tokens / full) - rows, 0)
+    full = width + geometry.input_offset + 1
+    return [[geometry.pad_id] * width] * max(math.ceil(cfg.min_batch_tokens / full) - rows, 0)

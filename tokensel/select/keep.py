@@ -11,7 +11,8 @@ import itertools
 import numpy as np
 import pyarrow as pa
 
-from tokensel.models.item_llm import ItemLLM
+from tokensel.io.arrow import int32_array, string_array
+
 
 COLUMNS = ("text", "token_ids", "positions", "n_tokens", "n_kept")
 
@@ -47,20 +48,21 @@ def kept_counts(keep: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.diff(cs[token_offsets(lengths)])
 
 
-def output_columns(llm: ItemLLM, token_lists: list[list[int]], keep: np.ndarray) -> dict[str, pa.Array]:
-    """text, token_ids, positions, n_tokens, n_kept for a batch of items, built from flat arrays + offsets."""
+def output_columns(tokenizer, token_lists: list[list[int]], keep: np.ndarray) -> dict[str, pa.Array]:
+    """text, token_ids, positions, n_tokens, n_kept for a batch of items, built from flat arrays + offsets.
+    `tokenizer`: anything with decode_batch (the fast tokenizer, or the item LLM)."""
     lengths = lengths_of(token_lists)
     flat = flatten_tokens(token_lists, lengths)
     positions, kept_off = keep_to_positions(keep, lengths)
     kept_ids = flat[keep]
-    off32 = pa.array(kept_off.astype(np.int32))
+    off32 = int32_array(kept_off)
     ids_list = kept_ids.tolist()
     bounds = kept_off.tolist()
-    texts = llm.decode_batch([ids_list[a:b] for a, b in zip(bounds[:-1], bounds[1:])]) if len(lengths) else []
+    texts = tokenizer.decode_batch([ids_list[a:b] for a, b in zip(bounds[:-1], bounds[1:])]) if len(lengths) else []
     return {
-        "text": pa.array(texts, type=pa.string()),
-        "token_ids": pa.ListArray.from_arrays(off32, pa.array(kept_ids.astype(np.int32))),
-        "positions": pa.ListArray.from_arrays(off32, pa.array(positions.astype(np.int32))),
-        "n_tokens": pa.array(lengths.astype(np.int32)),
-        "n_kept": pa.array(np.diff(kept_off).astype(np.int32)),
+        "text": string_array(texts),
+        "token_ids": pa.ListArray.from_arrays(off32, int32_array(kept_ids)),
+        "positions": pa.ListArray.from_arrays(off32, int32_array(positions)),
+        "n_tokens": int32_array(lengths),
+        "n_kept": int32_array(np.diff(kept_off)),
     }

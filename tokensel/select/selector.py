@@ -1,89 +1,49 @@
-"""`tokensel.Selector`: the item LLM and a strategy, loaded once, turning texts into selections in memory.
+"""`tokensel.Selector`: the item LLM and a strategy, turning texts into selections in memory.
 
-    sel = Selector.from_pretrained()                 # the shipped policy over the default model
+    sel = Selector.from_pretrained()                 # the shipped bundle's choice over the default model
     sel(["text one", "text two"], k=64)              # -> [Selection(text, token_ids, positions, n_in, n_out), ...]
     sel(table, k=64, text_cols=["title", "description"])  # pyarrow / polars / pandas -> the same kind, columns added
     dataset.map(sel.map_fn(k=64), batched=True)      # Hugging Face datasets
 
-It is the one model path of tokensel: both compress engines select through it, so what it returns
-for some rows is what `tokensel compress` writes for them, whatever the batch size. It never writes
-files and never reads the score cache (that is the file job's business, tokensel.compress): the job
-calls its steps one by one (tokenize, token_scores, keep, columns) and puts the cache between
-scoring and keeping. It pickles by its spec (what to load), not by its tensors, and loads itself
-again on the other side: Ray actors, multiprocessing pools and Spark UDFs can carry it.
+It is the one model path of tokensel: both compress engines select through it (first-k alone goes
+through its tokenizer-only base, tokensel.select.base), so what it returns for some rows is what
+`tokensel compress` writes for them, whatever the batch size. It never writes files and never reads
+the score cache (that is the file job's business, tokensel.compress): the job calls its steps one by
+one (tokenize, token_scores, keep, columns) and puts the cache between scoring and keeping.
+
+Nothing is loaded that the strategy does not need: a strategy without a forward pass (first-k,
+random, rarity) uses the fast tokenizer read from the model's files and never loads the item LLM;
+a forward strategy loads it (and the bundle) on its first call to `token_scores`, so a run whose
+scores all come from the cache never does. It pickles by its spec (what to load), not by its
+tensors, and loads itself again on the other side: Ray actors, multiprocessing pools and Spark UDFs
+can carry it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable
 
 import numpy as np
-import pyarrow as pa
 import torch
 
-from tokensel.config import TextConfig, check_rule_settings
+from tokensel.config import TextConfig
 from tokensel.device import pick_device, pick_dtype
 from tokensel.errors import TokenselError
-from tokensel.io.fields import build_text_spans, field_columns, per_field
-from tokensel.io.items import build_text
-from tokensel.policy.bundle import Bundle
 from tokensel.models.item_llm import DEFAULT_MODEL, ItemLLM
-from tokensel.select import frames
+from tokensel.policy.bundle import Bundle
 from tokensel.select.auto import AUTO, auto_choice
-from tokensel.select.batching import BatchConfig, dummy_rows, forward_batches, plain_batches
-from tokensel.select.keep import COLUMNS, lengths_of, output_columns, token_offsets
+from tokensel.select.base import Selection, TokenSelector
+from tokensel.select.batching import BatchConfig, Geometry, dummy_rows, forward_batches, plain_batches
+from tokensel.select.keep import lengths_of, token_offsets
+from tokensel.select.plan import BUNDLE_STRATEGIES, Plan, SelectorSpec, check_budgets, plan_selector
 from tokensel.select.rule import select_mask
-from tokensel.select.strategies import (
-    BUNDLE_STRATEGIES, STRATEGIES, FirstK, ForwardStrategy, ItemAlign, Policy, RandomChunks, Rarity, Strategy, TopkLogits,
-)
+from tokensel.select.strategies import FirstK, ForwardStrategy, ItemAlign, Policy, RandomChunks, Rarity, Strategy, TopkLogits
 
-
-@dataclass(frozen=True)
-class SelectorSpec:
-    """What to load: everything a worker needs to rebuild the same Selector."""
-
-    strategy: str = "policy"
-    policy: str | None = None  # bundle folder (policy, item-align); None: the shipped default bundle
-    model: str | None = None  # item LLM: hub id or folder; None: the bundle's, or the default model
-    seed: int = 0  # the random strategy's seed
-    device: str = "auto"
-    dtype: str = "auto"
-
-    def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise TokenselError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-
-
-@dataclass
-class Selection:
-    """One text's selection: the kept tokens decoded, their ids and positions, tokens in and out."""
-
-    text: str
-    token_ids: list[int]
-    positions: list[int]
-    n_in: int
-    n_out: int
-
-
-def check_budgets(ks: Sequence[int], chunk: int, prefix: int, max_len: int, strategy: str) -> None:
-    """Refuse budgets that are invalid, or under which a selecting strategy would silently select nothing."""
-    check_rule_settings(ks, chunk, prefix)
-    if strategy == "first-k":
-        return
-    if prefix >= min(ks):
-        raise TokenselError(
-            f"--prefix {prefix} >= --k {min(ks)}: every kept token would be prefix, which is --strategy first-k; lower --prefix or raise --k"
-        )
-    if max(ks) >= max_len:
-        raise TokenselError(
-            f"--k {max(ks)} >= --max-len {max_len}: every text fits the budget and is kept whole, so nothing is selected; "
-            "lower --k or raise --max-len (or use --strategy first-k for the whole texts)"
-        )
+RULES = {"policy": Policy, "item-align": ItemAlign, "topk-logits": TopkLogits}  # token scores -> chunk scores, no weights
 
 
 def load(spec: SelectorSpec) -> tuple[ItemLLM, Strategy, dict, TextConfig | None]:
-    """(item LLM, strategy, provenance for output metadata, the bundle's text config or None)."""
+    """The model path in full: (item LLM, strategy, provenance for output metadata, the bundle's text config or None)."""
     dev = pick_device(spec.device)
     dt = pick_dtype(dev, spec.dtype)
     if spec.strategy in BUNDLE_STRATEGIES:
@@ -98,14 +58,22 @@ def load(spec: SelectorSpec) -> tuple[ItemLLM, Strategy, dict, TextConfig | None
         return bundle.item_llm, strategy, prov, bundle.config.text
     name = spec.model or DEFAULT_MODEL
     llm = ItemLLM.from_pretrained(name, lm_head=spec.strategy == "topk-logits", device=dev, dtype=dt)
-    strategy = {"first-k": FirstK, "random": lambda: RandomChunks(spec.seed), "rarity": Rarity, "topk-logits": TopkLogits}[spec.strategy]()
     prov = {"model": name, **llm.source, "policy": None, "policy_hash": None, "seed": spec.seed if spec.strategy == "random" else None}
-    return llm, strategy, prov, None
+    return llm, _weightless_strategy(spec.strategy, spec.seed), prov, None
 
 
-class Selector:
+def _weightless_strategy(name: str, seed: int) -> Strategy:
+    """A strategy that holds no weights: first-k, random, rarity (fitted on the catalogue), topk-logits."""
+    return {"first-k": FirstK, "random": lambda: RandomChunks(seed), "rarity": Rarity, "topk-logits": TopkLogits}[name]()
+
+
+class Selector(TokenSelector):
     def __init__(self, spec: SelectorSpec, llm: ItemLLM, strategy: Strategy, text: TextConfig, provenance: dict, batch: BatchConfig | None = None):
-        self.spec, self.llm, self.strategy, self.text, self.provenance = spec, llm, strategy, text, provenance
+        """A selector over a loaded item LLM (the model path as `load` builds it)."""
+        self.plan, self.spec, self.tokenizer, self.provenance, self.text = None, spec, llm, provenance, text
+        self._llm, self._strategy = llm, strategy
+        self.device = llm.device
+        self.dtype_name = str(next(llm.model.parameters()).dtype)
         self.batch = batch or BatchConfig.for_device(llm.device)
         llm.set_template(text.template)
 
@@ -115,9 +83,10 @@ class Selector:
         cls, policy=None, strategy: str = "auto", model: str | None = None, *, device: str = "auto", dtype: str = "auto",
         seed: int = 0, text: TextConfig | None = None, batch: BatchConfig | None = None,
     ) -> Selector:
-        """Load the item LLM and the strategy once. `policy=None` is the shipped default bundle; text
-        settings default to the bundle's (as in the CLI), else to TextConfig(). strategy "auto": the
-        one the bundle's downstream check chose (tokensel.select.auto), with the bundle's text settings."""
+        """The strategy over the item LLM, each loaded when first needed (a strategy without a forward
+        pass never loads the model). `policy=None` is the shipped default bundle; text settings default
+        to the bundle's (as in the CLI), else to TextConfig(). strategy "auto": the one the bundle's
+        downstream check chose (tokensel.select.auto), with the bundle's text settings."""
         if strategy == AUTO:
             strategy, model, auto_text, _ = auto_choice(policy, model)
             text = text or auto_text
@@ -126,47 +95,105 @@ class Selector:
 
     @classmethod
     def from_spec(cls, spec: SelectorSpec, text: TextConfig | None = None, batch: BatchConfig | None = None, rarity: tuple | None = None) -> Selector:
-        llm, strategy, prov, bundle_text = load(spec)
-        if rarity is not None and isinstance(strategy, Rarity):
-            strategy.doc_freq, strategy.n_docs = rarity
-        return cls(spec, llm, strategy, text or bundle_text or TextConfig(), prov, batch)
+        return cls.from_plan(plan_selector(spec), text, batch, rarity)
+
+    @classmethod
+    def from_plan(cls, plan: Plan, text: TextConfig | None = None, batch: BatchConfig | None = None, rarity: tuple | None = None) -> Selector:
+        """A selector for a plan: the model deferred where the plan has the tokenizer and provenance
+        from files, else loaded now (a tokenizer only transformers reads right, a model not on disk yet)."""
+        if plan.tokenizer is None or plan.provenance is None:
+            llm, strategy, prov, bundle_text = load(plan.spec)
+            sel = cls(plan.spec, llm, strategy, text or bundle_text or TextConfig(), prov, batch)
+        else:
+            sel = cls.__new__(cls)
+            TokenSelector.__init__(sel, plan, text or plan.text or TextConfig(), batch)
+            sel._llm, sel._strategy = None, None if plan.needs_forward else _weightless_strategy(plan.name, plan.spec.seed)
+            sel.device = pick_device(plan.spec.device) if plan.needs_forward else torch.device("cpu")
+            sel.dtype_name = str(pick_dtype(sel.device, plan.spec.dtype))
+            sel.batch = batch or BatchConfig.for_device(sel.device)
+        if rarity is not None and isinstance(sel.strategy, Rarity):
+            sel.strategy.doc_freq, sel.strategy.n_docs = rarity
+        return sel
 
     def __reduce__(self):
-        rarity = (self.strategy.doc_freq, self.strategy.n_docs) if isinstance(self.strategy, Rarity) else None
+        rarity = (self.strategy.doc_freq, self.strategy.n_docs) if self.name == "rarity" else None
         return (Selector.from_spec, (self.spec, self.text, self.batch, rarity))
 
     @property
+    def llm(self) -> ItemLLM:
+        """The item LLM, loaded (with the bundle) on first use."""
+        if self._llm is None:
+            llm, strategy, _, _ = load(self.spec)
+            llm.set_template(self.text.template)
+            if self.plan.needs_forward:
+                self._strategy = strategy
+            self._llm = llm
+        return self._llm
+
+    @property
+    def strategy(self) -> Strategy:
+        if self._strategy is None:  # a forward strategy's weights come with the model
+            self.llm  # noqa: B018
+        return self._strategy
+
+    @property
     def name(self) -> str:
-        return self.strategy.name
+        return self.plan.name if self.plan is not None else self._strategy.name
 
     @property
     def needs_forward(self) -> bool:
-        return isinstance(self.strategy, ForwardStrategy)
+        return self.plan.needs_forward if self.plan is not None else isinstance(self._strategy, ForwardStrategy)
+
+    @property
+    def needs_fit(self) -> bool:
+        return self.name == "rarity" and not self.strategy.fitted
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
+    @property
+    def identity(self) -> dict:
+        """The item LLM's identity (ItemLLM.identity), from its files where it is not loaded."""
+        return self.plan.identity if self.plan is not None else self._llm.identity()
 
     def with_text(self, **changes) -> Selector:
-        """The same loaded model with other text settings (columns, labels, template, max_len, id column)."""
-        return Selector(self.spec, self.llm, self.strategy, replace(self.text, **{k: v for k, v in changes.items() if v is not None}), self.provenance, self.batch)
+        out = super().with_text(**changes)
+        if out._llm is not None:
+            out._llm.set_template(out.text.template)
+        return out
+
+    def geometry(self):
+        """What forward widths depend on (tokensel.select.batching): the loaded model's, else read from files."""
+        if self._llm is not None:
+            return self._llm
+        tok = self.tokenizer
+        template = tok.encode(self.text.template, False) if self.text.template else []
+        return Geometry(len(tok.lead_ids()) + len(template), self.plan.model.max_positions, 0)
+
+    def _check_ready(self) -> None:
+        if self.needs_fit:
+            raise TokenselError("strategy 'rarity' weighs tokens by their document frequency: call .fit(catalogue) first")
 
     # ------------------------------------------------------------------------------ the model path
-    def tokenize(self, texts: list[str]) -> list[list[int]]:
-        """The items' own tokens (no specials), cut at max_len: the space positions index into."""
-        return self.llm.tokenize(texts, self.text.max_len)
-
     @torch.inference_mode()
     def token_scores(self, token_lists: list[list[int]], rows=None, on_batch: Callable[[list[int], dict], None] | None = None) -> dict[int, np.ndarray]:
         """float32 score of every token of the items in `rows` (default all), one forward pass each.
 
         They depend on the model and the text alone, not on k, prefix or chunk, which is why they are
         what the file job caches. `on_batch(indices, scores)` runs after each forward batch."""
-        assert isinstance(self.strategy, ForwardStrategy), "token scores need a forward strategy"
+        assert self.needs_forward, "token scores need a forward strategy"
         lengths = lengths_of(token_lists)
         rows = np.arange(len(token_lists)) if rows is None else np.asarray(rows, dtype=np.int64)
         out: dict[int, np.ndarray] = {}
-        for width, sub in forward_batches(lengths[rows], self.llm, self.batch):
+        if not len(rows):
+            return out  # nothing to score: the model is not loaded
+        llm, strategy = self.llm, self.strategy
+        for width, sub in forward_batches(lengths[rows], llm, self.batch):
             idx = rows[sub].tolist()
             toks = [token_lists[i] for i in idx]
-            enc = self.llm.encode(toks + dummy_rows(self.llm, width, len(toks), self.batch), width=width)
-            table = self.strategy.token_scores(enc)[: len(toks)].cpu().numpy()  # one device-to-host copy per batch
+            enc = llm.encode(toks + dummy_rows(llm, width, len(toks), self.batch), width=width)
+            table = strategy.token_scores(enc)[: len(toks)].cpu().numpy()  # one device-to-host copy per batch
             done = {i: table[r, : lengths[i]].copy() for r, i in enumerate(idx)}
             out.update(done)
             if on_batch:
@@ -183,20 +210,21 @@ class Selector:
         todo = np.flatnonzero(lengths > k)
         if not len(todo):
             return keep
-        if self.needs_forward:
+        forward = self.needs_forward
+        if forward:
             if scores is None:
                 scores = self.token_scores(token_lists, todo)
-            plan = forward_batches(lengths[todo], self.llm, self.batch)
+            plan = forward_batches(lengths[todo], self.geometry(), self.batch)
         else:
             plan = plain_batches(lengths[todo])
         for width, sub in plan:
             idx = todo[sub]
-            if self.needs_forward:
+            if forward:
                 table = np.zeros((len(idx), width), dtype=np.float32)
                 for r, i in enumerate(idx.tolist()):
                     table[r, : lengths[i]] = scores[i]
                 n = torch.from_numpy(lengths[idx])
-                chunk_scores = self.strategy.chunk_scores_from(torch.from_numpy(table), n, min(prefix, k), chunk)
+                chunk_scores = (self._strategy or RULES[self.name]).chunk_scores_from(torch.from_numpy(table), n, min(prefix, k), chunk)
             else:
                 chunk_scores = self.strategy.chunk_scores([token_lists[i] for i in idx], [keys[i] for i in idx], None, min(prefix, k), chunk)
                 n = torch.from_numpy(lengths[idx])
@@ -205,79 +233,15 @@ class Selector:
             keep[offs[idx[r]] + c] = True
         return keep
 
-    def columns(self, token_lists: list[list[int]], keep: np.ndarray, texts: list[str] | None = None, spans=None) -> dict:
-        """The output contract's arrays (text, token_ids, positions, n_tokens, n_kept) for a keep mask and,
-        given the built texts and their field spans with two or more text columns, each field's
-        compressed value as a column named after it (tokensel.io.fields: they re-join to `text`)."""
-        cols = output_columns(self.llm, token_lists, keep)
-        if spans is not None and per_field(self.text.text_cols):
-            values = field_columns(self.llm.tokenizer, self.llm.decode_batch, texts, spans, token_lists, keep, cols["text"].to_pylist())
-            cols.update({c: pa.array(v, type=pa.string()) for c, v in zip(self.text.text_cols, values)})
-        return cols
-
     def fit(self, data=None, *, text_cols: list[str] | None = None, batches=None) -> Selector:
         """Rarity: document frequencies over a catalogue (texts or a table), or over `batches` of token lists."""
-        if not isinstance(self.strategy, Rarity):
+        if self.name != "rarity":
             return self
         if batches is None:
             texts = self._texts(data, text_cols, None)[0]
             batches = [self.tokenize(texts[s : s + 4096]) for s in range(0, len(texts), 4096)]
         self.strategy.fit(batches)
         return self
-
-    # ------------------------------------------------------------------------------ in memory
-    def __call__(self, data, *, k: int = 64, chunk: int = 8, prefix: int = 16, text_cols: list[str] | None = None,
-                 id_col: str | None = None, batch_rows: int = 4096, on_progress: Callable[[int], None] | None = None):
-        """Select for a list of strings (-> list of Selection) or a table (pyarrow, polars, pandas: the
-        same kind back, same rows and order, with text, token_ids, positions, n_tokens, n_kept)."""
-        check_budgets([k], chunk, prefix, self.text.max_len, self.name)
-        if isinstance(self.strategy, Rarity) and not self.strategy.fitted:
-            raise TokenselError("strategy 'rarity' weighs tokens by their document frequency: call .fit(catalogue) first")
-        texts, keys, table, spans = self._texts(data, text_cols, id_col)
-        sel = self if table is None or not text_cols else self.with_text(text_cols=list(text_cols))
-        parts = []
-        for s in range(0, len(texts), max(1, batch_rows)):
-            toks = sel.tokenize(texts[s : s + batch_rows])
-            keep = sel.keep(toks, keys[s : s + batch_rows], k, chunk, prefix)
-            parts.append(sel.columns(toks, keep, texts[s : s + batch_rows], None if spans is None else spans[s : s + batch_rows]))
-            if on_progress:
-                on_progress(len(toks))
-        names = COLUMNS if not parts else tuple(parts[0])
-        cols = frames.concat_columns(parts, names)
-        if table is None:
-            rows = zip(*(cols[c].to_pylist() for c in COLUMNS))
-            return [Selection(t, ids, pos, n_in, n_out) for t, ids, pos, n_in, n_out in rows]
-        return frames.with_columns(table, data, cols)
-
-    def map_fn(self, **kw) -> Callable[[dict], dict]:
-        """For `datasets.Dataset.map(fn, batched=True)`: a batch (dict of columns) -> the new columns."""
-
-        def fn(batch: dict) -> dict:
-            return self(frames.from_dict(batch), **kw).to_pydict() if batch else {}
-
-        return fn
-
-    def _texts(self, data, text_cols, id_col) -> tuple[list[str], list, object, list | None]:
-        """(built texts, keys of the random strategy, the input as an arrow table or None for strings,
-        each text's field spans or None)."""
-        if isinstance(data, str) or data is None:
-            raise TokenselError("give a list of strings or a table (pyarrow, polars, pandas), not a single string")
-        table = frames.to_arrow(data)
-        if table is None:
-            texts = list(data)
-            bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
-            if bad is not None:
-                raise TokenselError(f"text {bad} is {type(texts[bad]).__name__}, not a string")
-            built = [build_text({"text": t}, ["text"], labels=False) for t in texts]
-            return built, built, None, None  # without ids, the random strategy is seeded by the text itself
-        cols = text_cols or self.text.text_cols
-        frames.check_text_columns(table, cols)
-        data_cols = table.select(cols).to_pydict()
-        built = [build_text_spans({c: data_cols[c][i] for c in cols}, cols, self.text.labels) for i in range(table.num_rows)]
-        texts = [t for t, _ in built]
-        id_col = id_col or self.text.id_col
-        keys = table.column(id_col).to_pylist() if id_col in table.column_names else texts
-        return texts, keys, table, [sp for _, sp in built]
 
 
 __all__ = ["Selector", "SelectorSpec", "Selection", "check_budgets", "load"]

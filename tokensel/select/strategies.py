@@ -22,10 +22,8 @@ import torch
 
 from tokensel.models.item_llm import Encoded
 from tokensel.policy.head import PolicyHead, candidate_log_probs
+from tokensel.select.plan import BUNDLE_STRATEGIES, STRATEGIES  # noqa: F401  (re-exported)
 from tokensel.select.rule import chunk_means, chunk_sums, n_chunks
-
-STRATEGIES = ("policy", "item-align", "first-k", "random", "rarity", "topk-logits")
-BUNDLE_STRATEGIES = ("policy", "item-align")  # the ones that read a trained bundle
 
 
 def pad_tokens(token_lists: list[list[int]], value: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +56,9 @@ class ForwardStrategy(Strategy):
     def token_scores(self, enc: Encoded) -> torch.Tensor:
         raise NotImplementedError
 
-    def chunk_scores_from(self, token_scores: torch.Tensor, n_tokens: torch.Tensor, prefix: int, chunk: int) -> torch.Tensor:
+    @staticmethod
+    def chunk_scores_from(token_scores: torch.Tensor, n_tokens: torch.Tensor, prefix: int, chunk: int) -> torch.Tensor:
+        """Needs no weights (a static method), so cached token scores are selected from without the model."""
         raise NotImplementedError
 
     def chunk_scores(self, token_lists, keys, enc, prefix, chunk):
@@ -149,7 +149,8 @@ class TopkLogits(ForwardStrategy):
         assert enc.token_logits is not None
         return enc.token_logits.float()
 
-    def chunk_scores_from(self, token_scores, n_tokens, prefix, chunk):
+    @staticmethod
+    def chunk_scores_from(token_scores, n_tokens, prefix, chunk):
         return chunk_means(token_scores, n_tokens, prefix, chunk)
 
 
@@ -162,7 +163,8 @@ class Policy(ForwardStrategy):
     def token_scores(self, enc):
         return self.head.info(enc.hidden, enc.item).float()
 
-    def chunk_scores_from(self, token_scores, n_tokens, prefix, chunk):
+    @staticmethod
+    def chunk_scores_from(token_scores, n_tokens, prefix, chunk):
         return chunk_sums(candidate_log_probs(token_scores, n_tokens, prefix), prefix, chunk)
 
 

@@ -78,7 +78,8 @@ from tokensel.train.e2e_vectors import (
     step_vectors,
 )
 from tokensel.train.common import draw_negatives, infonce, infonce_logits, stage2_users
-from tokensel.select.auto import SURROGATE_RULE, choose_proven, rows_vs_first_k
+from tokensel.select.auto import SURROGATE_RULE, choose_proven
+from tokensel.select.rows import rows_vs_first_k
 from tokensel.train.stage1 import validate_per_user
 
 OBJECTIVE = "e2e"

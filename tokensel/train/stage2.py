@@ -30,6 +30,7 @@ from tokensel.models.item_llm import ItemLLM
 from tokensel.models.user_model import UserModel, pad_histories
 from tokensel.policy.head import PolicyHead
 from tokensel.select.rule import chunk_sums, select_mask
+from tokensel.train.warnings import stage2_warnings  # noqa: F401  (re-exported)
 from tokensel.train.common import Catalogue, draw_negatives, embed_tokens, infonce, infonce_logits, stage2_users
 
 
@@ -200,32 +201,6 @@ def agreement(agreed: int, compared: int) -> dict:
     approximate: the pairs of one user are not independent)."""
     p = stats.binomtest(agreed, compared, 0.5, alternative="greater").pvalue if compared else 1.0
     return {"rate": round(agreed / max(compared, 1), 4), "pairs": compared, "p": float(f"{p:.3g}")}
-
-
-def stage2_warnings(log: dict) -> list[str]:
-    """What a user should know before using the trained head, read from stage 2's own log."""
-    epochs = log["epochs"]
-    start, last = epochs[0], epochs[-1]
-    out = []
-    ag = last.get("agreement")
-    if ag and ag["pairs"] and ag["p"] > 0.05:
-        out.append(
-            f"in its last epoch the head preferred the subset its reward preferred in {ag['rate']:.1%} of "
-            f"{ag['pairs']:,} sampled pairs (chance 50%, p {ag['p']:.2g}): it did not learn the reward's preference"
-        )
-    choice = log.get("choice")
-    if choice is not None:  # e2e: one surrogate scored all three at the end; the head is what it kept
-        if (chosen := choice["chosen"]) != "policy":
-            how = "did not beat first-k significantly" if chosen == "first-k" else f"scored below {chosen}"
-            out.append(f"the trained head {how} on stage 2's validation, so the bundle's policy is {chosen} (tokensel info shows the scores)")
-    elif len(epochs) > 1 and last["policy"]["N@10"] < start["policy"]["N@10"]:
-        out.append(
-            f"validation NDCG@10 fell from {start['policy']['N@10']} with the untrained head (= --strategy item-align) "
-            f"to {last['policy']['N@10']} (first-k {start['first_k']['N@10']})"
-        )
-    if out:
-        out.append("compare policy, item-align and first-k downstream (tokensel evaluate, bench/quality) before relying on the policy")
-    return out
 
 
 def _subset_tokens(cat: Catalogue, items: list[int], masks: torch.Tensor) -> list[list[int]]:
