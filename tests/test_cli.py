@@ -14,7 +14,7 @@ import tokensel.policy.files as bundle_mod
 from tokensel import inspect as ins
 from tokensel.cli import app
 from tokensel.io.parquet_out import read_metadata
-from tokensel.policy.bundle import bundle_hash
+from tokensel.policy.bundle import Bundle, bundle_hash
 from tokensel.select.verdicts import catalogue_fingerprint
 
 from conftest import INTERACTIONS, ITEMS, check_contract
@@ -170,7 +170,7 @@ def test_a_bundle_that_recorded_data_paths_still_loads_and_info_shows_file_names
         cfg["data"].pop(key)
     cfg["data"].update(items="/srv/someone/data/items.parquet", interactions="/srv/someone/data/interactions.parquet")
     (bundle / "config.json").write_text(json.dumps(cfg))
-    assert bundle_mod.Bundle.from_pretrained(bundle, device="cpu").policy is not None
+    assert Bundle.from_pretrained(bundle, device="cpu").policy is not None
     r = invoke("info", bundle)
     assert r.exit_code == 0, r.output
     flat_out = "".join(r.output.split())

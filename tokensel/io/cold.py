@@ -176,6 +176,8 @@ def cold_split(
     keep_last = KEEP_LAST[scored]
     order = first_interaction_order(interactions, item_index, *columns, skip_last=keep_last - 1)
     cold = newest_items(order, len(item_index), share)
+    if cold.all():
+        raise TokenselError(f"--cold-share {share:g} makes every one of the {len(item_index):,} items cold: nothing is left to train on; lower --cold-share")
     out, kept, dropped = drop_cold(hist, cold, keep_last)
     cold_users = np.array([bool(cold[s[-keep_last]]) for s in _sequences(out)], dtype=bool)
     counts = ColdCounts(
