@@ -8,6 +8,7 @@ distribution-free alternative. Two identical inputs give p = 1.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -50,9 +51,29 @@ def paired_pvalues(a: dict[str, np.ndarray], b: dict[str, np.ndarray], test: str
 # ------------------------------------------------------------------------------- seeds and users
 SEED_TEST = (
     "seed-aware t-test: the difference of the means over seeds and users, its variance the paired "
-    "per-user variance / users plus each side's between-seed variance of its per-seed means / seeds "
-    "(Welch-Satterthwaite degrees of freedom)"
+    "per-user variance / users plus each side's seed-effect variance (its per-seed means' variance less "
+    "the part that per-user noise explains) / seeds (Welch-Satterthwaite degrees of freedom)"
 )
+SEED_AWARE = "seed-aware"
+ONE_SEED = "paired (one seed: cannot see seed variance)"
+
+
+def _seed_effect_variance(x: np.ndarray) -> float:
+    """The variance of the training-seed effect on one side's mean, [seeds, users] -> scalar.
+
+    A per-seed mean over users varies for two reasons: the run itself (a seed that shifts every user)
+    and the users' own noise in that run, which averages down as 1/users. The second part is already in
+    the paired per-user variance, so counting it again would make the test conservative exactly when
+    seeds barely matter. Two-way random-effects ANOVA: seed means' variance minus the residual
+    (seed x user) variance / users, clipped at 0."""
+    seeds, users = x.shape
+    seed_means = x.mean(1)
+    between = float(seed_means.var(ddof=1))
+    if users < 2:
+        return between
+    resid = x - x.mean(0, keepdims=True) - seed_means[:, None] + x.mean()
+    noise = float((resid**2).sum()) / ((seeds - 1) * (users - 1))
+    return max(0.0, between - noise / users)
 
 
 def seed_user_test(a: np.ndarray, b: np.ndarray) -> tuple[float, bool]:
@@ -63,8 +84,9 @@ def seed_user_test(a: np.ndarray, b: np.ndarray) -> tuple[float, bool]:
     users cannot see training noise: a seed that shifts one run shifts all its users at once, so one
     seed can make a tie look significant. Here the mean difference's variance has two parts: how users
     disagree (the paired per-user differences of the seed means, / users) and how runs disagree (each
-    side's variance of its per-seed means, / its seeds). With one seed on either side the second part
-    cannot be estimated: the result is the paired t-test and `False` says it cannot see seed variance.
+    side's seed-effect variance, / its seeds; see `_seed_effect_variance` for why the per-user noise
+    inside a per-seed mean is taken out of it). With one seed on either side the second part cannot be
+    estimated: the result is the paired t-test and `False` says it cannot see seed variance.
     """
     a = np.atleast_2d(np.asarray(a, dtype=np.float64))
     b = np.atleast_2d(np.asarray(b, dtype=np.float64))
@@ -78,8 +100,8 @@ def seed_user_test(a: np.ndarray, b: np.ndarray) -> tuple[float, bool]:
     users = d.size
     parts = [  # (variance of the mean difference this part adds, its degrees of freedom)
         (float(d.var(ddof=1)) / users if users > 1 else 0.0, users - 1),
-        (float(a.mean(1).var(ddof=1)) / sa, sa - 1),
-        (float(b.mean(1).var(ddof=1)) / sb, sb - 1),
+        (_seed_effect_variance(a) / sa, sa - 1),
+        (_seed_effect_variance(b) / sb, sb - 1),
     ]
     var = sum(v for v, _ in parts)
     if var <= 0:
@@ -87,3 +109,51 @@ def seed_user_test(a: np.ndarray, b: np.ndarray) -> tuple[float, bool]:
     df = var**2 / sum(v**2 / n for v, n in parts if n > 0 and v > 0)
     p = float(2 * stats.t.sf(abs(diff) / math.sqrt(var), df))
     return (1.0 if math.isnan(p) else p), True
+
+
+def seed_test_name(sees_seeds: bool) -> str:
+    """What a row records about the test that made its p: whether it could see training-seed variance."""
+    return SEED_AWARE if sees_seeds else ONE_SEED
+
+
+# ------------------------------------------------------------------------------- A/A: the same texts, two seed groups
+def seed_splits(seeds: int, size: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Every unordered pair of disjoint groups of `size` seeds out of `seeds` (each pair once)."""
+    if size < 1 or 2 * size > seeds:
+        return []
+    out = []
+    for g in itertools.combinations(range(seeds), size):
+        rest = [s for s in range(seeds) if s not in g]
+        for h in itertools.combinations(rest, size):
+            if g < h:  # {g, h} and {h, g} are the same comparison
+                out.append((g, h))
+    return out
+
+
+def aa_rejections(per_seed_user: dict[str, np.ndarray], size: int, alpha: float = 0.05) -> dict:
+    """How often two groups of `size` seeds of the SAME texts are called different at p < alpha.
+
+    per_seed_user: metric -> [seeds, users]. The old rule pairs users on each group's seed-averaged
+    values (`paired_pvalue`), the new one is `seed_user_test`; "either" is what a verdict reads (lost
+    in NDCG@10 or in Recall@10). The comparisons share seeds, so they are not independent: the rate
+    estimates the chance a random split is called different, with more spread than a binomial's."""
+    metrics = list(per_seed_user)
+    seeds = next(iter(per_seed_user.values())).shape[0]
+    splits = seed_splits(seeds, size)
+    old = {m: 0 for m in [*metrics, "either"]}
+    new = dict(old)
+    for g, h in splits:
+        hit_old = hit_new = False
+        for m in metrics:
+            x = per_seed_user[m]
+            a, b = x[list(g)], x[list(h)]
+            if paired_pvalue(a.mean(0), b.mean(0)) < alpha:
+                old[m] += 1
+                hit_old = True
+            if seed_user_test(a, b)[0] < alpha:
+                new[m] += 1
+                hit_new = True
+        old["either"] += hit_old
+        new["either"] += hit_new
+    n = len(splits)
+    return {"size": size, "comparisons": n, "old": {m: (c / n if n else None) for m, c in old.items()}, "new": {m: (c / n if n else None) for m, c in new.items()}}
