@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tokensel.compress.run import compress
 from tokensel.errors import TokenselError
+from tokensel.evaluate.check import CHECK_SEEDS
 from tokensel.evaluate.check import strategy_check as check
 from tokensel.io.interactions import COLUMNS
 from tokensel.policy.bundle import DEFAULT_BUNDLE, Bundle
@@ -28,16 +29,19 @@ __all__ = ["compress", "train", "check", "Selector", "DEFAULT_BUNDLE"]
 
 def train(
     items: str | Path, interactions: str | Path, out: str | Path, *, check_strategies: bool = True,
-    check_epochs: int | None = None, log: Callable[[dict], None] = print, **kwargs,
+    check_epochs: int | None = None, check_seeds: int = CHECK_SEEDS, log: Callable[[dict], None] = print, **kwargs,
 ) -> Bundle:
     """`tokensel.train.pipeline.train`, then (when stage 2 ran and check_strategies) the downstream
     strategy check (tokensel.evaluate.check) on the same data, saved in the bundle: which strategy to
-    trust, and what `compress --strategy auto` runs."""
+    trust, and what `compress --strategy auto` runs (check_seeds training runs per strategy: with 2 or
+    more its test sees seed variance)."""
+    if check_strategies and check_seeds < 1:  # before hours of training, not after
+        raise TokenselError(f"check seeds must be at least 1 (got {check_seeds}); {CHECK_SEEDS} let the check's test see seed variance")
     bundle = pipeline.train(items, interactions, out, log=log, **kwargs)
     if check_strategies and bundle.policy is not None:  # stage 2 ran
         extra = {"epochs": check_epochs} if check_epochs else {}
         try:
-            check(bundle.path, items, interactions, columns=kwargs.get("columns", COLUMNS), device=kwargs.get("device", "auto"), log=log, **extra)
+            check(bundle.path, items, interactions, seeds=check_seeds, columns=kwargs.get("columns", COLUMNS), device=kwargs.get("device", "auto"), log=log, **extra)
         except TokenselError as exc:  # the bundle is written and sound; only the verdict is missing
             log({"strategy check": f"not run: {exc}; run tokensel check when fixed (auto keeps first-k until then)"})
     return bundle

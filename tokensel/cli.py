@@ -22,7 +22,7 @@ from tokensel.config import OBJECTIVE_NAMES, ItemModelConfig, PolicyConfig, Stag
 from tokensel.errors import TokenselError
 from tokensel.io import writers
 from tokensel.io.readers import open_items
-from tokensel.evaluate.check import CHECK_EPOCHS
+from tokensel.evaluate.check import CHECK_EPOCHS, CHECK_SEEDS
 from tokensel.policy.bundle import CHECK_FILE, DEFAULT_BUNDLE, bundle_hash
 from tokensel.compress.job import output_paths
 from tokensel.report import bundle_summary, check_table
@@ -231,6 +231,7 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed of both stages.")] = Stage1Config.seed,
     check: Annotated[bool, typer.Option("--check/--no-check", help="After stage 2, the downstream strategy check (see tokensel check): which strategy to trust.")] = True,
     check_epochs: Annotated[int, typer.Option(help="Epochs of each recommender the check trains.")] = CHECK_EPOCHS,
+    check_seeds: Annotated[int, typer.Option(help="Training runs per strategy in the check; 2 or more let its test see seed variance.")] = CHECK_SEEDS,
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
     """Train a policy bundle: stage 1 (recommender pretraining) and stage 2 (policy learning), then the
@@ -255,7 +256,7 @@ def train(
         bundle = api.train(
             items, interactions, out, stages=stages, **configs, columns=(user_col, item_col, order_col), device=device,
             log=lambda row: console.print(json.dumps(row), markup=False, highlight=False, soft_wrap=True),
-            check_strategies=check, check_epochs=check_epochs,
+            check_strategies=check, check_epochs=check_epochs, check_seeds=check_seeds,
         )
     except TokenselError as exc:
         fail(console, exc)
@@ -273,7 +274,7 @@ def check_command(
     bundle: Annotated[Optional[Path], typer.Option("--policy", help="Bundle folder (default: the shipped one).")] = None,
     k: Annotated[Optional[int], typer.Option(help="Budget (default: the one the policy was trained at).")] = None,
     epochs: Annotated[int, typer.Option(help="Epochs of each recommender (fixed: validation is what is scored).")] = CHECK_EPOCHS,
-    seeds: Annotated[int, typer.Option(help="Training runs per strategy.")] = 1,
+    seeds: Annotated[int, typer.Option(help="Training runs per strategy; 2 or more let the test see seed variance (1: a paired test over users, which cannot).")] = CHECK_SEEDS,
     user_col: Annotated[str, typer.Option()] = "user_id",
     item_col: Annotated[str, typer.Option()] = "item_id",
     order_col: Annotated[str, typer.Option()] = "timestamp",

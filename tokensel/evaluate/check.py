@@ -6,10 +6,13 @@ check measures is that verdict, on this bundle's own data, before anyone relies 
 
 It compresses the catalogue with first-k, item-align and the trained policy at the bundle's k,
 retrains the same downstream recommender on each (hllm with f's last block trained where the model
-allows it, else hllm over frozen vectors; one seed by default) and scores the VALIDATION targets:
+allows it, else hllm over frozen vectors; CHECK_SEEDS seeds by default) and scores the VALIDATION targets:
 the recommender trains a fixed number of epochs and the last one is scored, so the validation
 targets never choose anything and the test targets are never read (`TrainConfig.score`). Each
-strategy is paired with first-k over users. The result is written beside the bundle's weights
+strategy is compared with first-k by the seed-aware test over seeds and users
+(`tokensel.stats.seed_user_test`): a seed shifts all of a run's users at once, so the paired test over
+users alone can call a tie significant. With one seed (`seeds=1`) only the paired test is possible and
+the check records that its verdict cannot see seed variance. The result is written beside the bundle's weights
 (`check.json`, see `tokensel.policy.bundle.write_check`); `tokensel info` prints it, and
 `tokensel compress --strategy auto` runs the strategy it chose (`tokensel.select.auto.RULE`: the
 best validation NDCG@10 among the strategies not significantly below first-k in NDCG@10 or
@@ -35,11 +38,12 @@ from tokensel.evaluate.runner import VectorCache, evaluate_detailed
 from tokensel.io.interactions import COLUMNS
 from tokensel.policy.bundle import BundleConfig, bundle_hash, read_bundle_config, write_check
 from tokensel.models.readout import is_top_tunable
-from tokensel.select.auto import RULE, choose, rows_vs_first_k
+from tokensel.select.auto import RULE, choose, rows_vs_first_k, seed_note
 from tokensel.train.pipeline import file_digest
 
 CHECKED = ("first-k", "item-align", "policy")
 CHECK_EPOCHS = 6  # fixed: the validation targets are scored, so they cannot pick the epoch
+CHECK_SEEDS = 3  # the seed-aware test needs >= 2 per side to see seed variance; 3 gives it 2 df per side
 
 
 def item_tuning_for(model: str) -> str:
@@ -53,7 +57,7 @@ def strategy_check(
     interactions: str | Path,
     *,
     k: int | None = None,
-    seeds: int = 1,
+    seeds: int = CHECK_SEEDS,
     epochs: int = CHECK_EPOCHS,
     columns: tuple[str, str, str] = COLUMNS,
     max_users: int | None = None,
@@ -63,6 +67,8 @@ def strategy_check(
 ) -> dict:
     """Run the check for `bundle` on these items and interactions, save it in the bundle (unless
     save=False) and return it. k defaults to the budget the bundle's policy was trained at."""
+    if seeds < 1:
+        raise TokenselError(f"the strategy check's seeds must be at least 1 (got {seeds}); {CHECK_SEEDS} let its test see seed variance")
     bundle = Path(bundle)
     cfg: BundleConfig = read_bundle_config(bundle)
     if cfg.policy is None:
@@ -92,7 +98,10 @@ def strategy_check(
             id_col=text.id_col, user_col=columns[0], item_col=columns[1], order_col=columns[2], max_users=max_users,
             cache=VectorCache(), log=log,
         )
-    rows = rows_vs_first_k({strategy: (f.metrics, f.per_user) for strategy, f in zip(CHECKED, ev.files)})
+    rows = rows_vs_first_k(
+        {strategy: (f.metrics, f.per_user) for strategy, f in zip(CHECKED, ev.files)},
+        {strategy: f.per_seed_user for strategy, f in zip(CHECKED, ev.files)} if seeds > 1 else None,
+    )
     strategy_of = {str(path): strategy for strategy, path in zip(CHECKED, files)}
     same = {strategy: strategy_of[f.same_as] for strategy, f in zip(CHECKED, ev.files) if f.same_as}
     check = {
@@ -105,6 +114,8 @@ def strategy_check(
         "seconds": round(time.perf_counter() - t0, 1),
         **({"same_texts": same} if same else {}),
     }
+    if note := seed_note(check):
+        check["seed_note"] = note
     if save:
         write_check(bundle, check)
     return check

@@ -15,26 +15,77 @@ import numpy as np
 from tokensel.config import TextConfig
 from tokensel.policy.bundle import bundle_hash, bundle_path, read_bundle_config, read_check
 from tokensel.select.strategies import BUNDLE_STRATEGIES
-from tokensel.stats import paired_pvalues
+from tokensel.stats import ONE_SEED, SEED_AWARE, paired_pvalues, seed_test_name, seed_user_test
 
 AUTO = "auto"
 ALPHA = 0.05
 METRICS = ("N@10", "R@10")
-RULE = "best validation NDCG@10 among strategies not significantly below first-k in NDCG@10 or Recall@10 (paired test, p < 0.05); ties go to first-k"
+RULE = (
+    "best validation NDCG@10 among strategies not significantly below first-k in NDCG@10 or Recall@10 "
+    "(p < 0.05; with >= 2 seeds the seed-aware test over seeds and users, with one seed the paired test over "
+    "users, which cannot see training-seed variance); ties go to first-k"
+)
+# what a check made before rows recorded their test used: the paired test on seed-averaged metrics
+PAIRED_AVERAGED = "paired over users on seed-averaged metrics (cannot see seed variance)"
+ONE_SEED_NOTE = (
+    "one seed: this verdict cannot see training-seed variance (a seed that shifts a run shifts all its users "
+    "at once, so a tie can look significant); --seeds 3 or more runs the seed-aware test"
+)
 
 
-def rows_vs_first_k(results: dict[str, tuple[dict[str, float], dict[str, np.ndarray]]]) -> list[dict]:
+def rows_vs_first_k(
+    results: dict[str, tuple[dict[str, float], dict[str, np.ndarray]]],
+    per_seed_user: dict[str, dict[str, np.ndarray]] | None = None,
+    paired_test: str = ONE_SEED,
+) -> list[dict]:
     """The rows `choose` reads: per strategy (first-k among them) its mean NDCG@10 / Recall@10, the
-    ratio to first-k's and the paired p-value over users. results: strategy -> (means, per-user values)."""
+    ratio to first-k's, the p-value of the difference and which test made it (`test`).
+
+    results: strategy -> (means, per-user values). per_seed_user: strategy -> metric -> [seeds, users]
+    (the runs behind those values): with >= 2 seeds on both sides the p is the seed-aware test's
+    (`tokensel.stats.seed_user_test`), which sees training-seed variance as well as user variance;
+    without it the paired test over users, recorded as `paired_test` (the caller says what that test
+    can see)."""
     first_means, first_users = results["first-k"]
+    first_seeds = (per_seed_user or {}).get("first-k")
     rows = []
     for strategy, (means, users) in results.items():
-        p = paired_pvalues({m: users[m] for m in METRICS}, first_users) if strategy != "first-k" else {}
         row = {"strategy": strategy, "N@10": round(means["N@10"], 4), "R@10": round(means["R@10"], 4)}
         for m in METRICS:
             row[f"ratio_{m}"] = round(means[m] / first_means[m], 4) if first_means[m] else None
+        p: dict[str, float] = {}
+        if strategy != "first-k":
+            mine = (per_seed_user or {}).get(strategy)
+            if mine is not None and first_seeds is not None:
+                tests = {m: seed_user_test(mine[m], first_seeds[m]) for m in METRICS}
+                p = {m: t[0] for m, t in tests.items()}
+                test = seed_test_name(all(t[1] for t in tests.values()))
+            else:
+                p = paired_pvalues({m: users[m] for m in METRICS}, first_users)
+                test = paired_test
+            row["test"] = test
         rows.append({**row, "p_N@10": p.get("N@10"), "p_R@10": p.get("R@10")})
     return rows
+
+
+def row_test(row: dict, check: dict | None = None) -> str | None:
+    """Which test made the row's p; rows written before it was recorded: the paired test (one seed
+    or seed-averaged, by the check's seeds)."""
+    if row.get("strategy") == "first-k":
+        return None
+    if "test" in row:
+        return row["test"]
+    return ONE_SEED if (check or {}).get("seeds", 1) <= 1 else PAIRED_AVERAGED
+
+
+def seed_note(check: dict) -> str | None:
+    """One line when the check's verdict could not see seed variance (one seed, or an old check)."""
+    tests = {row_test(r, check) for r in check.get("rows", [])} - {None}
+    if not tests or tests == {SEED_AWARE}:
+        return None
+    if check.get("seeds", 1) <= 1:
+        return ONE_SEED_NOTE
+    return "this check's p-values come from the paired test over users on seed-averaged metrics, which cannot see seed variance; re-run tokensel check for the seed-aware test"
 
 
 def lost_metrics(row: dict) -> list[str]:
@@ -61,6 +112,13 @@ def choose(rows: list[dict]) -> str:
 SURROGATE_RULE = (
     "best validation NDCG@10 among selections above first-k in NDCG@10 (paired test, p < 0.05) and not "
     "significantly below it in Recall@10; none: first-k"
+)
+SURROGATE_ROW_TEST = "paired over users and settle epochs (one surrogate run: cannot see seed variance)"
+# what stage 2's paired test sees: the surrogate is ONE training run, its settle epochs are not seeds
+SURROGATE_TEST = (
+    "paired over users on per-user metrics averaged over the settle epochs of one surrogate run: it sees "
+    "how users and those epochs disagree, not training-seed variance (another surrogate seed can move a "
+    "selection's reading); the downstream check retrains with seeds"
 )
 
 
@@ -119,4 +177,8 @@ def lost_note(strategy: str, policy: str | Path | None) -> str | None:
         return None
     name = {"N@10": "NDCG@10", "R@10": "Recall@10"}
     lost = ", ".join(f"{row[f'ratio_{m}']:.2f}x {name[m]} (p {row[f'p_{m}']:.2g})" for m in lost_metrics(row))
-    return f"note: {strategy} lost to first-k in this bundle's downstream check ({lost}; k={check['k']}, validation); --strategy auto runs {check['chosen']}"
+    test = row_test(row, check)
+    return (
+        f"note: {strategy} lost to first-k in this bundle's downstream check ({lost}; test: {test}; k={check['k']}, "
+        f"{check.get('seeds', 1)} seed(s), validation); --strategy auto runs {check['chosen']}"
+    )
