@@ -283,7 +283,8 @@ def check_command(
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
     """Which strategy to trust with a bundle: first-k, item-align and the policy compressed at k, the same
-    recommender (hllm) retrained on each, VALIDATION targets scored (never test), each paired with first-k."""
+    recommender (hllm) retrained on each with several seeds, VALIDATION targets scored (never test), each
+    compared with first-k by a test over seeds and users (with --seeds 1, a paired test that cannot see seed variance)."""
     try:
         result = api.check(
             bundle or DEFAULT_BUNDLE, items, interactions, k=k, seeds=seeds, epochs=epochs, columns=(user_col, item_col, order_col),
