@@ -50,30 +50,22 @@ def paired_pvalues(a: dict[str, np.ndarray], b: dict[str, np.ndarray], test: str
 
 # ------------------------------------------------------------------------------- seeds and users
 SEED_TEST = (
-    "seed-aware t-test: the difference of the means over seeds and users, its variance the paired "
-    "per-user variance / users plus each side's seed-effect variance (its per-seed means' variance less "
-    "the part that per-user noise explains) / seeds (Welch-Satterthwaite degrees of freedom)"
+    "seed-aware t-test: the difference of the means over seeds and users, its variance each side's variance "
+    "of its per-seed means / seeds plus the users' own spread of the difference / users (the paired "
+    "per-user variance less what run noise explains); Welch-Satterthwaite degrees of freedom"
 )
 SEED_AWARE = "seed-aware"
 ONE_SEED = "paired (one seed: cannot see seed variance)"
 
 
-def _seed_effect_variance(x: np.ndarray) -> float:
-    """The variance of the training-seed effect on one side's mean, [seeds, users] -> scalar.
-
-    A per-seed mean over users varies for two reasons: the run itself (a seed that shifts every user)
-    and the users' own noise in that run, which averages down as 1/users. The second part is already in
-    the paired per-user variance, so counting it again would make the test conservative exactly when
-    seeds barely matter. Two-way random-effects ANOVA: seed means' variance minus the residual
-    (seed x user) variance / users, clipped at 0."""
+def _run_noise(x: np.ndarray) -> float:
+    """One side's per-user run noise, [seeds, users] -> scalar: the seed x user residual variance
+    (two-way ANOVA), how much a user's value moves between runs beyond the run's shift of everyone."""
     seeds, users = x.shape
-    seed_means = x.mean(1)
-    between = float(seed_means.var(ddof=1))
     if users < 2:
-        return between
-    resid = x - x.mean(0, keepdims=True) - seed_means[:, None] + x.mean()
-    noise = float((resid**2).sum()) / ((seeds - 1) * (users - 1))
-    return max(0.0, between - noise / users)
+        return 0.0
+    resid = x - x.mean(0, keepdims=True) - x.mean(1, keepdims=True) + x.mean()
+    return float((resid**2).sum()) / ((seeds - 1) * (users - 1))
 
 
 def seed_user_test(a: np.ndarray, b: np.ndarray) -> tuple[float, bool]:
@@ -82,11 +74,16 @@ def seed_user_test(a: np.ndarray, b: np.ndarray) -> tuple[float, bool]:
     a, b: [seeds, users] per-user values of each training run (same users, same order on both sides;
     the seeds of the two sides are separate trainings, so they are not paired). The paired test over
     users cannot see training noise: a seed that shifts one run shifts all its users at once, so one
-    seed can make a tie look significant. Here the mean difference's variance has two parts: how users
-    disagree (the paired per-user differences of the seed means, / users) and how runs disagree (each
-    side's seed-effect variance, / its seeds; see `_seed_effect_variance` for why the per-user noise
-    inside a per-seed mean is taken out of it). With one seed on either side the second part cannot be
-    estimated: the result is the paired t-test and `False` says it cannot see seed variance.
+    seed can make a tie look significant. Here the mean difference's variance has two parts:
+    - how runs disagree: each side's variance of its per-seed means over users, / its seeds. Measured
+      on the means themselves, so it holds whatever a seed does to its users (a shift of everyone, or
+      of the users who share some items), with the runs' own per-user noise in it;
+    - how users disagree: the paired per-user differences of the seed means, / users, less the run
+      noise already counted in the first part (clipped at 0). It is what generalising to other users
+      adds; counting the run noise twice would make the test conservative exactly when seeds barely
+      matter.
+    With one seed on either side the first part cannot be estimated: the result is the paired t-test
+    and `False` says it cannot see seed variance.
     """
     a = np.atleast_2d(np.asarray(a, dtype=np.float64))
     b = np.atleast_2d(np.asarray(b, dtype=np.float64))
@@ -98,10 +95,11 @@ def seed_user_test(a: np.ndarray, b: np.ndarray) -> tuple[float, bool]:
     d = a.mean(0) - b.mean(0)
     diff = float(d.mean())
     users = d.size
+    spread = float(d.var(ddof=1)) - _run_noise(a) / sa - _run_noise(b) / sb if users > 1 else 0.0
     parts = [  # (variance of the mean difference this part adds, its degrees of freedom)
-        (float(d.var(ddof=1)) / users if users > 1 else 0.0, users - 1),
-        (_seed_effect_variance(a) / sa, sa - 1),
-        (_seed_effect_variance(b) / sb, sb - 1),
+        (float(a.mean(1).var(ddof=1)) / sa, sa - 1),
+        (float(b.mean(1).var(ddof=1)) / sb, sb - 1),
+        (max(0.0, spread) / users, users - 1),
     ]
     var = sum(v for v, _ in parts)
     if var <= 0:
