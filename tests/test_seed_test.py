@@ -3,6 +3,10 @@ with known seed and user effects: x[seed, user] = user effect + seed effect + pe
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -127,3 +131,20 @@ def test_aa_rejections_identical_seeds_never_reject():
     x = np.tile(np.random.default_rng(6).normal(0, 1, 50), (6, 1))
     r = aa_rejections({"N@10": x}, 2)
     assert r["old"]["N@10"] == r["new"]["N@10"] == 0.0
+
+
+def test_bench_aa_prints_the_table_from_saved_runs(tmp_path):
+    """bench/aa's table without training: runs saved by --save-runs, here synthetic with a seed effect."""
+    rng = np.random.default_rng(8)
+    user = rng.normal(0, 1, 200)
+    x = runs(rng, 6, 200, 0.4, user=user)
+    saved = tmp_path / "runs.npz"
+    np.savez(saved, title=np.array("synthetic A/A"), N_at_10=x, R_at_10=x + 1)
+    bench = Path(__file__).resolve().parents[1] / "bench" / "aa"
+    r = subprocess.run([sys.executable, str(bench), "--from-runs", str(saved)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[1]: line for line in r.stdout.splitlines() if line.startswith("│ ") and "v" in line.split()[1]}
+    assert set(rows) == {"1v1", "2v2", "3v3"}
+    assert rows["3v3"].split()[3] == "10"  # 6 seeds: 20 groups of 3, each pair once
+    bad = subprocess.run([sys.executable, str(bench), "--from-runs", str(saved), "--sizes", "4"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "need 8 seeds" in bad.stderr and "Traceback" not in bad.stderr
