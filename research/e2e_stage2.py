@@ -1,6 +1,6 @@
 """Run the end-to-end stage 2 on a real catalogue from an existing stage-1 bundle; save a bundle per run.
 
-    python research/e2e_stage2.py ITEMS INTERACTIONS --bundle tokensel/default_bundle --out /tmp/e2e_k32 \
+    python research/e2e_stage2.py ITEMS INTERACTIONS --bundle tokensel/default_bundle --out OUT \
         --k 32 --epochs 3 --max-users 4000 [--set sigma=0.5 --set masked_side=both ...]
 
 Prints one JSON line per epoch (masked-readout validation of the trained head, the identity head =

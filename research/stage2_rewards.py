@@ -8,7 +8,7 @@ here is a `Reward` for `train_stage2(..., reward=REWARDS[name])`:
     text-sim             subsets as the positive under the training-free text-sim scorer
 The scripts beside this file use them: research/train_variant (a bundle trained with a variant, the
 command the RESULTS.md rows with a variant reward came from as `tokensel train --reward NAME`),
-research/stage2_ablation and research/reward_signal.
+research/reward_signal.
 """
 
 from __future__ import annotations

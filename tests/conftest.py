@@ -79,6 +79,24 @@ def _bpe_tokenizer(texts: list[str], add_bos: bool, vocab_size: int = 700):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _verdicts_session(tmp_path_factory):
+    """Verdicts recorded by a check or curve go to a temporary folder, never beside fixtures/items.parquet."""
+    old = os.environ.get("TOKENSEL_VERDICTS")
+    os.environ["TOKENSEL_VERDICTS"] = str(tmp_path_factory.mktemp("verdicts"))
+    yield
+    if old is None:
+        os.environ.pop("TOKENSEL_VERDICTS", None)
+    else:
+        os.environ["TOKENSEL_VERDICTS"] = old
+
+
+@pytest.fixture(autouse=True)
+def _verdicts(monkeypatch, tmp_path_factory):
+    """Each test starts with no recorded verdict (a module fixture's check records in the session folder)."""
+    monkeypatch.setenv("TOKENSEL_VERDICTS", str(tmp_path_factory.mktemp("verdicts")))
+
+
 @pytest.fixture(scope="session")
 def texts() -> list[str]:
     return fixture_texts()

@@ -56,6 +56,10 @@ def test_config_records_how_the_bundle_was_made(tiny_bundle, tiny_bert):
     assert cfg["policy"]["epochs"] == 1 and cfg["policy"]["batch_size"] == 16 and cfg["policy"]["negatives"] == 8
     assert cfg["data"]["n_items"] == 48 and cfg["data"]["n_users"] > 0
     assert len(cfg["data"]["items_sha"]) == 16 and len(cfg["data"]["interactions_sha"]) == 16
+    # the data by file name, rows and content hash, never a path of the machine that trained it
+    assert cfg["data"]["items"] == ITEMS.name and cfg["data"]["interactions"] == INTERACTIONS.name
+    assert cfg["data"]["items_rows"] == 48 and cfg["data"]["interactions_rows"] == pq.ParquetFile(INTERACTIONS).metadata.num_rows
+    assert str(ITEMS.parent) not in json.dumps(cfg)
     assert cfg["version"] == __version__
     assert "stage1" in cfg["logs"] and "stage2" in cfg["logs"]
     for f in ("item.safetensors", "user_model.safetensors", "policy.safetensors"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pyarrow.parquet as pq
@@ -14,6 +15,7 @@ from tokensel import inspect as ins
 from tokensel.cli import app
 from tokensel.io.parquet_out import read_metadata
 from tokensel.policy.bundle import bundle_hash
+from tokensel.select.verdicts import catalogue_fingerprint
 
 from conftest import INTERACTIONS, ITEMS, check_contract
 
@@ -138,13 +140,41 @@ def test_info_is_a_short_summary_and_json_on_request(tiny_bundle):
 
 
 def test_info_on_the_shipped_bundle_shows_its_stage_2_choice_and_warnings():
-    """The README's logs.stage2: what the shipped bundle's stage 2 kept, and the warnings it recorded."""
+    """docs/choosing.md's logs.stage2: what the shipped bundle's stage 2 kept, and the warnings it recorded."""
     r = invoke("info")
     flat_out = "".join(r.output.split())
     log = json.loads((bundle_mod.DEFAULT_BUNDLE / "config.json").read_text())["logs"]["stage2"]
     assert r.exit_code == 0 and "stage-2choice" in flat_out and f"({log['choice']['chosen']})" in flat_out
     for w in log["warnings"]:
         assert "".join(w.split()) in flat_out
+
+
+def test_info_on_the_shipped_bundle_prints_nothing_of_the_machine_that_built_it():
+    """Its training data by file name, rows and content hash; the bundle by name, not its install folder."""
+    r = invoke("info")
+    assert r.exit_code == 0, r.output
+    assert str(bundle_mod.DEFAULT_BUNDLE) not in r.output and not re.search(r"(?<![\w.])/[A-Za-z]", r.output), r.output
+    flat_out = "".join(r.output.split())
+    assert "theshippedbundle" in flat_out and "items.parquet:4,344items,sha256" in flat_out
+    for name in ("config.json", bundle_mod.CHECK_FILE):
+        data = json.loads((bundle_mod.DEFAULT_BUNDLE / name).read_text())["data"]
+        assert "/" not in data["items"] + data["interactions"] and data["items_rows"] > 0 and data["interactions_rows"] > 0
+
+
+def test_a_bundle_that_recorded_data_paths_still_loads_and_info_shows_file_names(tmp_path, tiny_bundle):
+    """Bundles written before the path-free record kept the full paths: they load, and info names the files."""
+    bundle = tmp_path / "old"
+    shutil.copytree(tiny_bundle, bundle)
+    cfg = json.loads((bundle / "config.json").read_text())
+    for key in ("items", "interactions", "items_rows", "interactions_rows"):
+        cfg["data"].pop(key)
+    cfg["data"].update(items="/srv/someone/data/items.parquet", interactions="/srv/someone/data/interactions.parquet")
+    (bundle / "config.json").write_text(json.dumps(cfg))
+    assert bundle_mod.Bundle.from_pretrained(bundle, device="cpu").policy is not None
+    r = invoke("info", bundle)
+    assert r.exit_code == 0, r.output
+    flat_out = "".join(r.output.split())
+    assert "/srv/someone" not in r.output and "items.parquet:48items,sha256" in flat_out and "interactions.parquet:" in flat_out
 
 
 def test_info_on_a_folder_that_is_not_a_bundle(tmp_path):
@@ -168,7 +198,12 @@ def test_auto_is_the_default_strategy_and_follows_the_default_bundles_check(tmp_
     assert "auto: first-k" in r.output and "no strategy check" in " ".join(r.output.split())
     rows = [{"strategy": s, "N@10": n, "R@10": n, "ratio_N@10": n / 5, "p_N@10": p, "ratio_R@10": n / 5, "p_R@10": p}
             for s, n, p in (("first-k", 5.0, None), ("item-align", 5.1, 0.7), ("policy", 5.5, 0.04))]
-    bundle_mod.write_check(bundle, {"k": 32, "rows": rows, "chosen": "policy", "bundle_hash": bundle_hash(bundle), "data": {"items": str(ITEMS)}})
+    check = {"k": 32, "rows": rows, "chosen": "policy", "bundle_hash": bundle_hash(bundle), "data": {"items": str(ITEMS)}, "catalogue": "0" * 16}
+    bundle_mod.write_check(bundle, check)  # a check made on another catalogue is not followed
+    r = invoke("compress", ITEMS, "-o", out, "--k", "32", "--chunk", "4", "--prefix", "8")
+    assert r.exit_code == 0, r.output
+    assert read_metadata(out)["strategy"] == "first-k" and "made on another catalogue" in " ".join(r.output.split())
+    bundle_mod.write_check(bundle, {**check, "catalogue": catalogue_fingerprint(ITEMS, bundle_mod.read_bundle_config(bundle).text)})
     r = invoke("compress", ITEMS, "-o", out, "--k", "32", "--chunk", "4", "--prefix", "8")
     assert r.exit_code == 0, r.output
     meta = read_metadata(out)

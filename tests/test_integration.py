@@ -57,7 +57,7 @@ def test_shipped_bundle_via_cli(tmp_path, first_k_default, default_model_path):
     r = CliRunner().invoke(app, ["compress", str(ITEMS), "--k", "64", "--chunk", "8", "-o", str(out)])
     assert r.exit_code == 0, f"{r.exception!r}\n{r.output}"
     assert "Traceback" not in r.output
-    chosen, why = resolve(None)
+    chosen, why = resolve(None, ITEMS, 64)
     assert read_metadata(out)["strategy"] == chosen and why in " ".join(r.output.split())
     check_contract(out, ITEMS, default_model_path, 64)
     first = pq.read_table(first_k_default[0]).column("positions").to_pylist()

@@ -159,13 +159,14 @@ def checked_bundle(tmp_path, tiny_bundle, items_path, interactions_path):
     return path, check
 
 
-def test_the_check_pairs_each_strategy_with_first_k_and_is_saved(checked_bundle):
+def test_the_check_pairs_each_strategy_with_first_k_and_is_saved(checked_bundle, items_path):
     path, check = checked_bundle
     assert [r["strategy"] for r in check["rows"]] == ["first-k", "item-align", "policy"]
     assert check["scored"] == "validation" and check["users"] > 0
     assert check["rows"][0]["ratio_N@10"] == 1.0 and check["rows"][0]["p_N@10"] is None
     assert all(r["p_N@10"] is not None for r in check["rows"][1:])
     assert check["chosen"] == choose(check["rows"])
+    assert check["data"]["items"] == Path(items_path).name and check["data"]["items_rows"] == check["items"]  # no machine path
     assert read_check(path) == json.loads(json.dumps(check))
     assert Bundle.from_pretrained(path).check["chosen"] == check["chosen"]
 

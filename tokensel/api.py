@@ -5,6 +5,7 @@
     api.compress("items.parquet", "items.k{k}.parquet", k=[32, 64, 128])   # one model pass, three files
     api.train("items.parquet", "interactions.parquet", "my_bundle")   # ends with the strategy check
     api.check("my_bundle", "items.parquet", "interactions.parquet")   # re-run it (e.g. on other data)
+    api.curve("items.parquet", "interactions.parquet", ks=[16, 32, 64, 128])   # quality and cost per budget
 
 In memory (lists of strings, DataFrames, datasets) use `tokensel.Selector`: `compress` is the file job
 around it.
@@ -19,12 +20,13 @@ from tokensel.compress.run import compress
 from tokensel.errors import TokenselError
 from tokensel.evaluate.check import CHECK_SEEDS
 from tokensel.evaluate.check import strategy_check as check
+from tokensel.evaluate.curve import curve
 from tokensel.io.interactions import COLUMNS
 from tokensel.policy.bundle import DEFAULT_BUNDLE, Bundle
 from tokensel.select.selector import Selector
 from tokensel.train import pipeline
 
-__all__ = ["compress", "train", "check", "Selector", "DEFAULT_BUNDLE"]
+__all__ = ["compress", "train", "check", "curve", "Selector", "DEFAULT_BUNDLE"]
 
 
 def train(

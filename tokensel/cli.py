@@ -23,11 +23,11 @@ from tokensel.errors import TokenselError
 from tokensel.io import writers
 from tokensel.io.readers import open_items
 from tokensel.evaluate.check import CHECK_EPOCHS, CHECK_SEEDS
-from tokensel.policy.bundle import CHECK_FILE, DEFAULT_BUNDLE, bundle_hash
+from tokensel.policy.bundle import CHECK_FILE, DEFAULT_BUNDLE, bundle_hash, bundle_label
 from tokensel.compress.job import output_paths
 from tokensel.report import bundle_summary, check_table
 from tokensel.select.auto import AUTO, current_check, resolve
-from tokensel.evaluate.command import evaluate_command, fail, headroom_command
+from tokensel.evaluate.command import curve_command, evaluate_command, fail, headroom_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Keep the most informative tokens of item texts (TSPORec).")
 console = Console(stderr=True)
@@ -68,7 +68,7 @@ def _export_plan(items: Path, out: str | None, ks: list[int], strategy: str, pol
         return out, {}
     if fmt not in writers.FORMATS:
         raise TokenselError(f"unknown --format {fmt!r}; choose one of {', '.join(writers.FORMATS)}")
-    name = resolve(policy)[0] if strategy == AUTO else strategy
+    name = resolve(policy, items, ks[0])[0] if strategy == AUTO else strategy
     exports = output_paths(items, out, tuple(ks), name, writers.SUFFIX[fmt])
     pattern = out or str(exports[ks[0]])
     hidden = str(Path(pattern).with_name(f".{Path(pattern).name}.parquet"))
@@ -338,7 +338,7 @@ def info(
         out_console.print_json(data=cfg)
         out_console.print(f"hash {bundle_hash(path)}", markup=False)
         return
-    lines = [f"tokensel bundle {path}"]
+    lines = [f"tokensel bundle: {bundle_label(path)}"]
     for label, value in [*bundle_summary(cfg), ("hash", bundle_hash(path))]:
         first, *rest = value.split("\n")
         lines.append(f"  {label + ':':<18} {first}")
@@ -353,6 +353,7 @@ def info(
 
 app.command("evaluate")(evaluate_command)
 app.command("headroom")(headroom_command)
+app.command("curve")(curve_command)
 
 
 def main() -> None:  # pragma: no cover

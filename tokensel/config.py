@@ -20,7 +20,7 @@ T = TypeVar("T")
 class TextConfig:
     """How an item's text is built from its columns: `A B` (default) or `title: A description: B`
     (HLLM style, labels on). Labels are part of the text and so of the budget: every label token is
-    one text token less, so they are off by default (RESULTS.md has what they cost)."""
+    one text token less, so they are off by default (docs/formats.md has what they cost)."""
 
     id_col: str = "item_id"
     text_cols: list[str] = field(default_factory=lambda: ["title", "description"])

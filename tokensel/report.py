@@ -16,7 +16,7 @@ def bundle_summary(cfg: dict) -> list[tuple[str, str]]:
     rows = [
         ("model", f"{get('identity', 'name')} ({get('identity', 'model_type')}, hidden {get('identity', 'hidden_size')}); item-LLM tuning {get('item', 'tuning')}"),
         ("text", f"columns {','.join(text.get('text_cols', []))}; labels {'on' if text.get('labels') else 'off'}; max_len {text.get('max_len')}; template {text.get('template')!r}"),
-        ("trained on", f"{data.get('items')} ({data.get('n_items', '?'):,} items), {data.get('interactions')} ({data.get('n_users', '?'):,} users)"),
+        ("trained on", trained_on(data)),
         ("stage 1", f"{s1.get('epochs')} epochs, lr {s1.get('lr')}, {s1.get('negatives')} negatives; best validation NDCG@10 {get('logs', 'stage1', 'best_valid_N@10')}"),
     ]
     if pol is None or get("logs", "stage2") is None:
@@ -36,6 +36,22 @@ def bundle_summary(cfg: dict) -> list[tuple[str, str]]:
         rows.append(("stage-2 test", choice.get("test") or SURROGATE_TEST))  # bundles before the field: the same single surrogate
     rows.append(("stage-2 warnings", "\n".join([*source, *(f"- {w}" for w in warnings)]) or "none"))
     return rows
+
+
+def trained_on(data: dict) -> str:
+    """The training data by file name, size and content hash, one file a line. Bundles from before
+    the record left out paths stored the full path: only its name is shown, so `info` prints nothing
+    machine-specific (`info --json` shows the record as stored)."""
+    items_rows = data.get("items_rows", data.get("n_items"))
+    sizes = {
+        "items": [f"{items_rows:,} items"] if items_rows is not None else [],
+        "interactions": [f"{n:,} rows" for n in [data.get("interactions_rows")] if n is not None]
+        + [f"{n:,} users" for n in [data.get("n_users")] if n is not None],
+    }
+    return "\n".join(
+        f"{Path(str(data.get(kind, '?'))).name}: " + ", ".join([*size, *([f"sha256 {data[kind + '_sha']}"] if data.get(kind + "_sha") else [])])
+        for kind, size in sizes.items()
+    )
 
 
 def _dig(d, keys):

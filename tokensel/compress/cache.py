@@ -1,7 +1,7 @@
 """The score cache: what makes `compress` resumable, incremental, and cheap across budgets.
 
 It stores what the model computes, not what is selected from it. One SQLite file (default
-`<out>.cache.sqlite`, beside the output) maps
+`<items>.cache.sqlite` in the output's folder) maps
 
     (scorer hash, item key) -> (n_tokens, float32 score of every token)
 
@@ -12,11 +12,11 @@ the forward-batch geometry. Budget, prefix and chunk are not in it: the selectio
 of the token scores (tokensel.select), so a run with another k, prefix or chunk reuses every entry
 and runs no model. Only items that need scoring (more than k tokens) are stored.
 
-Scored items are committed every few seconds of scoring, so a run that is killed loses at most that
-much work, and the next run with the same scorer reuses the rest. A changed text changes the key,
-so only changed (or new) items are scored again. After a complete run (no --limit) entries of this
-scorer that the run did not use are deleted, so the file stays about the size of one catalogue per
-scorer.
+Scored items are committed after every forward batch (tokensel.compress.local), so a run that is
+killed loses at most the batch in flight, and the next run with the same scorer reuses the rest. A
+changed text changes the key, so only changed (or new) items are scored again. After a complete run
+(no --limit) entries of this scorer that the run did not use are deleted, so the file stays about the
+size of one catalogue per scorer.
 
 Lookups go to disk through SQLite's bounded page cache: memory does not grow with the catalogue.
 """

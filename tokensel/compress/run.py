@@ -13,7 +13,7 @@ from tokensel.compress.ray import check_ray, compress_file_ray
 from tokensel.config import CompressConfig
 from tokensel.errors import TokenselError
 from tokensel.io.readers import open_items
-from tokensel.select.auto import AUTO, auto_choice, lost_note
+from tokensel.select.auto import AUTO, auto_choice, catalogue_text, lost_note
 from tokensel.select.batching import BatchConfig
 from tokensel.select.strategies import BUNDLE_STRATEGIES
 from tokensel.select.selector import Selector, SelectorSpec, check_budgets
@@ -49,8 +49,10 @@ def compress(
 ) -> CompressSummary | list[CompressSummary]:
     """Compress an items file; text settings default to the bundle's (for `policy`) or TextConfig().
 
-    strategy "auto": the strategy the bundle's downstream check chose (tokensel.select.auto; first-k
-    where it has none), with the bundle's text settings; the summaries' `notes` say which and why.
+    strategy "auto": the strategy the verdict recorded for this catalogue chose (a curve or check run on
+    these item texts), else the bundle's downstream check if it was made on this catalogue, else
+    first-k (tokensel.select.auto); the summaries' `notes` say which verdict it followed. Several
+    budgets whose verdicts differ are compressed as one run per strategy.
 
     k: one budget, or several (one file each, from one model pass; a list of summaries is returned).
     out: the output file; with several budgets it must contain `{k}`. Default: beside the items file,
@@ -65,7 +67,25 @@ def compress(
     notes: list[str] = []
     auto_text = None  # auto -> first-k: the bundle's text settings, under the options given here
     if strategy == AUTO:
-        strategy, model, auto_text, why = auto_choice(policy, model)
+        ks = [k] if isinstance(k, int) else list(k)
+        text = catalogue_text(policy, id_col=id_col, text_cols=text_cols, max_len=max_len, template=template, labels=labels)
+        choices = {kk: auto_choice(policy, model, items, kk, text) for kk in ks}
+        if len({c[0] for c in choices.values()}) > 1:  # the verdicts differ between budgets: one run per strategy
+            options = dict(
+                chunk=chunk, prefix=prefix, policy=policy, id_col=text.id_col, text_cols=text.text_cols, max_len=text.max_len,
+                template=text.template, labels=text.labels, passthrough=passthrough, seed=seed, batch_rows=batch_rows, batch_tokens=batch_tokens, limit=limit,
+                device=device, dtype=dtype, cache=cache, engine=engine, workers=workers, pipeline=pipeline, on_progress=on_progress,
+            )
+            done: dict[int, CompressSummary] = {}
+            for name in dict.fromkeys(c[0] for c in choices.values()):
+                group = [kk for kk in ks if choices[kk][0] == name]
+                outs = output_paths(Path(items), out, tuple(ks), name)
+                for kk in group:
+                    s = compress(items, outs[kk], k=kk, strategy=name, model=choices[kk][1], **options)
+                    s.notes = [choices[kk][3], *[n for n in s.notes if not n.startswith("note:")]]
+                    done[kk] = s
+            return [done[kk] for kk in ks]
+        strategy, model, auto_text, why = choices[ks[0]]
         notes.append(why)
     elif strategy in BUNDLE_STRATEGIES and (note := lost_note(strategy, policy)):
         notes.append(note)

@@ -14,7 +14,8 @@ strategy is compared with first-k by the seed-aware test over seeds and users
 users alone can call a tie significant. With one seed (`seeds=1`) only the paired test is possible and
 the check records that its verdict cannot see seed variance. The result is written beside the bundle's weights
 (`check.json`, see `tokensel.policy.bundle.write_check`); `tokensel info` prints it, and
-`tokensel compress --strategy auto` runs the strategy it chose (`tokensel.select.auto.RULE`: the
+`tokensel compress --strategy auto` runs the strategy it chose on this catalogue (the check records
+the catalogue's fingerprint, and its verdict in tokensel.select.verdicts) (`tokensel.select.auto.RULE`: the
 best validation NDCG@10 among the strategies not significantly below first-k in NDCG@10 or
 Recall@10, first-k included; a tie goes to first-k, which needs no model). A policy whose stage 2
 kept first-k or item-align writes their very texts; the runner then reuses that strategy's runs
@@ -39,7 +40,8 @@ from tokensel.io.interactions import COLUMNS
 from tokensel.policy.bundle import BundleConfig, bundle_hash, read_bundle_config, write_check
 from tokensel.models.readout import is_top_tunable
 from tokensel.select.auto import RULE, choose, rows_vs_first_k, seed_note
-from tokensel.train.pipeline import file_digest
+from tokensel.select.verdicts import Verdict, catalogue_fingerprint, now, record
+from tokensel.train.pipeline import data_record
 
 CHECKED = ("first-k", "item-align", "policy")
 CHECK_EPOCHS = 6  # fixed: the validation targets are scored, so they cannot pick the epoch
@@ -108,7 +110,7 @@ def strategy_check(
         "k": k, "chunk": chunk, "prefix": prefix,
         "recommender": f"hllm, item tuning {tuning}", "epochs": epochs, "seeds": seeds, "scored": "validation",
         "users": ev.n_users, "items": ev.n_items,
-        "data": {"items": str(items), "items_sha": file_digest(Path(items)), "interactions": str(interactions), "interactions_sha": file_digest(Path(interactions))},
+        "data": data_record(items, interactions, ev.n_items, ev.data.rows),
         "bundle_hash": bundle_hash(bundle),
         "rows": rows, "rule": RULE, "chosen": choose(rows) if all(r["ratio_N@10"] is not None for r in rows) else "first-k",
         "seconds": round(time.perf_counter() - t0, 1),
@@ -116,6 +118,12 @@ def strategy_check(
     }
     if note := seed_note(check):
         check["seed_note"] = note
+    check["catalogue"] = catalogue_fingerprint(items, text)  # auto follows this check only on this very catalogue
     if save:
         write_check(bundle, check)
+        row = next(r for r in rows if r["strategy"] == check["chosen"])
+        detail = f"{row['ratio_N@10']:.2f}x first-k validation NDCG@10" if check["chosen"] != "first-k" and row.get("ratio_N@10") else ""
+        record(items, check["catalogue"], check["bundle_hash"], text, [Verdict(
+            k, check["chosen"], "check", check["recommender"], seeds, seeds > 1, now(), detail,
+        )])
     return check

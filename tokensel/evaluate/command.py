@@ -96,7 +96,7 @@ def headroom_command(
     recommender: Annotated[str, typer.Option(help="text-sim (training-free, the cheapest) | hllm | sasrec-init")] = "text-sim",
     seeds: Annotated[int, typer.Option(help="Training runs per file (text-sim is deterministic).")] = 1,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs for hllm / sasrec-init (default: evaluate's).")] = None,
-    item_tuning: Annotated[str, typer.Option(help="hllm: none | top (f's last block trains; the README's downstream setting, runs on a CPU) | lora | full.")] = "none",
+    item_tuning: Annotated[str, typer.Option(help="hllm: none | top (f's last block trains; the setting of RESULTS.md's downstream tables, runs on a CPU) | lora | full.")] = "none",
     model: Annotated[Optional[str], typer.Option(help="Item LLM: hub id or folder (default all-MiniLM-L6-v2).")] = None,
     id_col: Annotated[Optional[str], typer.Option()] = None,
     text_cols: Annotated[Optional[str], typer.Option(help="Text columns in order (default title,description).")] = None,
@@ -150,3 +150,116 @@ def headroom_command(
         out.parent.mkdir(parents=True, exist_ok=True)
         write_json(out, [r.as_dict() for r in rows])
         err.print(f"rows written to {out}", markup=False)
+
+
+def curve_table(result: dict):
+    """One row per (strategy, k): test metrics over seeds, ratios to first-k and to the reference with
+    the seed-aware p (paired p beside it), the item-LLM cost relative to the reference, validation N@10."""
+    from rich.table import Table
+
+    from tokensel.evaluate.runner import fmt_p
+
+    multi = len(result["seeds"]) > 1 and not result["deterministic"]
+    ref = result["reference"]
+    seeds = "deterministic, one run" if result["deterministic"] else f"seeds {result['seeds']}" if multi else "one seed"
+    t = Table(
+        title=f"tokensel curve: {escape(Path(result['items']).name)}, {escape(result['recommender'])}, {seeds}, {result['protocol']}",
+        caption=(
+            f"ratios on test NDCG@10; p = seed-aware test (seeds and users) / paired t-test over users; reference = {ref['name']} "
+            f"(test N@10 {ref['test']['N@10']:.2f}); cost = item-LLM forward time per item over the first {result['cost']['items_timed']:,} items "
+            f"({ref['cost_ms_per_item']:.2f} ms for the reference); run = the strategy to run at k (validation, {escape(result['verdict']['rule'])})\n"
+            f"{escape(result['protocol_note'].split('; p = paired')[0])}"
+        ),
+        caption_justify="left",
+    )
+    for c in ("strategy", "k", "tokens", "N@10", "R@10", "vs first-k (p / paired)", "vs reference (p / paired)", "cost", "valid N@10", "run"):
+        t.add_column(c, justify="left" if c == "strategy" else "right")
+    sd = lambda cell, m: f" ±{cell['test_std'][m]:.2f}" if multi else ""  # noqa: E731
+    cmp = lambda c: f"{c['N@10']['ratio']:.3f} ({fmt_p(c['N@10']['p'])} / {fmt_p(c['N@10']['p_paired'])})"  # noqa: E731
+    for cell in sorted(result["cells"], key=lambda c: (c["k"], result["strategies"].index(c["strategy"]))):
+        name = cell["strategy"] + (f" (= {cell['same_as']})" if cell["same_as"] else "")
+        run = "✓" if result["verdict"]["run"][str(cell["k"])] == cell["strategy"] else ""
+        cost = "-" if cell["cost_vs_reference"] is None else f"{cell['cost_vs_reference']:.2f}x"
+        t.add_row(
+            escape(name), str(cell["k"]), f"{cell['tokens_per_item']:.1f}",
+            f"{cell['test']['N@10']:.2f}{sd(cell, 'N@10')}", f"{cell['test']['R@10']:.2f}{sd(cell, 'R@10')}",
+            "-" if cell["strategy"] == "first-k" else cmp(cell["vs_first_k"]), cmp(cell["vs_reference"]), cost, f"{cell['valid']['N@10']:.2f}", run,
+        )
+    return t
+
+
+def curve_command(
+    items: Annotated[Path, typer.Argument(help="Items Parquet (or CSV / JSON Lines).")],
+    interactions: Annotated[Path, typer.Argument(help="Interactions Parquet: user id, item id, order column.")],
+    ks: Annotated[str, typer.Option(help="Budgets, comma-separated, increasing.")] = "16,32,64,128",
+    strategies: Annotated[str, typer.Option(help="Comma-separated: first-k (always run: every ratio is to it), item-align, policy.")] = "first-k,item-align,policy",
+    policy: Annotated[Optional[Path], typer.Option(help="Bundle for item-align and policy (default: the shipped one; no training needed).")] = None,
+    recommender: Annotated[str, typer.Option(help="hllm | text-sim (training-free, the cheapest) | sasrec-init")] = "hllm",
+    item_tuning: Annotated[Optional[str], typer.Option(help="hllm: none | top (f's last block trains; default where the model allows it) | lora | full.")] = None,
+    seeds: Annotated[int, typer.Option(help="Training runs per file (seeds 0..N-1); 2 or more let the verdicts see seed variance.")] = 3,
+    epochs: Annotated[Optional[int], typer.Option(help="Training epochs per run (default: evaluate's).")] = None,
+    protocol: Annotated[str, typer.Option(help="loo (leave-one-out) | cold (items never seen in training).")] = "loo",
+    cold_share: Annotated[float, typer.Option(help="--protocol cold: share of the items held out as cold.")] = 0.1,
+    reference: Annotated[str, typer.Option(help="longest (first-k at the largest --ks) | full (the whole texts up to --max-len).")] = "longest",
+    out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Write everything the table shows (and more) as JSON.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Draw quality against tokens: .png or .svg (pip install 'tokensel\\[plot]').")] = None,
+    max_users: Annotated[Optional[int], typer.Option(help="Only the first N users (a quick check).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Item LLM (default: the bundle's).")] = None,
+    id_col: Annotated[Optional[str], typer.Option()] = None,
+    text_cols: Annotated[Optional[str], typer.Option(help="Text columns in order (default: the bundle's).")] = None,
+    labels: Annotated[Optional[bool], typer.Option("--labels/--no-labels", help="Build the text as `title: A description: B` or `A B` (default: the bundle's).")] = None,
+    max_len: Annotated[Optional[int], typer.Option(help="Tokens of the item text considered at all (default: the bundle's).")] = None,
+    user_col: Annotated[str, typer.Option()] = "user_id",
+    item_col: Annotated[str, typer.Option()] = "item_id",
+    order_col: Annotated[str, typer.Option()] = "timestamp",
+    cost_items: Annotated[int, typer.Option(help="Items timed per file for the cost column (the first N, catalogue order; each file twice, the best counts).")] = 256,
+    work: Annotated[Optional[Path], typer.Option(help="Keep the compressed files, score cache and item vectors here (default: a temporary folder).")] = None,
+    record: Annotated[bool, typer.Option("--record/--no-record", help="Record the strategy to run at each k for this catalogue, where compress --strategy auto reads it.")] = True,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16")] = "auto",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print every epoch.")] = False,
+) -> None:
+    """At what budget does the recommender stop losing quality, which tokens should fill it, what does it save?
+    First-k and selections at every budget, the same recommender retrained on each, against the reference."""
+    from tokensel.config import write_json
+    from tokensel.evaluate.curve import curve
+    from tokensel.evaluate.plot import check_plot_path, plot_curve
+
+    err = Console(stderr=True)
+    try:
+        try:
+            budgets = [int(x) for x in ks.split(",") if x.strip()]
+        except ValueError:
+            raise TokenselError(f"--ks must be comma-separated whole numbers (got {ks!r})") from None
+        if out is not None and out.suffix != ".json":
+            raise TokenselError(f"{out}: --out must end in .json")
+        if plot is not None:
+            check_plot_path(plot)  # before any work: the suffix, and matplotlib installed
+
+        def log(row: dict) -> None:
+            if verbose or "stage" in row:
+                err.print(json.dumps(row), markup=False, highlight=False, soft_wrap=True)
+
+        result = curve(
+            items, interactions, budgets, strategies=[s.strip() for s in strategies.split(",") if s.strip()], policy=policy,
+            recommender=recommender, item_tuning=item_tuning, seeds=seeds, epochs=epochs, protocol=protocol, cold_share=cold_share,
+            reference=reference, model=model, id_col=id_col, text_cols=[c.strip() for c in text_cols.split(",") if c.strip()] if text_cols else None,
+            labels=labels, max_len=max_len, user_col=user_col, item_col=item_col, order_col=order_col, max_users=max_users,
+            cost_items=cost_items, work=work, record_verdict=record, device=device, dtype=dtype, log=log,
+        )
+        console = Console(width=None if sys.stdout.isatty() else 200)
+        console.print(curve_table(result))
+        console.print(result["verdict"]["line"], markup=False, highlight=False, soft_wrap=True)
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_json(out, result)
+            err.print(f"curve written to {out}", markup=False)
+        if plot is not None:
+            plot_curve(result, plot)
+            err.print(f"picture written to {plot}", markup=False)
+        if record and result.get("verdict_store"):
+            err.print(f"verdict recorded for this catalogue in {result['verdict_store']}", markup=False)
+        elif result.get("verdict_store_error"):
+            err.print(f"warning: the verdict was not recorded: {result['verdict_store_error']}", markup=False)
+    except TokenselError as exc:
+        fail(err, exc)

@@ -1,5 +1,8 @@
 """Does the text past k carry signal? First-k against the first `factor`*k tokens, before training.
 
+The two-budget case of the budget curve (tokensel.evaluate.curve): the same grid of first-k files,
+compressed and evaluated by the same code, read as one pair per budget.
+
 A selection of k tokens differs from the first k in the text past k it uses and in what of the
 first k it leaves out. A cheap look at the first part: the same recommender on the first k tokens
 and on the first 4k, paired over users. It describes the data; it does not forecast a selection:
@@ -18,11 +21,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tokensel.compress.run import compress
 from tokensel.errors import TokenselError
+from tokensel.evaluate.curve import FIRST_K, compress_grid, evaluate_grid
 from tokensel.evaluate.recommenders import TrainConfig, make_recommender
-from tokensel.evaluate.runner import VectorCache, evaluate_detailed
-from tokensel.stats import TESTS, paired_pvalues
+from tokensel.evaluate.runner import VectorCache
+from tokensel.stats import TESTS, paired_pvalues, seed_user_test
 from tokensel.io.interactions import DataCounts
 
 ALPHA = 0.05
@@ -43,6 +46,8 @@ class Headroom:
     ratio: dict[str, float]  # first_long / first_k for N@10 and R@10
     p: dict[str, float]  # paired test, first_long vs first_k
     data: DataCounts = field(default_factory=DataCounts)  # what reading the interactions kept, dropped, skipped
+    p_seed: dict[str, float] = field(default_factory=dict)  # seed-aware test (tokensel.stats.seed_user_test), first_long vs first_k
+    sees_seed_variance: bool = False  # False with one seed: p_seed is then the paired t-test
 
     @property
     def verdict(self) -> str:
@@ -94,7 +99,7 @@ def headroom(
     """Compress first-k and first-(factor*k) for every k, train/score the recommender on each, pair them.
 
     `train` is the trained recommenders' budget (e.g. TrainConfig(item_tuning="top") for hllm with
-    f's last block trained, the setting of the README's downstream numbers). `work` keeps the
+    f's last block trained, the setting of RESULTS.md's downstream tables). `work` keeps the
     compressed files (default: a temporary folder, removed at the end). Texts are tokenised up to
     max(max_len, factor * the largest k), so the long side is never cut short.
     """
@@ -107,21 +112,14 @@ def headroom(
     with tempfile.TemporaryDirectory(prefix="tokensel-headroom-") as tmp:
         folder = Path(work) if work else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        files, share = [], {}
-        for k in ks:
-            for kk in (k, factor * k):
-                out = folder / f"first-{kk}.parquet"
-                if out in files:
-                    continue
-                s = compress(
-                    items, out, k=kk, strategy="first-k", model=model, id_col=id_col, text_cols=text_cols, labels=labels,
-                    max_len=max(max_len or 256, factor * ks[-1]), device=device, dtype=dtype, cache=False,
-                )
-                files.append(out)
-                share[kk] = s.scored / max(s.items - s.empty, 1)
-        ev = evaluate_detailed(
-            items, interactions, files, recommender, seeds, model=model, train=train, epochs=epochs, device=device, dtype=dtype, id_col=id_col,
-            user_col=user_col, item_col=item_col, order_col=order_col, test=test, max_users=max_users, cache=VectorCache(), log=log,
+        budgets = sorted({kk for k in ks for kk in (k, factor * k)})
+        text = dict(id_col=id_col, text_cols=text_cols, labels=labels, max_len=max(max_len or 256, factor * ks[-1]))
+        summaries = compress_grid(items, {FIRST_K: budgets}, folder, model=model, text=text, device=device, dtype=dtype)
+        share = {kk: s.scored / max(s.items - s.empty, 1) for (_, kk), s in summaries.items()}
+        ev, _ = evaluate_grid(
+            items, interactions, {key: Path(s.out) for key, s in summaries.items()}, recommender, seeds, model=model, train=train, epochs=epochs,
+            device=device, dtype=dtype, id_col=id_col, user_col=user_col, item_col=item_col, order_col=order_col, test=test, max_users=max_users,
+            cache=VectorCache(), log=log,
         )
     by_file = {Path(f.texts).name: f for f in ev.files}
     rows = []
@@ -129,5 +127,9 @@ def headroom(
         a, b = by_file[f"first-{k}.parquet"], by_file[f"first-{factor * k}.parquet"]
         p = paired_pvalues(b.per_user, a.per_user, test)
         ratio = {m: b.metrics[m] / a.metrics[m] if a.metrics[m] else float("nan") for m in ("N@10", "R@10")}
-        rows.append(Headroom(k, factor * k, recommender, ev.n_users, share[k], a.metrics, b.metrics, ratio, {m: p[m] for m in ("N@10", "R@10")}, ev.data))
+        seed = {m: seed_user_test(b.per_seed_user[m], a.per_seed_user[m]) for m in ("N@10", "R@10")}
+        rows.append(Headroom(
+            k, factor * k, recommender, ev.n_users, share[k], a.metrics, b.metrics, ratio, {m: p[m] for m in ("N@10", "R@10")}, ev.data,
+            {m: seed[m][0] for m in seed}, make_recommender(recommender).deterministic or all(seed[m][1] for m in seed),
+        ))
     return rows

@@ -76,6 +76,7 @@ class FileResult:
     train_seconds: float = 0.0
     meta: dict = field(default_factory=dict)  # the file's tokensel metadata
     same_as: str | None = None  # an earlier file with the same token lists, whose runs these are
+    per_seed_valid_user: dict[str, np.ndarray] = field(repr=False, default_factory=dict)  # [seeds, U] per metric on the validation targets (what decides)
 
     def as_dict(self) -> dict:
         """Exactly the SPEC's evaluate contract."""
@@ -290,6 +291,10 @@ def evaluate_detailed(
         per_seed_users = [per_user_metrics(r.test_ranks) for r in runs]
         per_seed_user = {m: torch.stack([u[m] for u in per_seed_users]).double().numpy() for m in METRICS}
         per_user = {m: per_seed_user[m].mean(0) for m in METRICS}
+        per_seed_valid_user = {}
+        if all(r.valid_ranks is not None for r in runs):
+            valid_users = [per_user_metrics(r.valid_ranks) for r in runs]
+            per_seed_valid_user = {m: torch.stack([u[m] for u in valid_users]).double().numpy() for m in METRICS}
         seed_means = {m: np.array([float(u[m].double().mean()) for u in per_seed_users]) for m in METRICS}
         metrics = {m: float(seed_means[m].mean()) for m in METRICS}
         std = {m: float(seed_means[m].std(ddof=1)) if len(set(seed_means[m].tolist())) > 1 else 0.0 for m in METRICS}
@@ -298,7 +303,7 @@ def evaluate_detailed(
             {"seed": r.seed, "best_epoch": r.best_epoch, "seconds": round(r.seconds, 1), "valid": r.valid, "test": {m: float(seed_means[m][j]) for m in METRICS}}
             for j, r in enumerate(runs)
         ]
-        results.append(FileResult(str(path), recommender, seed_list, metrics, std, p, per_user, per_seed_user, per_seed, embed_s, train_s, meta))
+        results.append(FileResult(str(path), recommender, seed_list, metrics, std, p, per_user, per_seed_user, per_seed, embed_s, train_s, meta, per_seed_valid_user=per_seed_valid_user))
         seen[content] = results[-1]
         log({"texts": str(path), "stage": "train+test", "seconds": round(train_s, 1), "N@10": round(metrics["N@10"], 3), "R@10": round(metrics["R@10"], 3)})
     return Evaluation(results, recommender, model, len(hist.users), len(item_ids), test, {"train": cfg.__dict__, "device": str(dev), "dtype": dtype}, hist.counts)

@@ -100,6 +100,13 @@ def bundle_path(path: str | Path | None) -> Path:
     return Path(path) if path is not None else DEFAULT_BUNDLE
 
 
+def bundle_label(path: str | Path | None) -> str:
+    """How messages name a bundle: the shipped one by that name (its folder is wherever tokensel was
+    installed, which says nothing to a reader), any other as the path it was given."""
+    path = bundle_path(path)
+    return "the shipped bundle" if path.resolve() == DEFAULT_BUNDLE else str(path)
+
+
 def read_bundle_config(path: str | Path | None = None) -> BundleConfig:
     """A bundle's config alone (no weights loaded); default: the shipped bundle."""
     path = bundle_path(path)

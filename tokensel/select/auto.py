@@ -1,20 +1,28 @@
-"""`--strategy auto`: run what the bundle's downstream check chose, and say when a strategy lost it.
+"""`--strategy auto`: run what was measured on this catalogue, and say when a strategy lost it.
 
-The check (tokensel.evaluate.check) retrains a recommender on first-k, item-align and the policy's
-texts and pairs each with first-k on validation targets. Its verdict lives beside the bundle's
-weights (`check.json`). This module only reads it: the rule that chose is here too, so the check and
-its readers cannot disagree about what "lost" means.
+A verdict is only trusted on the catalogue it was measured on. In order, auto follows
+1. the verdict recorded for this catalogue and bundle (tokensel.select.verdicts: a `tokensel curve`
+   or `tokensel check` run on these very item texts) at this budget, or the nearest recorded below it;
+2. the bundle's own downstream check (tokensel.evaluate.check, `check.json` beside the weights) if
+   it was made on this very catalogue (the same fingerprint);
+3. else first-k, which needs no model and is what the user has without tokensel.
+The check retrains a recommender on first-k, item-align and the policy's texts and pairs each with
+first-k on validation targets. The rule that chose is here too, so the check and its readers cannot
+disagree about what "lost" means. Without a catalogue (the in-memory Selector) only the bundle's
+check can speak.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from tokensel.config import TextConfig
-from tokensel.policy.bundle import bundle_hash, bundle_path, read_bundle_config, read_check
+from tokensel.policy.bundle import bundle_hash, bundle_label, bundle_path, read_bundle_config, read_check
 from tokensel.select.strategies import BUNDLE_STRATEGIES
+from tokensel.select.verdicts import catalogue_fingerprint, recorded, verdict_for
 from tokensel.stats import ONE_SEED, SEED_AWARE, paired_pvalues, seed_test_name, seed_user_test
 
 AUTO = "auto"
@@ -145,12 +153,35 @@ def current_check(policy: str | Path | None) -> dict | None:
     return check
 
 
-def resolve(policy: str | Path | None) -> tuple[str, str]:
-    """(strategy to run, one line saying why) for --strategy auto."""
+def catalogue_text(policy: str | Path | None, **changes) -> TextConfig:
+    """The text settings a run uses: the bundle's, with the options given (None keeps the bundle's)."""
+    return replace(read_bundle_config(policy).text, **{k: v for k, v in changes.items() if v is not None})
+
+
+def resolve(policy: str | Path | None, items: str | Path | None = None, k: int | None = None, text: TextConfig | None = None) -> tuple[str, str]:
+    """(strategy to run, one line saying which verdict it followed) for --strategy auto.
+
+    items/k/text: the catalogue being compressed, at budget k, with these text settings (default: the
+    bundle's); without items only the bundle's check is read (the in-memory Selector)."""
     path = bundle_path(policy)
     check = current_check(path)
+    if items is not None:
+        text = text or read_bundle_config(path).text
+        fp = catalogue_fingerprint(items, text)
+        by_k, store = recorded(items, fp, bundle_hash(path))
+        v = verdict_for(by_k, k) if k is not None else None
+        if v is not None:
+            at = f"k={v.k}" if v.k == k else f"k={v.k}, the largest recorded budget below {k}"
+            seeds = f"{v.seeds} seed{'s' if v.seeds != 1 else ''}" + ("" if v.sees_seed_variance else ", cannot see seed variance")
+            detail = f"; {v.detail}" if v.detail else ""
+            return v.strategy, f"auto: {v.strategy} (this catalogue's {v.source} verdict at {at}: {v.recommender}, {seeds}{detail}; {store})"
+        if check is not None and check.get("catalogue") != fp:
+            return "first-k", (
+                f"auto: first-k (no verdict for this catalogue, fingerprint {fp}; the bundle's check was made on another catalogue, "
+                f"{Path(check['data']['items']).name}; run tokensel curve or tokensel check on this one)"
+            )
     if check is None:
-        return "first-k", f"auto: first-k (bundle {path} has no strategy check for its weights; run tokensel check)"
+        return "first-k", f"auto: first-k ({bundle_label(path)} has no strategy check for its weights; run tokensel check)"
     where = f"the bundle's downstream check: k={check['k']}, {Path(check['data']['items']).name} validation; tokensel info shows it"
     if check["chosen"] == "first-k":
         return "first-k", f"auto: first-k (no selection beat it in {where})"
@@ -158,11 +189,13 @@ def resolve(policy: str | Path | None) -> tuple[str, str]:
     return check["chosen"], f"auto: {check['chosen']} ({row.get('ratio_N@10', float('nan')):.2f}x first-k NDCG@10 in {where})"
 
 
-def auto_choice(policy: str | Path | None, model: str | None = None) -> tuple[str, str | None, TextConfig | None, str]:
+def auto_choice(
+    policy: str | Path | None, model: str | None = None, items: str | Path | None = None, k: int | None = None, text: TextConfig | None = None
+) -> tuple[str, str | None, TextConfig | None, str]:
     """--strategy auto in full, for the file job and the Selector alike: (strategy, model, text
     settings or None, why). A strategy that reads no bundle (first-k) gets the bundle's model and text
     settings, so it writes the tokens the check measured; a bundle strategy reads them itself."""
-    strategy, why = resolve(policy)
+    strategy, why = resolve(policy, items, k, text)
     if strategy in BUNDLE_STRATEGIES:
         return strategy, model, None, why
     cfg = read_bundle_config(policy)

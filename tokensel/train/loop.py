@@ -39,6 +39,7 @@ class TrainedRun:
     valid: dict[str, float]  # validation metrics of the chosen epoch
     seconds: float
     log: list[dict] = field(default_factory=list)
+    valid_ranks: torch.Tensor | None = None  # [U] ranks of the validation targets at the chosen epoch (what decides, beside the reported test)
 
 
 def windows(seqs: list[list[int]], size: int, rng: random.Random) -> list[list[int]]:
@@ -309,6 +310,7 @@ def fit(user: UserModel, items: ItemTable, hist: Histories, seed: int, cfg: Trai
     train_seqs = hist.train_sequences()
     v_hist, v_tgt = hist.split("valid")
     best = (-math.inf, None, None, 0, {})
+    best_ranks = None
     rows: list[dict] = []
     stale = 0
     for epoch in range(1, epochs + 1):
@@ -325,12 +327,14 @@ def fit(user: UserModel, items: ItemTable, hist: Histories, seed: int, cfg: Trai
             rows.append(row)
             log(row)
             continue
-        v = mean_metrics(user_ranks(user, items.all_rows().detach(), v_hist, v_tgt, c.history))
+        v_ranks = user_ranks(user, items.all_rows().detach(), v_hist, v_tgt, c.history)
+        v = mean_metrics(v_ranks)
         row["valid_N@10"] = round(v["N@10"], 3)
         rows.append(row)
         log(row)
         if v["N@10"] > best[0]:
             best = (v["N@10"], copy.deepcopy(user.state_dict()), items.state(), epoch, v)
+            best_ranks = v_ranks.cpu()
             stale = 0
         else:
             stale += 1
@@ -338,11 +342,11 @@ def fit(user: UserModel, items: ItemTable, hist: Histories, seed: int, cfg: Trai
                 break
     if c.score == "valid":
         ranks = user_ranks(user, items.all_rows().detach(), v_hist, v_tgt, c.history)
-        return TrainedRun(ranks.cpu(), len(rows), mean_metrics(ranks), time.perf_counter() - t0, rows)
+        return TrainedRun(ranks.cpu(), len(rows), mean_metrics(ranks), time.perf_counter() - t0, rows, ranks.cpu())
     if best[1] is not None:
         user.load_state_dict(best[1])
     if best[2] is not None:
         items.load(best[2])
     t_hist, t_tgt = hist.split("test")
     ranks = user_ranks(user, items.all_rows().detach(), t_hist, t_tgt, c.history)
-    return TrainedRun(ranks.cpu(), best[3], best[4], time.perf_counter() - t0, rows)
+    return TrainedRun(ranks.cpu(), best[3], best[4], time.perf_counter() - t0, rows, best_ranks)

@@ -27,11 +27,23 @@ from tokensel.train.stage2 import Reward, stage2_warnings, train_stage2
 
 
 def file_digest(path: Path) -> str:
+    """The first 16 hex digits of the file's SHA-256: which data, wherever the file lives."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:16]
+
+
+def data_record(items: Path, interactions: Path, item_rows: int, interaction_rows: int) -> dict:
+    """The training data as a bundle (config.json) and its strategy check (check.json) record it: file
+    name, row count and content hash of each file, never a path, so a bundle says nothing about the
+    machine that built it and still identifies its data on another one."""
+    items, interactions = Path(items), Path(interactions)
+    return {
+        "items": items.name, "items_rows": item_rows, "items_sha": file_digest(items),
+        "interactions": interactions.name, "interactions_rows": interaction_rows, "interactions_sha": file_digest(interactions),
+    }
 
 
 def stage1_model(out: Path) -> str:
@@ -112,14 +124,7 @@ def train(
         item=item_cfg,
         user=user_cfg,
         stage1=stage1,
-        data={
-            "items": str(items),
-            "items_sha": file_digest(Path(items)),
-            "interactions": str(interactions),
-            "interactions_sha": file_digest(Path(interactions)),
-            "n_items": len(ids),
-            "n_users": len(hist.users),
-        },
+        data={**data_record(items, interactions, len(ids), hist.counts.rows), "n_items": len(ids), "n_users": len(hist.users)},
     )
     if 1 not in stages:
         config.logs.update(prev_logs)

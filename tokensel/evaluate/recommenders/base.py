@@ -37,7 +37,7 @@ class SeedRun:
     valid: dict[str, float]  # validation metrics of the chosen epoch
     seconds: float
     log: list[dict] = field(default_factory=list)
-
+    valid_ranks: torch.Tensor | None = None  # [U] rank of each user's validation target (the run's chosen epoch)
 
 
 def special_wrap(tokenizer) -> tuple[list[int], list[int]]:
@@ -140,4 +140,4 @@ class Trained(Recommender):
         """Train `user` (and the items' trainable part) in place; the test ranks of the best epoch."""
         c = self.cfg
         run = fit(user, items, hist, seed, c, c.lr or self.default_lr, c.epochs or self.default_epochs, self.device, self.log)
-        return SeedRun(seed, run.test_ranks, run.best_epoch, run.valid, run.seconds, run.log)
+        return SeedRun(seed, run.test_ranks, run.best_epoch, run.valid, run.seconds, run.log, run.valid_ranks)

@@ -24,10 +24,11 @@ class TextSim(Recommender):
     def run(self, vectors, hist, seed):
         t0 = time.perf_counter()
         table = F.normalize(vectors.float(), dim=-1).to(self.device)
-        valid = {}
+        valid, valid_ranks = {}, None
         for part in ("valid", "test")[: 1 if self.cfg.score == "valid" else 2]:  # a validation check never reads test
             h, tgt = hist.split(part)
             ranks = rank_users(history_means(h, table, self.cfg.history), table, tgt, h)
             if part == "valid":
                 valid = {k: float(v.mean()) for k, v in per_user_metrics(ranks).items()}
-        return SeedRun(seed, ranks, 0, valid, time.perf_counter() - t0)
+                valid_ranks = ranks.cpu()
+        return SeedRun(seed, ranks, 0, valid, time.perf_counter() - t0, valid_ranks=valid_ranks)
