@@ -377,6 +377,7 @@ def test_null_in_interactions(tmp_path):
     (("--objective", "e2e", "--mask-layers", "top", "--grad-chunks", "2"), "grad chunks"),  # needs --mask-layers exact
     (("--objective", "e2e", "--mask-layers", "exact", "--surrogate-mix", "1"), "mix"),
     (("--objective", "e2e", "--warmup-epochs", "2"), "warm-up"),  # more than --epochs2 1
+    (("--check-seeds", "0"), "check seeds must be at least 1"),
 ])
 def test_bad_training_settings(tmp_path, tiny_bert, args, needle):
     bundle = tmp_path / "bundle"

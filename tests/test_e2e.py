@@ -19,6 +19,7 @@ from tokensel.models.item_llm import ItemLLM
 from tokensel.models.readout import ItemReadout
 from tokensel.models.user_model import UserModel
 from tokensel.config import UserModelConfig
+from tokensel.report import bundle_summary
 from tokensel.select.rule import select_mask, select_positions_reference
 from tokensel.train import e2e, e2e_vectors
 from tokensel.train.relaxation import PerturbedMask
@@ -406,6 +407,20 @@ def test_keep_best_ties_go_to_first_k():
     same = _users(20)
     out = e2e.keep_best(head, {"policy": same, "identity": same, "first_k": same})
     assert out["chosen"] == "first-k" and head.keeps_first_k
+
+
+def test_the_choice_says_what_its_test_cannot_see():
+    """Stage 2's p comes from one surrogate run: the choice, its rows and `tokensel info` say so
+    (bundles written before the field get the same words: they were made the same way)."""
+    same = _users(20)
+    out = e2e.keep_best(PolicyHead(8), {"policy": same, "identity": same, "first_k": same})
+    assert "not training-seed variance" in out["test"] and "one surrogate run" in out["test"]
+    assert all("cannot see seed variance" in r["test"] for r in out["rows"] if r["strategy"] != "first-k")
+    cfg = {"data": {"n_items": 10, "n_users": 5}, "policy": {"k": 8}, "logs": {"stage2": {"warnings": [], "choice": out}}}
+    for choice in (out, {k: v for k, v in out.items() if k != "test"}):
+        cfg["logs"]["stage2"]["choice"] = choice
+        rows = dict(bundle_summary(cfg))
+        assert "not training-seed variance" in rows["stage-2 test"]
 
 
 def test_training_ends_with_the_choice_in_the_log_and_the_head(setup):

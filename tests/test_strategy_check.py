@@ -21,7 +21,9 @@ from tokensel.evaluate.runner import evaluate_detailed
 from tokensel.report import check_table
 from tokensel.policy.bundle import CHECK_FILE, Bundle, bundle_hash, read_check, write_check
 from tokensel.select import auto
-from tokensel.select.auto import choose, current_check, lost_note, lost_to_first_k, resolve
+from tokensel.select.auto import ONE_SEED, ONE_SEED_NOTE, RULE, SEED_AWARE, choose, current_check, lost_note, lost_to_first_k, resolve
+from tokensel.select.rows import rows_vs_first_k
+from tokensel.stats import paired_pvalue, seed_user_test
 from tokensel.select.selector import Selector
 
 runner = CliRunner()
@@ -55,6 +57,64 @@ def test_a_significant_loss_in_recall_alone_counts():
 
 def test_a_significant_gain_is_not_a_loss():
     assert not lost_to_first_k(row("policy", 6.0, 1.2, 0.001))
+
+
+def _results(rng, seeds: int):
+    """first-k and a selection over 300 users, the same on average, whose runs differ by seed effects
+    (offsets -0.5, 0, 0.5 on first-k's seeds, 0, 0.5, 1 on the selection's)."""
+    users = rng.normal(5, 2, 300)
+
+    def runs(offsets):
+        x = users[None, :] + np.array(offsets[:seeds])[:, None] + rng.normal(0, 1, (seeds, 300))
+        return {"N@10": x, "R@10": x + 1}
+
+    per_seed = {"first-k": runs([-0.5, 0.0, 0.5]), "policy": runs([0.0, 0.5, 1.0])}
+    results = {s: ({m: float(v.mean()) for m, v in r.items()}, {m: v.mean(0) for m, v in r.items()}) for s, r in per_seed.items()}
+    return results, per_seed
+
+
+def test_the_rule_reads_the_seed_aware_p_with_two_seeds_or_more():
+    results, per_seed = _results(np.random.default_rng(0), 3)
+    rows = rows_vs_first_k(results, per_seed)
+    first, policy = rows
+    assert "test" not in first and first["p_N@10"] is None
+    assert policy["test"] == SEED_AWARE
+    for m in ("N@10", "R@10"):
+        assert policy[f"p_{m}"] == seed_user_test(per_seed["policy"][m], per_seed["first-k"][m])[0]
+        # the seed effect fools the paired test over users, not the seed-aware one
+        assert paired_pvalue(results["policy"][1][m], results["first-k"][1][m]) < 0.05 < policy[f"p_{m}"]
+    assert "seed-aware" in RULE and "cannot see training-seed variance" in RULE
+
+
+def test_one_seed_falls_back_to_the_paired_test_and_says_so():
+    results, per_seed = _results(np.random.default_rng(1), 1)
+    for given in (per_seed, None):
+        policy = rows_vs_first_k(results, given)[1]
+        assert policy["test"] == ONE_SEED and "cannot see seed variance" in policy["test"]
+        assert policy["p_N@10"] == paired_pvalue(results["policy"][1]["N@10"], results["first-k"][1]["N@10"])
+
+
+def _check(rows, seeds):
+    return {"k": 32, "recommender": "hllm, item tuning top", "epochs": 6, "seeds": seeds, "users": 100, "scored": "validation",
+            "data": {"items": "items.parquet"}, "seconds": 1.0, "rows": rows, "chosen": choose(rows), "rule": RULE}
+
+
+def test_check_table_says_in_one_line_that_one_seed_cannot_see_seed_variance():
+    one = [row("first-k", 5.0, 1.0), {**row("policy", 4.0, 0.8, 0.001), "test": ONE_SEED}]
+    lines = check_table(_check(one, 1))
+    assert lines[-1].startswith("  --strategy auto runs:")  # the rule's text, which names both tests
+    assert sum("cannot see" in line for line in lines[:-1]) == 1 and any(ONE_SEED_NOTE in line for line in lines)
+    aware = [row("first-k", 5.0, 1.0), {**row("policy", 4.0, 0.8, 0.001), "test": SEED_AWARE}]
+    lines = check_table(_check(aware, 3))
+    assert not any("cannot see" in line for line in lines[:-1]) and any("test: seed-aware" in line for line in lines)
+
+
+def test_an_old_check_without_the_test_field_still_reads():
+    """check.json files written before rows recorded their test: the paired test, said so."""
+    old = [row("first-k", 5.0, 1.0), row("item-align", 5.1, 1.02, 0.6), row("policy", 4.0, 0.8, 0.001)]
+    assert choose(old) == "item-align" and lost_to_first_k(old[2])
+    assert any(ONE_SEED_NOTE in line for line in check_table(_check(old, 1)))
+    assert any("seed-averaged" in line for line in check_table(_check(old, 3)))
 
 
 # ------------------------------------------------------------------------------------------- scoring
@@ -95,7 +155,7 @@ def checked_bundle(tmp_path, tiny_bundle, items_path, interactions_path):
     path = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, path)
     before = bundle_hash(path)
-    check = api.check(path, items_path, interactions_path, epochs=1, device="cpu")
+    check = api.check(path, items_path, interactions_path, epochs=1, seeds=1, device="cpu")  # one seed: cheap
     assert bundle_hash(path) == before  # the verdict is not part of what selects
     return path, check
 
@@ -112,6 +172,28 @@ def test_the_check_pairs_each_strategy_with_first_k_and_is_saved(checked_bundle,
     assert Bundle.from_pretrained(path).check["chosen"] == check["chosen"]
 
 
+def test_a_two_seed_check_uses_the_seed_aware_test(tmp_path, tiny_bundle, items_path, interactions_path):
+    path = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, path)
+    check = api.check(path, items_path, interactions_path, epochs=1, seeds=2, device="cpu")
+    assert check["seeds"] == 2 and "seed_note" not in check
+    assert [r.get("test") for r in check["rows"]] == [None, SEED_AWARE, SEED_AWARE]
+    assert check["chosen"] == choose(check["rows"])
+    assert any("test: seed-aware" in line for line in check_table(check))
+
+
+def test_a_one_seed_check_records_that_it_cannot_see_seed_variance(checked_bundle):
+    path, check = checked_bundle
+    assert check["seed_note"] == ONE_SEED_NOTE and read_check(path)["seed_note"] == ONE_SEED_NOTE
+    assert all(r["test"] == ONE_SEED for r in check["rows"][1:])
+
+
+def test_the_check_refuses_zero_seeds(checked_bundle, items_path, interactions_path):
+    path, _ = checked_bundle
+    r = runner.invoke(app, ["check", str(items_path), str(interactions_path), "--policy", str(path), "--seeds", "0", "--device", "cpu"])
+    assert r.exit_code == 2 and "seeds must be at least 1" in r.output and "Traceback" not in r.output
+
+
 def test_a_policy_that_kept_first_k_reuses_first_k_runs_in_the_check(tmp_path, tiny_bundle, items_path, interactions_path):
     """Stage 2 chose first-k, so the policy writes first-k's texts: the check reuses first-k's runs
     (one recommender fewer to train), records it, and says so in its table."""
@@ -119,7 +201,7 @@ def test_a_policy_that_kept_first_k_reuses_first_k_runs_in_the_check(tmp_path, t
     b.policy.keeps_first_k = True
     path = b.save_pretrained(tmp_path / "kept")
     logged = []
-    check = api.check(path, items_path, interactions_path, epochs=1, device="cpu", log=logged.append)
+    check = api.check(path, items_path, interactions_path, epochs=1, seeds=1, device="cpu", log=logged.append)
     assert check["same_texts"] == {"policy": "first-k"}
     first, policy = check["rows"][0], check["rows"][2]
     assert policy["N@10"] == first["N@10"] and policy["p_N@10"] == 1.0 and check["chosen"] != "policy"
@@ -151,6 +233,7 @@ def test_compress_says_when_the_strategy_lost_the_check(checked_bundle, items_pa
     _with_verdict(path, "first-k", row("policy", 4.0, 0.8, 0.001))
     s = api.compress(items_path, tmp_path / "p.parquet", k=32, strategy="policy", policy=path, cache=False, device="cpu")
     assert len(s.notes) == 1 and "policy lost to first-k" in s.notes[0] and "0.80x" in s.notes[0]
+    assert "test: paired (one seed: cannot see seed variance)" in s.notes[0]  # an old-style row: the check had one seed
     r = runner.invoke(app, ["compress", str(items_path), "-o", str(tmp_path / "p2.parquet"), "--k", "32", "--strategy", "policy", "--policy", str(path), "--no-cache", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert "policy lost to first-k" in r.output

@@ -24,7 +24,7 @@ from rich.table import Table
 from tokensel import __version__
 from tokensel.compress.job import output_paths
 from tokensel.compress.run import compress as compress_file
-from tokensel.config import CHECK_EPOCHS, COLD_SHARE, OBJECTIVE_NAMES, ItemModelConfig, PolicyConfig, Stage1Config, TextConfig, UserModelConfig
+from tokensel.config import CHECK_EPOCHS, CHECK_SEEDS, COLD_SHARE, OBJECTIVE_NAMES, ItemModelConfig, PolicyConfig, Stage1Config, TextConfig, UserModelConfig
 from tokensel.errors import TokenselError
 from tokensel.evaluate.command import COLD_SHARE_HELP, PROTOCOL_HELP, curve_command, evaluate_command, fail, headroom_command
 from tokensel.io import writers
@@ -247,6 +247,7 @@ def train(
     check_epochs: Annotated[int, typer.Option(help="Epochs of each recommender the check trains.")] = CHECK_EPOCHS,
     protocol: Annotated[str, typer.Option(help="loo: train on every user's history | cold: leave the newest --cold-share of the items (by first interaction) out of both stages, negatives included, and run the check under the cold protocol.")] = "loo",
     cold_share: Annotated[float, typer.Option(help=COLD_SHARE_HELP)] = COLD_SHARE,
+    check_seeds: Annotated[int, typer.Option(help="Training runs per strategy in the check; 2 or more let its test see seed variance.")] = CHECK_SEEDS,
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
     """Train a policy bundle: stage 1 (recommender pretraining) and stage 2 (policy learning), then the
@@ -271,7 +272,7 @@ def train(
         bundle = heavy()[0].train(
             items, interactions, out, stages=stages, **configs, columns=(user_col, item_col, order_col), device=device,
             log=lambda row: console.print(json.dumps(row), markup=False, highlight=False, soft_wrap=True),
-            check_strategies=check, check_epochs=check_epochs, protocol=protocol, cold_share=cold_share,
+            check_strategies=check, check_epochs=check_epochs, protocol=protocol, cold_share=cold_share, check_seeds=check_seeds,
         )
     except TokenselError as exc:
         fail(console, exc)
@@ -289,7 +290,7 @@ def check_command(
     bundle: Annotated[Optional[Path], typer.Option("--policy", help="Bundle folder (default: the shipped one).")] = None,
     k: Annotated[Optional[int], typer.Option(help="Budget (default: the one the policy was trained at).")] = None,
     epochs: Annotated[int, typer.Option(help="Epochs of each recommender (fixed: validation is what is scored).")] = CHECK_EPOCHS,
-    seeds: Annotated[int, typer.Option(help="Training runs per strategy.")] = 1,
+    seeds: Annotated[int, typer.Option(help="Training runs per strategy; 2 or more let the test see seed variance (1: a paired test over users, which cannot).")] = CHECK_SEEDS,
     user_col: Annotated[str, typer.Option()] = "user_id",
     item_col: Annotated[str, typer.Option()] = "item_id",
     order_col: Annotated[str, typer.Option()] = "timestamp",
@@ -300,7 +301,8 @@ def check_command(
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
     """Which strategy to trust with a bundle: first-k, item-align and the policy compressed at k, the same
-    recommender (hllm) retrained on each, VALIDATION targets scored (never test), each paired with first-k."""
+    recommender (hllm) retrained on each with several seeds, VALIDATION targets scored (never test), each
+    compared with first-k by a test over seeds and users (with --seeds 1, a paired test that cannot see seed variance)."""
     try:
         result = heavy()[0].check(
             bundle or DEFAULT_BUNDLE, items, interactions, k=k, seeds=seeds, epochs=epochs, columns=(user_col, item_col, order_col),

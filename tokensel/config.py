@@ -244,6 +244,7 @@ class TrainConfig:
 
 SCORED_SPLITS = ("test", "valid")
 CHECK_EPOCHS = 6  # the strategy check's epochs per recommender: fixed, since the validation targets it scores cannot pick the epoch
+CHECK_SEEDS = 3  # the strategy check's training runs per strategy: the seed-aware test needs >= 2 per side to see seed variance
 POOLINGS = ("mean", "mean-specials")  # text-sim / sasrec-init item vectors
 ITEM_TUNINGS = ("none", "top", "lora", "full")  # hllm: how much of the item LLM trains with the user model
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokensel.select.auto import lost_to_first_k
+from tokensel.select.auto import SURROGATE_TEST, lost_to_first_k, row_test, seed_note
 from tokensel.train.warnings import stage2_warnings
 
 
@@ -34,6 +34,7 @@ def bundle_summary(cfg: dict) -> list[tuple[str, str]]:
         does = {"policy": "the trained head", "item-align": "the identity head (item-align)", "first-k": "the first tokens (first-k)"}
         pooled = f", the mean of {n} epochs with the head held" if (n := choice.get("epochs_pooled", 1)) > 1 else ""
         rows.append(("stage-2 choice", f"{does.get(choice['chosen'], choice['chosen'])}; validation NDCG@10 {scores} (the surrogate recommender{pooled})"))
+        rows.append(("stage-2 test", choice.get("test") or SURROGATE_TEST))  # bundles before the field: the same single surrogate
     rows.append(("stage-2 warnings", "\n".join([*source, *(f"- {w}" for w in warnings)]) or "none"))
     return rows
 
@@ -70,6 +71,13 @@ def check_table(check: dict) -> list[str]:
         f"{check['users']:,} {'cold-target ' if cold else ''}users' {check['scored']} targets ({Path(check['data']['items']).name}), {check['seconds']:.0f} s",
         *([f"  cold start: {cold['cold_items']:,} cold items ({100 * cold['share']:g}% newest by first interaction) never trained on; "
            f"{cold['warm_users']:,} warm-target users not in the verdict; {cold['dropped_interactions']:,} interactions with cold items dropped"] if cold else []),
+    ]
+    tests = sorted({t for r in check["rows"] if (t := row_test(r, check))})
+    if note := seed_note(check):  # one line: what this verdict cannot see
+        lines.append(f"  {note}")
+    elif tests:
+        lines.append(f"  test: {'; '.join(tests)} (over seeds and users: sees training-seed variance)")
+    lines += [
         f"  {'strategy':<11} {'N@10':>6} {'vs first-k':>10} {'p':>8} {'R@10':>6} {'vs first-k':>10} {'p':>8}",
     ]
     for r in check["rows"]:

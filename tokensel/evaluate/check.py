@@ -6,10 +6,13 @@ check measures is that verdict, on this bundle's own data, before anyone relies 
 
 It compresses the catalogue with first-k, item-align and the trained policy at the bundle's k,
 retrains the same downstream recommender on each (hllm with f's last block trained where the model
-allows it, else hllm over frozen vectors; one seed by default) and scores the VALIDATION targets:
+allows it, else hllm over frozen vectors; CHECK_SEEDS seeds by default) and scores the VALIDATION targets:
 the recommender trains a fixed number of epochs and the last one is scored, so the validation
 targets never choose anything and the test targets are never read (`TrainConfig.score`). Each
-strategy is paired with first-k over users. The result is written beside the bundle's weights
+strategy is compared with first-k by the seed-aware test over seeds and users
+(`tokensel.stats.seed_user_test`): a seed shifts all of a run's users at once, so the paired test over
+users alone can call a tie significant. With one seed (`seeds=1`) only the paired test is possible and
+the check records that its verdict cannot see seed variance. The result is written beside the bundle's weights
 (`check.json`, see `tokensel.policy.bundle.write_check`); `tokensel info` prints it, and
 `tokensel compress --strategy auto` runs the strategy it chose on this catalogue (the check records
 the catalogue's fingerprint, and its verdict in tokensel.select.verdicts) (`tokensel.select.auto.RULE`: the
@@ -32,13 +35,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tokensel.compress.run import compress
-from tokensel.config import CHECK_EPOCHS, COLD_SHARE, TrainConfig, check_protocol
+from tokensel.config import CHECK_EPOCHS, CHECK_SEEDS, COLD_SHARE, TrainConfig, check_protocol
 from tokensel.errors import TokenselError
 from tokensel.evaluate.runner import VectorCache, evaluate_detailed, read_split
 from tokensel.io.interactions import COLUMNS
 from tokensel.policy.bundle import BundleConfig, bundle_hash, read_bundle_config, write_check
 from tokensel.models.readout import is_top_tunable
-from tokensel.select.auto import RULE, choose
+from tokensel.select.auto import RULE, choose, seed_note
 from tokensel.select.rows import rows_vs_first_k
 from tokensel.select.verdicts import Verdict, catalogue_fingerprint, now, record
 from tokensel.train.pipeline import data_record
@@ -57,7 +60,7 @@ def strategy_check(
     interactions: str | Path,
     *,
     k: int | None = None,
-    seeds: int = 1,
+    seeds: int = CHECK_SEEDS,
     epochs: int = CHECK_EPOCHS,
     columns: tuple[str, str, str] = COLUMNS,
     max_users: int | None = None,
@@ -70,6 +73,8 @@ def strategy_check(
     """Run the check for `bundle` on these items and interactions, save it in the bundle (unless
     save=False) and return it. k defaults to the budget the bundle's policy was trained at."""
     check_protocol(protocol, cold_share)
+    if seeds < 1:
+        raise TokenselError(f"the strategy check's seeds must be at least 1 (got {seeds}); {CHECK_SEEDS} let its test see seed variance")
     bundle = Path(bundle)
     cfg: BundleConfig = read_bundle_config(bundle)
     if cfg.policy is None:
@@ -101,7 +106,10 @@ def strategy_check(
             id_col=text.id_col, user_col=columns[0], item_col=columns[1], order_col=columns[2], max_users=max_users,
             cache=VectorCache(), log=log, protocol=protocol, cold_share=cold_share,
         )
-    rows = rows_vs_first_k({strategy: (f.metrics, f.per_user) for strategy, f in zip(CHECKED, ev.files)})
+    rows = rows_vs_first_k(
+        {strategy: (f.metrics, f.per_user) for strategy, f in zip(CHECKED, ev.files)},
+        {strategy: f.per_seed_user for strategy, f in zip(CHECKED, ev.files)} if seeds > 1 else None,
+    )
     strategy_of = {str(path): strategy for strategy, path in zip(CHECKED, files)}
     same = {strategy: strategy_of[f.same_as] for strategy, f in zip(CHECKED, ev.files) if f.same_as}
     check = {
@@ -115,6 +123,8 @@ def strategy_check(
         **({"same_texts": same} if same else {}),
         **({"protocol": ev.cold.as_dict()} if ev.cold else {}),
     }
+    if note := seed_note(check):
+        check["seed_note"] = note
     check["catalogue"] = catalogue_fingerprint(items, text)  # auto follows this check only on this very catalogue
     if save:
         write_check(bundle, check)

@@ -25,7 +25,40 @@ from tokensel.select.verdicts import catalogue_fingerprint, recorded, verdict_fo
 AUTO = "auto"
 ALPHA = 0.05
 METRICS = ("N@10", "R@10")
-RULE = "best validation NDCG@10 among strategies not significantly below first-k in NDCG@10 or Recall@10 (paired test, p < 0.05); ties go to first-k"
+# which test made a row's p (recorded in check.json): the names only, so that reading a check needs no scipy
+SEED_AWARE = "seed-aware"
+ONE_SEED = "paired (one seed: cannot see seed variance)"
+RULE = (
+    "best validation NDCG@10 among strategies not significantly below first-k in NDCG@10 or Recall@10 "
+    "(p < 0.05; with >= 2 seeds the seed-aware test over seeds and users, with one seed the paired test over "
+    "users, which cannot see training-seed variance); ties go to first-k"
+)
+# what a check made before rows recorded their test used: the paired test on seed-averaged metrics
+PAIRED_AVERAGED = "paired over users on seed-averaged metrics (cannot see seed variance)"
+ONE_SEED_NOTE = (
+    "one seed: this verdict cannot see training-seed variance (a seed that shifts a run shifts all its users "
+    "at once, so a tie can look significant); --seeds 3 or more runs the seed-aware test"
+)
+
+
+def row_test(row: dict, check: dict | None = None) -> str | None:
+    """Which test made the row's p; rows written before it was recorded: the paired test (one seed
+    or seed-averaged, by the check's seeds)."""
+    if row.get("strategy") == "first-k":
+        return None
+    if "test" in row:
+        return row["test"]
+    return ONE_SEED if (check or {}).get("seeds", 1) <= 1 else PAIRED_AVERAGED
+
+
+def seed_note(check: dict) -> str | None:
+    """One line when the check's verdict could not see seed variance (one seed, or an old check)."""
+    tests = {row_test(r, check) for r in check.get("rows", [])} - {None}
+    if not tests or tests == {SEED_AWARE}:
+        return None
+    if check.get("seeds", 1) <= 1:
+        return ONE_SEED_NOTE
+    return "this check's p-values come from the paired test over users on seed-averaged metrics, which cannot see seed variance; re-run tokensel check for the seed-aware test"
 
 
 def lost_metrics(row: dict) -> list[str]:
@@ -52,6 +85,13 @@ def choose(rows: list[dict]) -> str:
 SURROGATE_RULE = (
     "best validation NDCG@10 among selections above first-k in NDCG@10 (paired test, p < 0.05) and not "
     "significantly below it in Recall@10; none: first-k"
+)
+SURROGATE_ROW_TEST = "paired over users and settle epochs (one surrogate run: cannot see seed variance)"
+# what stage 2's paired test sees: the surrogate is ONE training run, its settle epochs are not seeds
+SURROGATE_TEST = (
+    "paired over users on per-user metrics averaged over the settle epochs of one surrogate run: it sees "
+    "how users and those epochs disagree, not training-seed variance (another surrogate seed can move a "
+    "selection's reading); the downstream check retrains with seeds"
 )
 
 
@@ -135,4 +175,8 @@ def lost_note(strategy: str, policy: str | Path | None) -> str | None:
         return None
     name = {"N@10": "NDCG@10", "R@10": "Recall@10"}
     lost = ", ".join(f"{row[f'ratio_{m}']:.2f}x {name[m]} (p {row[f'p_{m}']:.2g})" for m in lost_metrics(row))
-    return f"note: {strategy} lost to first-k in this bundle's downstream check ({lost}; k={check['k']}, validation); --strategy auto runs {check['chosen']}"
+    test = row_test(row, check)
+    return (
+        f"note: {strategy} lost to first-k in this bundle's downstream check ({lost}; test: {test}; k={check['k']}, "
+        f"{check.get('seeds', 1)} seed(s), validation); --strategy auto runs {check['chosen']}"
+    )

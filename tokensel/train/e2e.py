@@ -78,7 +78,7 @@ from tokensel.train.e2e_vectors import (
     step_vectors,
 )
 from tokensel.train.common import draw_negatives, infonce, infonce_logits, stage2_users
-from tokensel.select.auto import SURROGATE_RULE, choose_proven
+from tokensel.select.auto import SURROGATE_ROW_TEST, SURROGATE_RULE, SURROGATE_TEST, choose_proven
 from tokensel.select.rows import rows_vs_first_k
 from tokensel.train.stage1 import validate_per_user
 
@@ -141,18 +141,21 @@ def keep_best(head: PolicyHead, users: dict[str, dict[str, torch.Tensor]]) -> di
     Why: the head's gradient can point away from what the recommender rewards (where the title comes
     first it gave title tokens up), and no finite head reaches first-k exactly; a selector that knows
     when the first tokens are the best it can keep must be able to say so. The surrogate was trained on
-    the head's and (with `surrogate_mix`) first-k's texts, so the three are read by the same model."""
+    the head's and (with `surrogate_mix`) first-k's texts, so the three are read by the same model.
+    What the test cannot see: the surrogate is one training run, so its p covers users and the settle
+    epochs pooled, not training-seed variance; the choice records that (`test`, SURROGATE_TEST) and
+    the downstream check, which retrains with several seeds, is the verdict `--strategy auto` reads."""
     results = {
         STRATEGY_OF[name]: ({m: float(v.mean()) for m, v in u.items()}, {m: v.double().numpy() for m, v in u.items()})
         for name, u in users.items()
     }
-    rows = rows_vs_first_k(results)
+    rows = rows_vs_first_k(results, paired_test=SURROGATE_ROW_TEST)
     chosen = choose_proven(rows)
     if chosen == "item-align":
         head.reset()
     elif chosen == "first-k":
         head.keeps_first_k = True
-    return {"chosen": chosen, "rows": rows, "rule": SURROGATE_RULE, "scored": "stage-2 validation, the surrogate recommender"}
+    return {"chosen": chosen, "rows": rows, "rule": SURROGATE_RULE, "test": SURROGATE_TEST, "scored": "stage-2 validation, the surrogate recommender"}
 
 
 # ----------------------------------------------------------------------------------------- training
