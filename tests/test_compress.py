@@ -101,6 +101,17 @@ def test_selection_strategies_differ_from_first_k(tmp_path, tiny_bert):
         assert sum(a != b for a, b in zip(firstk, other)) > 10, strategy
 
 
+def test_small_budgets_default_to_half_the_budget_as_prefix(tmp_path, tiny_bert):
+    """Without --prefix a budget under 32 keeps k // 2 leading tokens (16 would leave nothing to select at
+    k = 16); each budget of one run gets its own, as if compressed alone."""
+    outs = api.compress(ITEMS, tmp_path / "r{k}.parquet", k=[16, 24, 64], strategy="random", model=tiny_bert, device="cpu", cache=False)
+    assert [read_metadata(o.out)["prefix"] for o in outs] == [8, 12, 16]
+    alone = api.compress(ITEMS, tmp_path / "alone16.parquet", k=16, strategy="random", model=tiny_bert, device="cpu", cache=False)
+    assert pq.read_table(alone.out).equals(pq.read_table(outs[0].out))
+    given = api.compress(ITEMS, tmp_path / "given{k}.parquet", k=[16, 64], prefix=4, strategy="random", model=tiny_bert, device="cpu", cache=False)
+    assert [read_metadata(o.out)["prefix"] for o in given] == [4, 4]
+
+
 def test_random_is_reproducible_per_seed(tmp_path, tiny_bert):
     a = pq.read_table(run(tmp_path, tiny_bert, "random", "a.parquet", seed=1)[0])
     b = pq.read_table(run(tmp_path, tiny_bert, "random", "b.parquet", seed=1)[0])

@@ -99,6 +99,18 @@ def test_verdict_line_names_budgets_run_and_cost():
     assert "first-k is below first-64 at every k" in v["line"] and "no budget saves" in v["line"]
 
 
+def test_a_strategy_that_wrote_first_k_texts_is_no_selection():
+    """A policy whose stage 2 kept first-k writes first-k's texts: holding the reference there is first-k holding it."""
+    ref = users(10, seed=5)
+    low = ref - 4.0
+    cells = {("first-k", 16): cell(low, low, ref), ("policy", 16): cell(low, low, ref), ("first-k", 32): cell(ref, ref, ref), ("policy", 32): cell(ref, ref, ref)}
+    assert cv.verdict(cells, [16, 32], "first-64")["selection_holds_from"] == {"k": 32, "strategy": "policy"}
+    for k in (16, 32):
+        cells[("policy", k)]["first_k_texts"] = True
+    v = cv.verdict(cells, [16, 32], "first-64")
+    assert v["selection_holds_from"] is None and "no selection holds it" in v["line"]
+
+
 # ------------------------------------------------------------------------------ the verdict store
 def test_fingerprint_follows_the_texts_and_the_text_settings(tmp_path):
     text = TextConfig()

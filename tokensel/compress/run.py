@@ -26,6 +26,12 @@ from tokensel.select.plan import BUNDLE_STRATEGIES, FIRST_K, SelectorSpec, check
 CHUNK, PREFIX = 8, 16  # the rule's defaults (compress --chunk / --prefix)
 
 
+def default_prefix(k: int) -> int:
+    """The prefix kept when none is given: PREFIX, or half the budget under 2 x PREFIX, so that a small
+    budget still has chunks to select (the same rule tokensel curve measures small budgets with)."""
+    return min(PREFIX, k // 2)
+
+
 def compress(
     items: str | Path,
     out: str | Path | None = None,
@@ -62,7 +68,7 @@ def compress(
     budgets whose verdicts differ are compressed as one run per strategy.
 
     k: one budget, or several (one file each, from one model pass; a list of summaries is returned).
-    chunk, prefix: the selection rule's (default 8 and 16). First-k keeps the first k tokens whatever
+    chunk, prefix: the selection rule's (default 8, and 16 or k // 2 where that is smaller). First-k keeps the first k tokens whatever
     they are: given to it, they are recorded and named in the summaries' `warnings`.
     out: the output file; with several budgets it must contain `{k}`. Default: beside the items file,
     `<items>.k<k>-<strategy>.parquet`.
@@ -100,9 +106,25 @@ def compress(
         notes.append(why)
     elif strategy in BUNDLE_STRATEGIES and (note := lost_note(strategy, policy)):
         notes.append(note)
+    ks_all = (k,) if isinstance(k, int) else tuple(k)
+    if prefix is None and strategy != FIRST_K and len({default_prefix(kk) for kk in ks_all}) > 1:
+        # budgets under 2 x PREFIX get a shorter default prefix: one run per prefix, each budget as if compressed alone
+        options = dict(
+            chunk=chunk, policy=policy, model=model, id_col=id_col, text_cols=text_cols, max_len=max_len, template=template, labels=labels,
+            passthrough=passthrough, seed=seed, batch_rows=batch_rows, batch_tokens=batch_tokens, limit=limit, device=device, dtype=dtype,
+            cache=cache, engine=engine, workers=workers, pipeline=pipeline, on_progress=on_progress,
+        )
+        outs = output_paths(Path(items), out, ks_all, strategy)
+        done = {}
+        for pre in dict.fromkeys(default_prefix(kk) for kk in ks_all):
+            for kk in [kk for kk in ks_all if default_prefix(kk) == pre]:
+                s = compress(items, outs[kk], k=kk, strategy=strategy, prefix=pre, **options)
+                s.notes = [*notes, *[n for n in s.notes if n not in notes]]
+                done[kk] = s
+        return [done[kk] for kk in ks_all]
     given = {"--prefix": prefix, "--chunk": chunk, "--device": None if device == "auto" else device, "--dtype": None if dtype == "auto" else dtype}
     cfg = CompressConfig(
-        ks=(k,) if isinstance(k, int) else tuple(k), chunk=CHUNK if chunk is None else chunk, prefix=PREFIX if prefix is None else prefix, passthrough=tuple(passthrough), limit=limit,
+        ks=ks_all, chunk=CHUNK if chunk is None else chunk, prefix=default_prefix(min(ks_all)) if prefix is None else prefix, passthrough=tuple(passthrough), limit=limit,
         pipeline=pipeline, **({"batch_rows": batch_rows} if batch_rows else {}),
     )
     spec = SelectorSpec(strategy, None if policy is None else str(policy), model, seed, device, dtype)  # refuses an unknown strategy

@@ -109,7 +109,7 @@ def compress_grid(
         for pre, group in groups.items():
             pattern = folder / grid_name(strategy, "{k}")
             summaries = compress(
-                items, pattern, k=group, chunk=chunk, prefix=pre if strategy != FIRST_K else prefix, strategy=strategy,
+                items, pattern, k=group, chunk=None if strategy == FIRST_K else chunk, prefix=None if strategy == FIRST_K else pre, strategy=strategy,
                 policy=policy if strategy in BUNDLE_STRATEGIES else None, model=None if strategy in BUNDLE_STRATEGIES else model,
                 device=device, dtype=dtype, cache=(folder / "scores.sqlite") if strategy != FIRST_K else False, **text,
             )
@@ -258,7 +258,8 @@ def curve(
     ]
     decide = {
         (c["strategy"], c["k"]): {"valid_N@10": c["valid"]["N@10"], "valid_vs_first_k": c["valid_vs_first_k"],
-                                  "valid_vs_reference": c["valid_vs_reference"], "cost": c["cost_vs_reference"]}
+                                  "valid_vs_reference": c["valid_vs_reference"], "cost": c["cost_vs_reference"],
+                                  "first_k_texts": c["strategy"] != FIRST_K and c["same_as"] == Path(res[(FIRST_K, c["k"])].texts).name}
         for c in cells
     }
     ref = res[ref_key]

@@ -65,16 +65,19 @@ def choose(at_k: dict[str, dict]) -> str:
 def verdict(cells: dict[tuple[str, int], dict], ks: list[int], reference: str, deterministic: bool = False, reference_k: int | None = None) -> dict:
     """The curve's verdicts and its one line.
 
-    cells: (strategy, k) -> {"valid_N@10", "valid_vs_first_k", "valid_vs_reference", "cost"} where cost
-    is the item-LLM time per item relative to the reference (None if not measured). reference: how the
+    cells: (strategy, k) -> {"valid_N@10", "valid_vs_first_k", "valid_vs_reference", "cost", "first_k_texts"}
+    where cost is the item-LLM time per item relative to the reference (None if not measured) and
+    first_k_texts says the strategy wrote exactly first-k's texts at k. reference: how the
     reference reads in the line ("first-128", "the full texts (first 256)"). deterministic: the
     recommender has no seed variance to see (text-sim). reference_k: the budget whose first-k is the
     reference, if it is one of ks (holding there is no finding)."""
     strategies = list(dict.fromkeys(s for s, _ in cells))
     first_holds = next((k for k in ks if not below(cells[(FIRST_K, k)]["valid_vs_reference"])), None)
     selection = next(
-        ((k, s) for k in ks for s in strategies if s != FIRST_K and (s, k) in cells and not below(cells[(s, k)]["valid_vs_reference"])), None
-    )
+        ((k, s) for k in ks for s in strategies
+         if s != FIRST_K and (s, k) in cells and not cells[(s, k)].get("first_k_texts") and not below(cells[(s, k)]["valid_vs_reference"])),
+        None,
+    )  # a strategy that wrote first-k's very texts at k (a policy whose stage 2 kept first-k) is no selection there
     run = {k: choose({s: cells[(s, k)] for s in strategies if (s, k) in cells}) for k in ks}
     # the cheapest budget that holds the reference, and what runs there
     holding = [(k, FIRST_K) for k in [first_holds] if k is not None] + ([selection] if selection else [])
