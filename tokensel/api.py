@@ -37,7 +37,7 @@ def train(
     if check_strategies and bundle.policy is not None:  # stage 2 ran
         extra = {"epochs": check_epochs} if check_epochs else {}
         try:
-            check(bundle.path, items, interactions, columns=kwargs.get("columns", COLUMNS), device=kwargs.get("device", "auto"), log=log, **extra)
+            check(bundle.path, items, interactions, columns=kwargs.get("columns", COLUMNS), device=kwargs.get("device", "auto"), log=log, cache=kwargs.get("cache"), **extra)
         except TokenselError as exc:  # the bundle is written and sound; only the verdict is missing
             log({"strategy check": f"not run: {exc}; run tokensel check when fixed (auto keeps first-k until then)"})
     return bundle

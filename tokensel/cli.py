@@ -18,7 +18,7 @@ from rich.table import Table
 from tokensel import __version__
 from tokensel import api
 from tokensel import inspect as ins
-from tokensel.config import OBJECTIVE_NAMES, ItemModelConfig, PolicyConfig, Stage1Config, TextConfig, UserModelConfig
+from tokensel.config import OBJECTIVE_NAMES, CacheConfig, ItemModelConfig, PolicyConfig, Stage1Config, TextConfig, UserModelConfig
 from tokensel.errors import TokenselError
 from tokensel.io import writers
 from tokensel.io.readers import open_items
@@ -27,7 +27,7 @@ from tokensel.policy.bundle import CHECK_FILE, DEFAULT_BUNDLE, bundle_hash
 from tokensel.compress.job import output_paths
 from tokensel.report import bundle_summary, check_table
 from tokensel.select.auto import AUTO, current_check, resolve
-from tokensel.evaluate.command import evaluate_command, fail, headroom_command
+from tokensel.evaluate.command import CacheDir, CacheStore, evaluate_command, fail, headroom_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Keep the most informative tokens of item texts (TSPORec).")
 console = Console(stderr=True)
@@ -232,6 +232,8 @@ def train(
     check: Annotated[bool, typer.Option("--check/--no-check", help="After stage 2, the downstream strategy check (see tokensel check): which strategy to trust.")] = True,
     check_epochs: Annotated[int, typer.Option(help="Epochs of each recommender the check trains.")] = CHECK_EPOCHS,
     device: Annotated[str, typer.Option()] = "auto",
+    cache_dir: CacheDir = None,
+    cache_store: CacheStore = CacheConfig.store,
 ) -> None:
     """Train a policy bundle: stage 1 (recommender pretraining) and stage 2 (policy learning), then the
     strategy check: first-k, item-align and the policy, each retrained downstream and scored on validation.
@@ -255,7 +257,7 @@ def train(
         bundle = api.train(
             items, interactions, out, stages=stages, **configs, columns=(user_col, item_col, order_col), device=device,
             log=lambda row: console.print(json.dumps(row), markup=False, highlight=False, soft_wrap=True),
-            check_strategies=check, check_epochs=check_epochs,
+            check_strategies=check, check_epochs=check_epochs, cache=CacheConfig(cache_store, cache_dir),
         )
     except TokenselError as exc:
         fail(console, exc)
@@ -280,13 +282,15 @@ def check_command(
     max_users: Annotated[Optional[int], typer.Option(help="Only the first N users (a quick look).")] = None,
     save: Annotated[bool, typer.Option("--save/--no-save", help="Write the verdict into the bundle (check.json), where compress --strategy auto reads it.")] = True,
     device: Annotated[str, typer.Option()] = "auto",
+    cache_dir: CacheDir = None,
+    cache_store: CacheStore = CacheConfig.store,
 ) -> None:
     """Which strategy to trust with a bundle: first-k, item-align and the policy compressed at k, the same
     recommender (hllm) retrained on each, VALIDATION targets scored (never test), each paired with first-k."""
     try:
         result = api.check(
             bundle or DEFAULT_BUNDLE, items, interactions, k=k, seeds=seeds, epochs=epochs, columns=(user_col, item_col, order_col),
-            max_users=max_users, device=device, save=save,
+            max_users=max_users, device=device, save=save, cache=CacheConfig(cache_store, cache_dir),
             log=lambda row: console.print(json.dumps(row), markup=False, highlight=False, soft_wrap=True),
         )
     except TokenselError as exc:

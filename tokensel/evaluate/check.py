@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tokensel.compress.run import compress
-from tokensel.config import TrainConfig
+from tokensel.config import CacheConfig, TrainConfig
 from tokensel.errors import TokenselError
 from tokensel.evaluate.runner import VectorCache, evaluate_detailed
 from tokensel.io.interactions import COLUMNS
@@ -60,9 +60,11 @@ def strategy_check(
     device: str = "auto",
     save: bool = True,
     log: Callable[[dict], None] | None = None,
+    cache: CacheConfig | None = None,
 ) -> dict:
     """Run the check for `bundle` on these items and interactions, save it in the bundle (unless
-    save=False) and return it. k defaults to the budget the bundle's policy was trained at."""
+    save=False) and return it. k defaults to the budget the bundle's policy was trained at. `cache`:
+    where item tuning top keeps f's lower-layer states."""
     bundle = Path(bundle)
     cfg: BundleConfig = read_bundle_config(bundle)
     if cfg.policy is None:
@@ -71,7 +73,7 @@ def strategy_check(
     chunk, prefix = cfg.policy.select_chunk, cfg.policy.prefix
     model = cfg.item.base_model
     tuning = item_tuning_for(model)
-    train = TrainConfig(item_tuning=tuning, score="valid", patience=None)
+    train = TrainConfig(item_tuning=tuning, score="valid", patience=None, cache=cache or CacheConfig())
     text = cfg.text
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tokensel-check-") as tmp:

@@ -13,13 +13,16 @@ from dataclasses import dataclass
 
 import torch
 
-from tokensel.config import PolicyConfig
+from tqdm.auto import tqdm
+
+from tokensel.config import CacheConfig, PolicyConfig
 from tokensel.errors import TokenselError
 from tokensel.models.batching import length_buckets
 from tokensel.models.gated import kept_vectors, lower_blocks
 from tokensel.policy.head import PolicyHead
 from tokensel.models.item_llm import ItemLLM
 from tokensel.models.readout import BlockInputs, ItemReadout, last_block
+from tokensel.models.scratch import scratch_states
 from tokensel.select.rule import chunk_sums, select_mask
 from tokensel.train.relaxation import PerturbedMask, relative_sigma
 
@@ -42,35 +45,40 @@ class E2EData:
 
 
 @torch.inference_mode()
-def prepare(llm: ItemLLM, tokens: list[list[int]], mask_layers: str = "top", batch_tokens: int = 16384, max_batch: int = 128) -> E2EData:
+def prepare(llm: ItemLLM, tokens: list[list[int]], mask_layers: str = "top", cache_cfg: CacheConfig | None = None, batch_tokens: int = 16384, max_batch: int = 128) -> E2EData:
     """One frozen forward over the catalogue: the final states (for the head) and, for the top-block
-    mask, the last block's inputs (for the readout) from the same pass."""
+    mask, the last block's inputs (for the readout) from the same pass, kept where `cache_cfg` says
+    (models/scratch.py)."""
     if mask_layers not in MASK_LAYERS:
         raise TokenselError(f"unknown mask layers {mask_layers!r}; choose {', '.join(MASK_LAYERS)}")
     if mask_layers == "all":  # f's layout, checked once up front (lower_blocks checks the last block too)
         lower_blocks(llm)
     else:
         last_block(llm)
-    ids, mask, off = llm.build_inputs(tokens)
-    N, W = ids.shape
+    off = len(llm.lead_ids) + len(llm.template_ids)
+    lens = torch.tensor([len(t) for t in tokens], dtype=torch.long)
+    N, W = len(tokens), off + (int(lens.max()) if len(lens) else 0) + 1
     d = llm.hidden_size
     cached = mask_layers != "all"
-    states = torch.zeros(N, W, d) if cached else None
+    states = scratch_states((N, W, d), cache_cfg or CacheConfig(), "stage 2 caches the item LLM's lower layers") if cached else None
     item = torch.zeros(N, d)
     hidden: list = [None] * N
     llm.model.eval()
-    for group in length_buckets([len(t) for t in tokens], max_batch, batch_tokens):
-        w = off + max(len(tokens[i]) for i in group) + 1
-        out = llm.model(input_ids=ids[group, :w].to(llm.device), attention_mask=mask[group, :w].to(llm.device), output_hidden_states=True)
-        if cached:
-            states[group, :w] = out.hidden_states[-2].float().cpu()
-        top = out.hidden_states[-1].float().cpu()
-        for j, i in enumerate(group):
-            n = len(tokens[i])
-            hidden[i] = top[j, off : off + n].to(torch.float16).clone()
-            item[i] = top[j, off + n]
-    item_pos = torch.tensor([off + len(t) for t in tokens], dtype=torch.long)
-    cache = BlockInputs(states, mask.bool(), item_pos) if cached else None
+    with tqdm(total=N, desc="stage 2: embedding items", unit="item", disable=None, leave=False) as bar:
+        for group in length_buckets(lens.tolist(), max_batch, batch_tokens):
+            ids, mask, _ = llm.build_inputs([tokens[i] for i in group])
+            out = llm.model(input_ids=ids.to(llm.device), attention_mask=mask.to(llm.device), output_hidden_states=True)
+            if cached:
+                h = out.hidden_states[-2].cpu().to(states.dtype)
+                states[group, : h.shape[1]] = h
+            top = out.hidden_states[-1].float().cpu()
+            for j, i in enumerate(group):
+                n = len(tokens[i])
+                hidden[i] = top[j, off : off + n].to(torch.float16).clone()
+                item[i] = top[j, off + n]
+            bar.update(len(group))
+    mask = torch.arange(W)[None, :] < (off + lens + 1)[:, None]
+    cache = BlockInputs(states, mask, off + lens) if cached else None
     return E2EData(tokens, cache, hidden, item, off, None if mask_layers == "top" else llm, mask_layers)
 
 
@@ -165,7 +173,7 @@ def item_vectors(readout: ItemReadout, data: E2EData, items: list[int], token_ma
     idx = torch.as_tensor(items, dtype=torch.long)
     W = int(data.cache.lengths[idx].max())
     c = data.cache
-    top_inputs = (c.states[idx, :W], c.mask[idx, :W], c.item_pos[idx])
+    top_inputs = c.rows(idx, W)
     if token_mask is None:
         return readout(*top_inputs)
     weights = readout_weights(data, items, token_mask, n)
