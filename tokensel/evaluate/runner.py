@@ -301,7 +301,7 @@ def evaluate_detailed(
         results.append(FileResult(str(path), recommender, seed_list, metrics, std, p, per_user, per_seed_user, per_seed, embed_s, train_s, meta))
         seen[content] = results[-1]
         log({"texts": str(path), "stage": "train+test", "seconds": round(train_s, 1), "N@10": round(metrics["N@10"], 3), "R@10": round(metrics["R@10"], 3)})
-    return Evaluation(results, recommender, model, len(hist.users), len(item_ids), test, {"train": cfg.__dict__, "device": str(dev), "dtype": dtype}, hist.counts)
+    return Evaluation(results, recommender, model, len(hist.users), len(item_ids), test, {"train": asdict(cfg), "device": str(dev), "dtype": dtype}, hist.counts)
 
 
 def evaluate(
