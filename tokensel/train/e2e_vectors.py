@@ -37,11 +37,12 @@ class E2EData:
 
     tokens: list[list[int]]
     cache: BlockInputs | None
-    hidden: list[torch.Tensor]  # [n_i, d] fp16, what the head scores (as at inference)
+    hidden: list[torch.Tensor] | torch.Tensor  # per item [n_i, d] fp16 (or [N, L, d] fp16 in a scratch file), what the head scores
     item: torch.Tensor  # [N, d] final [ITEM] states of the full text
     offset: int  # cache column of each item's first text token
     llm: ItemLLM | None = None  # mask_layers "exact" / "all": f itself, run over each step's items
     mask_layers: str = "top"
+    cache_cfg: CacheConfig | None = None  # where the catalogue-sized tables live (models/scratch.py)
 
 
 @torch.inference_mode()
@@ -60,9 +61,11 @@ def prepare(llm: ItemLLM, tokens: list[list[int]], mask_layers: str = "top", cac
     N, W = len(tokens), off + (int(lens.max()) if len(lens) else 0) + 1
     d = llm.hidden_size
     cached = mask_layers != "all"
-    states = scratch_states((N, W, d), cache_cfg or CacheConfig(), "stage 2 caches the item LLM's lower layers") if cached else None
+    cache_cfg = cache_cfg or CacheConfig()
+    states = scratch_states((N, W, d), cache_cfg, "stage 2 caches the item LLM's lower layers") if cached else None
     item = torch.zeros(N, d)
-    hidden: list = [None] * N
+    on_disk = cache_cfg.store == "disk"  # the text states too: as many values as the block inputs
+    hidden = scratch_states((N, max(W - off - 1, 1), d), cache_cfg, "stage 2 keeps the item LLM's text states") if on_disk else [None] * N
     llm.model.eval()
     with tqdm(total=N, desc="stage 2: embedding items", unit="item", disable=None, leave=False) as bar:
         for group in length_buckets(lens.tolist(), max_batch, batch_tokens):
@@ -74,12 +77,15 @@ def prepare(llm: ItemLLM, tokens: list[list[int]], mask_layers: str = "top", cac
             top = out.hidden_states[-1].float().cpu()
             for j, i in enumerate(group):
                 n = len(tokens[i])
-                hidden[i] = top[j, off : off + n].to(torch.float16).clone()
+                if on_disk:
+                    hidden[i, :n] = top[j, off : off + n].to(torch.float16)
+                else:
+                    hidden[i] = top[j, off : off + n].to(torch.float16).clone()
                 item[i] = top[j, off + n]
             bar.update(len(group))
     mask = torch.arange(W)[None, :] < (off + lens + 1)[:, None]
     cache = BlockInputs(states, mask, off + lens) if cached else None
-    return E2EData(tokens, cache, hidden, item, off, None if mask_layers == "top" else llm, mask_layers)
+    return E2EData(tokens, cache, hidden, item, off, None if mask_layers == "top" else llm, mask_layers, cache_cfg)
 
 
 def pad_states(data: E2EData, items: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +93,7 @@ def pad_states(data: E2EData, items: list[int]) -> tuple[torch.Tensor, torch.Ten
     n = torch.tensor([len(data.tokens[i]) for i in items], dtype=torch.long)
     out = torch.zeros(len(items), max(int(n.max()) if len(items) else 0, 1), data.item.shape[1])
     for r, i in enumerate(items):
-        out[r, : n[r]] = data.hidden[i].float()
+        out[r, : n[r]] = data.hidden[i][: n[r]].float()
     return out, n
 
 
@@ -140,7 +146,10 @@ def kept_block_inputs(data: E2EData, items: list[int], token_mask: torch.Tensor)
     ids, mask, off = llm.build_inputs(kept)
     out = llm.model(input_ids=ids.to(llm.device), attention_mask=mask.to(llm.device), output_hidden_states=True)
     n = torch.tensor([len(t) for t in kept], dtype=torch.long)
-    return BlockInputs(out.hidden_states[-2].float().cpu(), mask.bool(), off + n)
+    states = out.hidden_states[-2].float().cpu()
+    if data.cache_cfg is not None and data.cache_cfg.store == "disk":
+        states = states.half().float()  # the precision of the cached tables, so every selection is read alike
+    return BlockInputs(states, mask.bool(), off + n)
 
 
 @torch.no_grad()
@@ -148,13 +157,19 @@ def kept_inputs_table(data: E2EData, head: PolicyHead | None, cfg: PolicyConfig,
     """Every item's kept-token block inputs under one fixed selection (head None: first-k). While the
     head is held (warm-up) its selection does not change, so the surrogate reads these cached inputs
     and a warm-up step costs the readout and the user model only."""
-    parts = []
-    for s in range(0, len(data.tokens), batch):
-        items = list(range(s, min(s + batch, len(data.tokens))))
-        parts.append(kept_block_inputs(data, items, keep_mask(head, data, items, cfg)[0]))
-    W = max(p.states.shape[1] for p in parts)
-    pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, W - t.shape[1]) if t.dim() == 3 else (0, W - t.shape[1]))  # noqa: E731
-    return BlockInputs(torch.cat([pad(p.states) for p in parts]), torch.cat([pad(p.mask) for p in parts]), torch.cat([p.item_pos for p in parts]))
+    N = len(data.tokens)
+    width = data.offset + min(cfg.k, max((len(t) for t in data.tokens), default=0)) + 1  # kept texts are at most k tokens
+    states = scratch_states((N, width, data.item.shape[1]), data.cache_cfg or CacheConfig(), "stage 2 caches the kept tokens' lower layers")
+    mask = torch.zeros(N, width, dtype=torch.bool)
+    item_pos = torch.zeros(N, dtype=torch.long)
+    for s in range(0, N, batch):
+        items = list(range(s, min(s + batch, N)))
+        part = kept_block_inputs(data, items, keep_mask(head, data, items, cfg)[0])
+        w = part.states.shape[1]
+        states[s : s + len(items), :w] = part.states.to(states.dtype)
+        mask[s : s + len(items), :w] = part.mask
+        item_pos[s : s + len(items)] = part.item_pos
+    return BlockInputs(states, mask, item_pos)
 
 
 def item_vectors(readout: ItemReadout, data: E2EData, items: list[int], token_mask: torch.Tensor | None, n: torch.Tensor | None = None) -> torch.Tensor:
