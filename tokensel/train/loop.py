@@ -232,7 +232,7 @@ class TunedItems(TrainableItems):
 
     def table(self) -> torch.Tensor:
         self.llm.model.eval()
-        return embed_tokens(self.llm, self.tokens)[0].to(self.llm.device)
+        return embed_tokens(self.llm, self.tokens, desc="embedding items")[0].to(self.llm.device)
 
     def encode(self, need: list[int]) -> torch.Tensor:
         self.llm.model.train()

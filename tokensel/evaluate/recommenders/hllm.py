@@ -41,7 +41,7 @@ class HLLM(Trained):
         return "item-token"
 
     def prepare(self, llm, token_lists):
-        return embed_tokens(llm, token_lists)[0]
+        return embed_tokens(llm, token_lists, desc="embedding items")[0]
 
     @property
     def needs_item_llm(self) -> bool:
