@@ -100,7 +100,3 @@ def scratch_states(shape: tuple[int, int, int], cache: CacheConfig, what: str) -
         weakref.finalize(array, path.unlink, missing_ok=True)  # a file that cannot be unlinked while open
     return torch.from_numpy(array)
 
-
-def is_mapped(states: torch.Tensor) -> bool:
-    """Whether `states` lives in a scratch file (half precision) rather than in RAM."""
-    return states.dtype == torch.float16
