@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from tokensel.config import ItemModelConfig, PolicyConfig, TextConfig
+from tokensel.config import CacheConfig, ItemModelConfig, PolicyConfig, TextConfig
 from tokensel.errors import TokenselError
 from tokensel.io.interactions import read_histories
 from tokensel.io.items import read_items
@@ -223,7 +223,7 @@ def test_exact_mask_values_are_the_kept_token_forward_and_its_gradient_reaches_t
     mask's gradient comes through the top-block path, and the readout learns from the exact value only."""
     llm, tokens, hist = setup
     cfg = PolicyConfig(objective="e2e", keep_best=False, mask_layers="exact", k=8, prefix=2, train_chunk=2, epochs=1, batch_size=16, negatives=16, valid_users=20, lr=1e-2)
-    data = e2e_vectors.prepare(llm, tokens, "exact")
+    data = e2e_vectors.prepare(llm, tokens, "exact", CacheConfig("ram"))  # float32: exact to 1e-4
     assert data.cache is not None and data.llm is llm
     readout = ItemReadout(llm).eval()
     items = list(range(len(tokens)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tokensel.config import CacheConfig
 from tokensel.errors import TokenselError
 from tokensel.models.item_llm import ItemLLM
 from tokensel.models.readout import ItemReadout, cache_block_inputs
@@ -23,7 +24,7 @@ def test_readout_is_f_at_item(llm, texts, template):
     tokens[3] = tokens[3][:1]  # a one-token item among long ones: padding must not leak in
     with torch.no_grad():
         want = llm.encode(tokens, need_hidden=False).item.float()
-    cache = cache_block_inputs(llm, tokens, batch_tokens=300)  # several length buckets
+    cache = cache_block_inputs(llm, tokens, CacheConfig("ram"), batch_tokens=300)  # several length buckets
     readout = ItemReadout(llm).eval()
     with torch.no_grad():
         got = readout.encode(cache, list(range(len(tokens))))
@@ -54,18 +55,18 @@ def test_non_bert_models_are_refused(tiny_llama, texts):
 
 
 def test_a_cache_too_large_for_memory_is_refused(llm, texts, monkeypatch):
-    from tokensel.models import readout as item_readout
+    from tokensel.models import scratch
 
-    monkeypatch.setattr(item_readout, "_physical_memory", lambda: 1 << 16)  # a 64 KiB machine
-    with pytest.raises(TokenselError, match="use item tuning lora"):
-        cache_block_inputs(llm, llm.tokenize(texts[:40], 48))
+    monkeypatch.setattr(scratch, "_physical_memory", lambda: 1 << 16)  # a 64 KiB machine
+    with pytest.raises(TokenselError, match="use --cache-store disk"):
+        cache_block_inputs(llm, llm.tokenize(texts[:40], 48), CacheConfig("ram"))
 
 
 def test_readout_gradients_match_the_block_run_over_every_position(llm, texts):
     """The folded key/value algebra is the same function: same gradients as the block run in full."""
     tokens = llm.tokenize(texts[:12], 40)
     tokens[4], tokens[7] = tokens[4][:5], tokens[7][:19]  # unequal lengths: the padding must be masked
-    cache = cache_block_inputs(llm, tokens)
+    cache = cache_block_inputs(llm, tokens, CacheConfig("ram"))
     readout = ItemReadout(llm)
     reference = ItemReadout(llm).block  # an identical copy, run the ordinary way over all positions
     readout.eval(), reference.eval()

@@ -44,7 +44,7 @@ def train(
         extra = {"epochs": check_epochs} if check_epochs else {}
         try:
             protocol = {k: kwargs[k] for k in ("protocol", "cold_share") if k in kwargs}
-            check(bundle.path, items, interactions, seeds=check_seeds, columns=kwargs.get("columns", COLUMNS), device=kwargs.get("device", "auto"), log=log, **protocol, **extra)
+            check(bundle.path, items, interactions, seeds=check_seeds, columns=kwargs.get("columns", COLUMNS), device=kwargs.get("device", "auto"), log=log, cache=kwargs.get("cache"), **protocol, **extra)
         except TokenselError as exc:  # the bundle is written and sound; only the verdict is missing
             log({"strategy check": f"not run: {exc}; run tokensel check when fixed (auto keeps first-k until then)"})
     return bundle

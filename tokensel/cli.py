@@ -24,9 +24,9 @@ from rich.table import Table
 from tokensel import __version__
 from tokensel.compress.job import output_paths
 from tokensel.compress.run import compress as compress_file
-from tokensel.config import CHECK_EPOCHS, CHECK_SEEDS, COLD_SHARE, OBJECTIVE_NAMES, ItemModelConfig, PolicyConfig, Stage1Config, TextConfig, UserModelConfig
+from tokensel.config import CHECK_EPOCHS, CHECK_SEEDS, COLD_SHARE, OBJECTIVE_NAMES, CacheConfig, ItemModelConfig, PolicyConfig, Stage1Config, TextConfig, UserModelConfig
 from tokensel.errors import TokenselError
-from tokensel.evaluate.command import COLD_SHARE_HELP, PROTOCOL_HELP, curve_command, evaluate_command, fail, headroom_command
+from tokensel.evaluate.command import COLD_SHARE_HELP, PROTOCOL_HELP, CacheDir, CacheStore, curve_command, evaluate_command, fail, headroom_command
 from tokensel.io import writers
 from tokensel.io.readers import open_items
 from tokensel.policy.files import CHECK_FILE, DEFAULT_BUNDLE, bundle_hash, bundle_label
@@ -249,6 +249,8 @@ def train(
     cold_share: Annotated[float, typer.Option(help=COLD_SHARE_HELP)] = COLD_SHARE,
     check_seeds: Annotated[int, typer.Option(help="Training runs per strategy in the check; 2 or more let its test see seed variance.")] = CHECK_SEEDS,
     device: Annotated[str, typer.Option()] = "auto",
+    cache_dir: CacheDir = None,
+    cache_store: CacheStore = CacheConfig.store,
 ) -> None:
     """Train a policy bundle: stage 1 (recommender pretraining) and stage 2 (policy learning), then the
     strategy check: first-k, item-align and the policy, each retrained downstream and scored on validation.
@@ -272,7 +274,7 @@ def train(
         bundle = heavy()[0].train(
             items, interactions, out, stages=stages, **configs, columns=(user_col, item_col, order_col), device=device,
             log=lambda row: console.print(json.dumps(row), markup=False, highlight=False, soft_wrap=True),
-            check_strategies=check, check_epochs=check_epochs, protocol=protocol, cold_share=cold_share, check_seeds=check_seeds,
+            check_strategies=check, check_epochs=check_epochs, protocol=protocol, cold_share=cold_share, check_seeds=check_seeds, cache=CacheConfig(cache_store, cache_dir),
         )
     except TokenselError as exc:
         fail(console, exc)
@@ -299,6 +301,8 @@ def check_command(
     protocol: Annotated[str, typer.Option(help="loo | cold: the scored validation targets are the newest --cold-share of the items (by first interaction, test interactions not read), never trained on; the verdict is over the users whose validation target is cold.")] = "loo",
     cold_share: Annotated[float, typer.Option(help=COLD_SHARE_HELP)] = COLD_SHARE,
     device: Annotated[str, typer.Option()] = "auto",
+    cache_dir: CacheDir = None,
+    cache_store: CacheStore = CacheConfig.store,
 ) -> None:
     """Which strategy to trust with a bundle: first-k, item-align and the policy compressed at k, the same
     recommender (hllm) retrained on each with several seeds, VALIDATION targets scored (never test), each
@@ -306,7 +310,7 @@ def check_command(
     try:
         result = heavy()[0].check(
             bundle or DEFAULT_BUNDLE, items, interactions, k=k, seeds=seeds, epochs=epochs, columns=(user_col, item_col, order_col),
-            max_users=max_users, device=device, save=save, protocol=protocol, cold_share=cold_share,
+            max_users=max_users, device=device, save=save, protocol=protocol, cold_share=cold_share, cache=CacheConfig(cache_store, cache_dir),
             log=lambda row: console.print(json.dumps(row), markup=False, highlight=False, soft_wrap=True),
         )
     except TokenselError as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -208,6 +209,36 @@ def write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
+@dataclass(frozen=True)
+class CacheConfig:
+    """Where f's lower-layer states are kept while its last block trains over them (item tuning top,
+    stage 2's e2e objective): items x positions x hidden values, too many for RAM on a large catalogue.
+
+    `disk` (the default) writes them once to a half-precision memory-mapped file in `dir` (default: the
+    system's temporary folder, TMPDIR) and reads each step's rows from it: memory stays bounded at any
+    catalogue size, the kernel keeps what fits in its page cache, and half precision halves the disk
+    and page-cache footprint. The file lives as long as the run (it is unlinked as soon as it is
+    mapped, so even a killed run leaves nothing behind). `ram` keeps them in float32 in memory, as
+    before, where they fit in half the machine's RAM (RESULTS.md compares the two)."""
+
+    store: str = "disk"  # disk (float16, memory-mapped file) | ram (float32 in memory)
+    dir: str | None = None  # disk: the folder of the file (default: the system's temporary folder)
+
+    def __post_init__(self) -> None:
+        if self.store not in CACHE_STORES:
+            raise TokenselError(f"--cache-store must be one of {', '.join(CACHE_STORES)} (got {self.store!r})")
+        if self.dir is not None:
+            object.__setattr__(self, "dir", str(self.dir))
+            if not Path(self.dir).is_dir():
+                raise TokenselError(f"--cache-dir {self.dir}: no such folder")
+
+    def folder(self) -> Path:
+        return Path(self.dir) if self.dir is not None else Path(tempfile.gettempdir())
+
+
+CACHE_STORES = ("disk", "ram")
+
+
 @dataclass
 class TrainConfig:
     """A downstream recommender's training budget (tokensel evaluate / headroom), identical for every
@@ -232,6 +263,7 @@ class TrainConfig:
     # which targets are ranked: "test" (best epoch chosen on validation) or "valid" (a check that must
     # never see the test targets: every epoch is trained and the last one is scored, no selection)
     score: str = "test"
+    cache: CacheConfig = field(default_factory=CacheConfig)  # item_tuning top: where f's lower-layer states are kept
 
     def __post_init__(self) -> None:
         if self.score not in SCORED_SPLITS:

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tokensel.compress.run import compress
-from tokensel.config import CHECK_EPOCHS, CHECK_SEEDS, COLD_SHARE, TrainConfig, check_protocol
+from tokensel.config import CHECK_EPOCHS, CHECK_SEEDS, COLD_SHARE, CacheConfig, TrainConfig, check_protocol
 from tokensel.errors import TokenselError
 from tokensel.evaluate.runner import VectorCache, evaluate_detailed, read_split
 from tokensel.io.interactions import COLUMNS
@@ -69,9 +69,11 @@ def strategy_check(
     log: Callable[[dict], None] | None = None,
     protocol: str = "loo",
     cold_share: float = COLD_SHARE,
+    cache: CacheConfig | None = None,
 ) -> dict:
     """Run the check for `bundle` on these items and interactions, save it in the bundle (unless
-    save=False) and return it. k defaults to the budget the bundle's policy was trained at."""
+    save=False) and return it. k defaults to the budget the bundle's policy was trained at. `cache`:
+    where item tuning top keeps f's lower-layer states."""
     check_protocol(protocol, cold_share)
     if seeds < 1:
         raise TokenselError(f"the strategy check's seeds must be at least 1 (got {seeds}); {CHECK_SEEDS} let its test see seed variance")
@@ -83,7 +85,7 @@ def strategy_check(
     chunk, prefix = cfg.policy.select_chunk, cfg.policy.prefix
     model = cfg.item.base_model
     tuning = item_tuning_for(model)
-    train = TrainConfig(item_tuning=tuning, score="valid", patience=None)
+    train = TrainConfig(item_tuning=tuning, score="valid", patience=None, cache=cache or CacheConfig())
     text = cfg.text
     if protocol == "cold":  # too few cold users is refused before anything is compressed
         read_split(items, interactions, text.id_col, columns, max_users, protocol, cold_share, train.score)

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from tokensel.config import COLD_SHARE
+from tokensel.config import CACHE_STORES, COLD_SHARE, CacheConfig
 from tokensel.errors import TokenselError
 
 PROTOCOL_HELP = (
@@ -19,6 +19,9 @@ PROTOCOL_HELP = (
     "interaction) never trained on, not even as negatives; metrics over the users whose test target is one of them, the others beside."
 )
 COLD_SHARE_HELP = "--protocol cold: share of the items held out as cold, those whose first interaction comes last."
+# where item tuning top (and stage 2's e2e objective) keeps f's lower-layer states: train, evaluate, check, headroom, curve
+CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", help="Folder of the half-precision block-input cache file of item tuning top / stage 2 (default: the system's temporary folder); removed when the run ends.")]
+CacheStore = Annotated[str, typer.Option("--cache-store", help="Where item tuning top keeps the item LLM's lower-layer states: " + " | ".join(CACHE_STORES) + " (disk: float16, memory-mapped, bounded memory; ram: float32, must fit in half the RAM).")]
 
 
 def fail(err: Console, exc: Exception) -> None:
@@ -58,6 +61,8 @@ def evaluate_command(
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (on a machine that is already busy, 1 can be several times faster than more).")] = None,
     dtype: Annotated[str, typer.Option(help="Item LLM dtype: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16")] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print every epoch.")] = False,
+    cache_dir: CacheDir = None,
+    cache_store: CacheStore = CacheConfig.store,
 ) -> None:
     """Train the same downstream recommender on each texts file and compare: Recall/NDCG@5/10/50 on the test split."""
     from tokensel.evaluate.recommenders import TrainConfig, names
@@ -78,7 +83,7 @@ def evaluate_command(
             raise TokenselError("--seeds and --epochs must be at least 1")
         if out is not None and out.suffix not in (".json", ".parquet"):
             raise TokenselError(f"{out}: --out must end in .json or .parquet")
-        cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives, history=history, patience=patience or None, pooling=pooling, center=center, item_tuning=item_tuning, item_lr=item_lr)
+        cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, negatives=negatives, history=history, patience=patience or None, pooling=pooling, center=center, item_tuning=item_tuning, item_lr=item_lr, cache=CacheConfig(cache_store, cache_dir))
 
         def log(row: dict) -> None:
             if verbose or "stage" in row:
@@ -121,6 +126,8 @@ def headroom_command(
     out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Write the rows as JSON.")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16")] = "auto",
+    cache_dir: CacheDir = None,
+    cache_store: CacheStore = CacheConfig.store,
 ) -> None:
     """Before training a policy: do the tokens past k help a recommender on your data? First-k vs first-4k, paired."""
     from tokensel.evaluate.headroom import headroom
@@ -138,7 +145,7 @@ def headroom_command(
         rows = headroom(
             items, interactions, budgets, factor=factor, recommender=recommender, seeds=seeds, model=model, id_col=id_col,
             text_cols=[c.strip() for c in text_cols.split(",") if c.strip()] if text_cols else None, labels=labels,
-            user_col=user_col, item_col=item_col, order_col=order_col, epochs=epochs, train=TrainConfig(item_tuning=item_tuning), test=test, max_users=max_users, work=work,
+            user_col=user_col, item_col=item_col, order_col=order_col, epochs=epochs, train=TrainConfig(item_tuning=item_tuning, cache=CacheConfig(cache_store, cache_dir)), test=test, max_users=max_users, work=work,
             protocol=protocol, cold_share=cold_share, device=device, dtype=dtype, log=lambda row: err.print(json.dumps(row), markup=False, highlight=False, soft_wrap=True) if "stage" in row else None,
         )
     except TokenselError as exc:
@@ -229,6 +236,8 @@ def curve_command(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16")] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print every epoch.")] = False,
+    cache_dir: CacheDir = None,
+    cache_store: CacheStore = CacheConfig.store,
 ) -> None:
     """At what budget does the recommender stop losing quality, which tokens should fill it, what does it save?
     First-k and selections at every budget, the same recommender retrained on each, against the reference."""
@@ -256,7 +265,7 @@ def curve_command(
             recommender=recommender, item_tuning=item_tuning, seeds=seeds, epochs=epochs, protocol=protocol, cold_share=cold_share,
             reference=reference, model=model, id_col=id_col, text_cols=[c.strip() for c in text_cols.split(",") if c.strip()] if text_cols else None,
             labels=labels, max_len=max_len, user_col=user_col, item_col=item_col, order_col=order_col, max_users=max_users,
-            cost_items=cost_items, work=work, record_verdict=record, device=device, dtype=dtype, log=log,
+            cost_items=cost_items, work=work, record_verdict=record, cache=CacheConfig(cache_store, cache_dir), device=device, dtype=dtype, log=log,
         )
         console = Console(width=None if sys.stdout.isatty() else 200)
         console.print(curve_table(result))

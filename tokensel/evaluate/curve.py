@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from tokensel.compress.job import CompressSummary
 from tokensel.compress.run import compress
-from tokensel.config import TextConfig, TrainConfig, check_protocol
+from tokensel.config import CacheConfig, TextConfig, TrainConfig, check_protocol
 from tokensel.device import pick_device, pick_dtype
 from tokensel.errors import TokenselError
 from tokensel.evaluate.cost import best_seconds
@@ -180,6 +180,7 @@ def curve(
     cost_repeats: int = 2,
     work: str | Path | None = None,
     record_verdict: bool = True,
+    cache: CacheConfig | None = None,
     device: str = "auto",
     dtype: str = "auto",
     log: Callable[[dict], None] | None = None,
@@ -211,7 +212,7 @@ def curve(
     text = replace(cfg.text, **{k: v for k, v in dict(id_col=id_col, text_cols=text_cols, labels=labels, max_len=max_len, template=template).items() if v is not None})
     if train is None:
         tuning = item_tuning or ("top" if recommender == "hllm" and is_top_tunable(model) else "none")
-        train = TrainConfig(item_tuning=tuning)
+        train = TrainConfig(item_tuning=tuning, cache=cache or CacheConfig())
     make_recommender(recommender, train)  # an unknown recommender or item tuning fails before any work
     open_items(items)
     if protocol == "cold":  # too few cold users is refused before anything is compressed

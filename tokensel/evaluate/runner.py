@@ -368,7 +368,7 @@ def evaluate_detailed(
         seen[content] = results[-1]
         log({"texts": str(path), "stage": "train+test", "seconds": round(train_s, 1), "N@10": round(metrics["N@10"], 3), "R@10": round(metrics["R@10"], 3)})
     n_users = int(split.cold_users.sum()) if split else len(hist.users)
-    config = {"train": cfg.__dict__, "device": str(dev), "dtype": dtype}
+    config = {"train": asdict(cfg), "device": str(dev), "dtype": dtype}
     return Evaluation(results, recommender, model, n_users, len(item_ids), test, config, hist.counts, split.counts if split else None)
 
 

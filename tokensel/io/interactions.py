@@ -12,10 +12,12 @@ and counted. Every count reaches the user through `DataCounts`.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -42,30 +44,117 @@ class DataCounts:
         )
 
 
+class Sequences(Sequence):
+    """Item sequences held as one integer array of items and each sequence's [start, end) in it.
+
+    A catalogue's interactions are millions of rows; a Python list per user costs tens of bytes per
+    item and a pointer chase per read. Here an item costs its 4 bytes, and the splits (`Histories.split`)
+    are views that share the array: only the ends move. Reading a sequence (`seqs[i]`, iteration) gives
+    a fresh list of ints, so code written for lists of lists reads it unchanged."""
+
+    __slots__ = ("items", "starts", "ends")
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, items: np.ndarray, starts: np.ndarray, ends: np.ndarray):
+        self.items, self.starts, self.ends = items, starts, ends
+
+    @classmethod
+    def from_lists(cls, lists) -> Sequences:
+        lens = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+        ends = np.cumsum(lens)
+        items = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=int(ends[-1]) if len(ends) else 0)
+        return cls(_item_array(items), ends - lens, ends)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.ends - self.starts
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return Sequences(self.items, self.starts[i], self.ends[i])
+        return self.items[self.starts[i] : self.ends[i]].tolist()
+
+    def __iter__(self):
+        items = self.items
+        for s, e in zip(self.starts.tolist(), self.ends.tolist()):
+            yield items[s:e].tolist()
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str) or len(other) != len(self):
+            return NotImplemented if not isinstance(other, Sequence) else False
+        return all(a == list(b) for a, b in zip(self, other))
+
+    def __repr__(self) -> str:
+        return f"Sequences({len(self)} sequences, {int(self.lengths.sum())} items)"
+
+
+class Labels(Sequence):
+    """User ids as one Arrow string array (offsets + bytes) rather than a Python string per user."""
+
+    __slots__ = ("array",)
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, values):
+        self.array = values if isinstance(values, pa.Array) else pa.array(list(values), pa.string())
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return Labels(self.array[i])
+        return self.array[i].as_py()
+
+    def __iter__(self):
+        return iter(self.array.to_pylist())
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str):
+            return NotImplemented
+        return len(other) == len(self) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"Labels({len(self)})"
+
+
+def _item_array(items: np.ndarray) -> np.ndarray:
+    """Item indices in 4 bytes where the catalogue allows (it always does below 2**31 items)."""
+    return items.astype(np.int32) if not len(items) or int(items.max()) < 2**31 else items.astype(np.int64)
+
+
 @dataclass
 class Histories:
-    """Each user's item sequence as item indices, in interaction order."""
+    """Each user's item sequence as item indices, in interaction order.
 
-    users: list[str]
-    sequences: list[list[int]]
+    Held as arrays (`Sequences`, `Labels`): a list of lists passed in is converted once."""
+
+    users: Labels
+    sequences: Sequences
     skipped_unknown: int  # interactions naming items not in the item file
     skipped_short: int  # users with fewer than 3 interactions (no train/valid/test split)
     counts: DataCounts = field(default_factory=DataCounts)
     negatives: Sequence[int] | None = None  # the items training may draw as negatives (None: all); the cold protocol leaves its cold items out
 
-    def split(self, part: str) -> tuple[list[list[int]], list[int]]:
-        """(history, target) per user for `train` (target = last train item), `valid` or `test`."""
-        cut = {"train": 2, "valid": 1, "test": 0}[part]
-        hist, tgt = [], []
-        for seq in self.sequences:
-            s = seq[: len(seq) - cut] if cut else seq
-            hist.append(s[:-1])
-            tgt.append(s[-1])
-        return hist, tgt
+    def __post_init__(self) -> None:
+        if not isinstance(self.sequences, Sequences):
+            self.sequences = Sequences.from_lists(self.sequences)
+        if not isinstance(self.users, Labels):
+            self.users = Labels(self.users)
 
-    def train_sequences(self) -> list[list[int]]:
+    def split(self, part: str) -> tuple[Sequences, np.ndarray]:
+        """(history, target) per user for `train` (target = last train item), `valid` or `test`: the
+        histories are views of the same array, the targets one integer array."""
+        cut = {"train": 2, "valid": 1, "test": 0}[part]
+        seqs = self.sequences
+        last = seqs.ends - cut - 1  # the target's position
+        return Sequences(seqs.items, seqs.starts, last), seqs.items[last].astype(np.int64)
+
+    def train_sequences(self) -> Sequences:
         """Training part of every sequence (all but the last two interactions)."""
-        return [seq[:-2] for seq in self.sequences]
+        return Sequences(self.sequences.items, self.sequences.starts, self.sequences.ends - 2)
 
 
 COLUMNS = ("user_id", "item_id", "timestamp")  # the default user, item and order columns (SPEC's data contract)
@@ -75,15 +164,6 @@ _ROW = "__tokensel_row"
 def _orderable(t: pa.DataType) -> bool:
     """Numbers and timestamps sort in time order; text does not."""
     return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t) or pa.types.is_temporal(t)
-
-
-def _runs(users: list[str], items: list[str]):
-    """(user, [items]) for each run of equal users in a user-sorted column pair."""
-    start = 0
-    for r in range(1, len(users) + 1):
-        if r == len(users) or users[r] != users[start]:
-            yield users[start], items[start:r]
-            start = r
 
 
 def read_histories(
@@ -132,21 +212,27 @@ def read_histories(
     duplicates = rows - table.num_rows
     sizes = table.group_by([user_col, order_col], use_threads=False).aggregate([([], "count_all")])["count_all"]
     ties = pc.sum(pc.filter(sizes, pc.greater(sizes, 1))).as_py() or 0
-    is_known = pc.is_in(table[item_col], value_set=pa.array(list(map(str, item_index.keys())), pa.string()))
+    keys = pa.array(list(map(str, item_index.keys())), pa.string())
+    is_known = pc.is_in(table[item_col], value_set=keys)
     unknown = table.num_rows - (pc.sum(is_known).as_py() or 0)
     table = table.filter(is_known)
-    str_index = {str(k): v for k, v in item_index.items()}
     # stable: a user's ties keep their file order
     table = table.take(pc.sort_indices(table, sort_keys=[(user_col, "ascending"), (order_col, "ascending"), (_ROW, "ascending")]))
-    users, seqs, short = [], [], 0
-    for user, items in _runs(table[user_col].to_pylist(), table[item_col].to_pylist()):
-        if len(items) < min_len:
-            short += 1
-            continue
-        users.append(user)
-        seqs.append([str_index[i] for i in items])
-    if not users:
+    values = np.fromiter(item_index.values(), dtype=np.int64, count=len(item_index))
+    items = values[pc.index_in(table[item_col], value_set=keys).to_numpy(zero_copy_only=False)]
+    user_column = table[user_col].combine_chunks()
+    codes = pc.dictionary_encode(user_column).indices.to_numpy(zero_copy_only=False)
+    bounds = np.flatnonzero(codes[1:] != codes[:-1]) + 1  # the table is sorted by user: runs of one code
+    none = np.zeros(0, np.int64)
+    starts, ends = (np.r_[0, bounds], np.r_[bounds, len(codes)]) if len(codes) else (none, none)
+    lens = ends - starts
+    kept = lens >= min_len
+    short = int((~kept).sum())
+    if not kept.any():
         raise TokenselError(f"{path}: no user has {min_len} or more interactions with known items")
+    new_ends = np.cumsum(lens[kept])
+    seqs = Sequences(_item_array(items[np.repeat(kept, lens)]), new_ends - lens[kept], new_ends)
+    users = Labels(user_column.take(pa.array(starts[kept])))
     counts = DataCounts(rows, duplicates, ties, unknown, short, len(users))
     return Histories(users, seqs, unknown, short, counts)
 

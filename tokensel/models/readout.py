@@ -18,20 +18,25 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from tokensel.models.batching import length_buckets
+from tokensel.config import CacheConfig
 from tokensel.errors import TokenselError
+from tokensel.models.batching import length_buckets
 from tokensel.models.item_llm import ItemLLM, resolve_model_path
+from tokensel.models.scratch import scratch_states
 
 
 @dataclass
 class BlockInputs:
-    """What enters f's last block for every item: states [N, W, d], key mask [N, W], [ITEM] column [N]."""
+    """What enters f's last block for every item: states [N, W, d], key mask [N, W], [ITEM] column [N].
+
+    `states` is float32 in RAM or float16 memory-mapped from a scratch file (models/scratch.py): read
+    rows with `rows`, which gathers them and returns float32."""
 
     states: torch.Tensor
     mask: torch.Tensor
@@ -39,7 +44,11 @@ class BlockInputs:
 
     @property
     def lengths(self) -> torch.Tensor:
-        return self.mask.sum(1)
+        return self.item_pos + 1  # the key mask is every column up to [ITEM]
+
+    def rows(self, idx: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(states [B, width, d] float32, mask [B, width], [ITEM] columns [B]) of the items `idx`."""
+        return self.states[idx, :width].float(), self.mask[idx, :width], self.item_pos[idx]
 
 
 _NEEDED = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output", "intermediate", "output")
@@ -107,34 +116,33 @@ def is_top_tunable(name: str) -> bool:
 
 
 @torch.inference_mode()
-def cache_block_inputs(llm: ItemLLM, token_lists: list[list[int]], batch_tokens: int = 16384, max_batch: int = 128) -> BlockInputs:
-    """Run the frozen blocks below the last one once over every item (on the CPU, float32)."""
+def cache_block_inputs(
+    llm: ItemLLM, token_lists: list[list[int]], cache: CacheConfig | None = None, batch_tokens: int = 16384, max_batch: int = 128,
+    desc: str | None = "caching the item LLM's lower layers",
+) -> BlockInputs:
+    """Run the frozen blocks below the last one once over every item, into the store `cache` names
+    (models/scratch.py: float16 in a memory-mapped file by default, float32 in RAM with store "ram").
+    Each length bucket is padded on its own, so no catalogue-wide padded id matrix is built."""
     last_block(llm)
-    ids, mask, off = llm.build_inputs(token_lists)
-    N, W = ids.shape
-    need = N * W * llm.hidden_size * 4
-    ram = _physical_memory()
-    if ram and need > ram // 2:
-        raise TokenselError(
-            f"item tuning 'top' caches {N:,} items x {W} positions x {llm.hidden_size} floats = {need / 2**30:.1f} GiB, "
-            f"more than half of this machine's {ram / 2**30:.0f} GiB: use item tuning lora or full, or shorter texts"
-        )
-    states = torch.zeros(N, W, llm.hidden_size)
+    cache = cache or CacheConfig()
+    off = len(llm.lead_ids) + len(llm.template_ids)
+    lens = torch.tensor([len(t) for t in token_lists], dtype=torch.long)
+    N, W = len(token_lists), off + (int(lens.max()) if len(lens) else 0) + 1
+    states = scratch_states((N, W, llm.hidden_size), cache, "item tuning 'top' caches the item LLM's lower layers")
     dev = llm.device
     llm.model.eval()
-    for group in length_buckets([len(t) for t in token_lists], max_batch, batch_tokens):
-        w = off + max(len(token_lists[i]) for i in group) + 1
-        out = llm.model(input_ids=ids[group, :w].to(dev), attention_mask=mask[group, :w].to(dev), output_hidden_states=True)
-        states[group, :w] = out.hidden_states[-2].float().cpu()
-    item_pos = torch.tensor([off + len(t) for t in token_lists], dtype=torch.long)
-    return BlockInputs(states, mask.bool(), item_pos)
-
-
-def _physical_memory() -> int | None:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    groups = length_buckets(lens.tolist(), max_batch, batch_tokens)
+    with tqdm(total=N, desc=desc, unit="item", disable=None if desc else True, leave=False) as bar:
+        for group in groups:
+            ids, mask, _ = llm.build_inputs([token_lists[i] for i in group])
+            out = llm.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), output_hidden_states=True)
+            h = out.hidden_states[-2].cpu().to(states.dtype)
+            if not torch.isfinite(h).all():
+                raise TokenselError("the item LLM's lower-layer states exceed half precision's range: use --cache-store ram")
+            states[group, : h.shape[1]] = h
+            bar.update(len(group))
+    mask = torch.arange(W)[None, :] < (off + lens + 1)[:, None]
+    return BlockInputs(states, mask, off + lens)
 
 
 class ItemReadout(nn.Module):
@@ -181,7 +189,8 @@ class ItemReadout(nn.Module):
         """[len(items), d] [ITEM] states of these items (gradients flow when enabled)."""
         idx = torch.as_tensor(items, dtype=torch.long)
         w = int(cache.lengths[idx].max()) if len(idx) else 1
-        return self(cache.states[idx, :w].to(device), cache.mask[idx, :w].to(device), cache.item_pos[idx].to(device))
+        states, mask, pos = cache.rows(idx, w)
+        return self(states.to(device), mask.to(device), pos.to(device))
 
     @torch.no_grad()
     def table(self, cache: BlockInputs, device: torch.device | str = "cpu", batch: int = 512) -> torch.Tensor:

@@ -27,13 +27,16 @@ def embed_tokens(llm: ItemLLM, token_lists: list[list[int]], keep_hidden: bool =
     item = torch.zeros(len(token_lists), llm.hidden_size)
     hidden: list | None = [None] * len(token_lists) if keep_hidden else None
     groups = length_buckets([len(t) for t in token_lists], max_batch, batch_tokens)
-    for group in tqdm(groups, desc=desc, disable=desc is None, leave=False):
+    bar = tqdm(total=len(token_lists), desc=desc, unit="item", disable=None if desc else True, leave=False)  # a terminal only
+    for group in groups:
         enc = llm.encode([token_lists[i] for i in group], need_hidden=keep_hidden)
         item[group] = enc.item.float().cpu()
         if keep_hidden:
             h = enc.hidden.to(torch.float16).cpu()
             for j, i in enumerate(group):
                 hidden[i] = h[j, : len(token_lists[i])].clone()
+        bar.update(len(group))
+    bar.close()
     return item, hidden
 
 

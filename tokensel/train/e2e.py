@@ -60,8 +60,9 @@ import time
 from collections.abc import Callable
 
 import torch
+from tqdm.auto import tqdm
 
-from tokensel.config import PolicyConfig
+from tokensel.config import CacheConfig, PolicyConfig
 from tokensel.errors import TokenselError
 from tokensel.io.interactions import Histories
 from tokensel.policy.head import PolicyHead
@@ -169,6 +170,7 @@ def train_e2e(
     temperature: float,
     log: Callable[[dict], None] = print,
     data: E2EData | None = None,
+    cache: CacheConfig | None = None,
 ) -> dict:
     """Train `head` in place (the user model and readout are trained copies, then dropped); returns the
     log: per epoch the masked-readout validation of the head, the identity head and first-k."""
@@ -177,20 +179,20 @@ def train_e2e(
     for p in lower:  # f itself is never trained here: gradients through it reach only the gate
         p.requires_grad_(False)
     try:
-        return _train(llm, user, head, tokens, hist, cfg, temperature, log, data)
+        return _train(llm, user, head, tokens, hist, cfg, temperature, log, data, cache)
     finally:
         for p in lower:
             p.requires_grad_(True)
 
 
-def _train(llm, user, head, tokens, hist, cfg, temperature, log, data) -> dict:
+def _train(llm, user, head, tokens, hist, cfg, temperature, log, data, cache) -> dict:
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()
     if cfg.mask_layers == "all" and llm.device.type == "cpu":
         log({"e2e": "the mask in every block runs f forward and backward over every item of every step: on a CPU expect hours per epoch (a GPU job; --mask-layers top fits a CPU)"})
-    data = data or prepare(llm, tokens, cfg.mask_layers)
+    data = data or prepare(llm, tokens, cfg.mask_layers, cache)
     prep_s = round(time.perf_counter() - t0, 1)
     dev = llm.device if data.mask_layers == "all" else torch.device("cpu")  # top-block steps are CPU-sized
     user = copy.deepcopy(user).float().to(dev)
@@ -230,8 +232,10 @@ def _train(llm, user, head, tokens, hist, cfg, temperature, log, data) -> dict:
             fixed.pop("policy", None)  # the head's selection moves from here on
         elif settling and "policy" not in fixed and data.mask_layers == "exact":
             fixed["policy"] = kept_inputs_table(data, head, cfg)  # settle: the final head's texts, once
+        bar = tqdm(total=len(pairs), desc=f"stage 2 epoch {epoch}", unit="user", disable=None, leave=False)
         for s in range(0, len(pairs), cfg.batch_size):
             batch = pairs[s : s + cfg.batch_size]
+            bar.update(len(batch))
             first_k_step = cfg.surrogate_mix > 0 and rng.random() < cfg.surrogate_mix
             selector = None if first_k_step else head
             negs = draw_negatives(hist, n_items, cfg.negatives, generator=gen)
@@ -258,6 +262,7 @@ def _train(llm, user, head, tokens, hist, cfg, temperature, log, data) -> dict:
             loss.backward()
             opt.step()
             total, seen = total + loss.item() * len(batch), seen + len(batch)
+        bar.close()
         row = {"epoch": epoch, "loss": round(total / max(seen, 1), 4), "seconds": round(time.perf_counter() - t1, 1), "head_moved": moves}
         if settling:
             row["settle"] = True

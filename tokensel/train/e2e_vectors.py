@@ -13,13 +13,16 @@ from dataclasses import dataclass
 
 import torch
 
-from tokensel.config import PolicyConfig
+from tqdm.auto import tqdm
+
+from tokensel.config import CacheConfig, PolicyConfig
 from tokensel.errors import TokenselError
 from tokensel.models.batching import length_buckets
 from tokensel.models.gated import kept_vectors, lower_blocks
 from tokensel.policy.head import PolicyHead
 from tokensel.models.item_llm import ItemLLM
 from tokensel.models.readout import BlockInputs, ItemReadout, last_block
+from tokensel.models.scratch import scratch_states
 from tokensel.select.rule import chunk_sums, select_mask
 from tokensel.train.relaxation import PerturbedMask, relative_sigma
 
@@ -34,44 +37,55 @@ class E2EData:
 
     tokens: list[list[int]]
     cache: BlockInputs | None
-    hidden: list[torch.Tensor]  # [n_i, d] fp16, what the head scores (as at inference)
+    hidden: list[torch.Tensor] | torch.Tensor  # per item [n_i, d] fp16 (or [N, L, d] fp16 in a scratch file), what the head scores
     item: torch.Tensor  # [N, d] final [ITEM] states of the full text
     offset: int  # cache column of each item's first text token
     llm: ItemLLM | None = None  # mask_layers "exact" / "all": f itself, run over each step's items
     mask_layers: str = "top"
+    cache_cfg: CacheConfig | None = None  # where the catalogue-sized tables live (models/scratch.py)
 
 
 @torch.inference_mode()
-def prepare(llm: ItemLLM, tokens: list[list[int]], mask_layers: str = "top", batch_tokens: int = 16384, max_batch: int = 128) -> E2EData:
+def prepare(llm: ItemLLM, tokens: list[list[int]], mask_layers: str = "top", cache_cfg: CacheConfig | None = None, batch_tokens: int = 16384, max_batch: int = 128) -> E2EData:
     """One frozen forward over the catalogue: the final states (for the head) and, for the top-block
-    mask, the last block's inputs (for the readout) from the same pass."""
+    mask, the last block's inputs (for the readout) from the same pass, kept where `cache_cfg` says
+    (models/scratch.py)."""
     if mask_layers not in MASK_LAYERS:
         raise TokenselError(f"unknown mask layers {mask_layers!r}; choose {', '.join(MASK_LAYERS)}")
     if mask_layers == "all":  # f's layout, checked once up front (lower_blocks checks the last block too)
         lower_blocks(llm)
     else:
         last_block(llm)
-    ids, mask, off = llm.build_inputs(tokens)
-    N, W = ids.shape
+    off = len(llm.lead_ids) + len(llm.template_ids)
+    lens = torch.tensor([len(t) for t in tokens], dtype=torch.long)
+    N, W = len(tokens), off + (int(lens.max()) if len(lens) else 0) + 1
     d = llm.hidden_size
     cached = mask_layers != "all"
-    states = torch.zeros(N, W, d) if cached else None
+    cache_cfg = cache_cfg or CacheConfig()
+    states = scratch_states((N, W, d), cache_cfg, "stage 2 caches the item LLM's lower layers") if cached else None
     item = torch.zeros(N, d)
-    hidden: list = [None] * N
+    on_disk = cache_cfg.store == "disk"  # the text states too: as many values as the block inputs
+    hidden = scratch_states((N, max(W - off - 1, 1), d), cache_cfg, "stage 2 keeps the item LLM's text states") if on_disk else [None] * N
     llm.model.eval()
-    for group in length_buckets([len(t) for t in tokens], max_batch, batch_tokens):
-        w = off + max(len(tokens[i]) for i in group) + 1
-        out = llm.model(input_ids=ids[group, :w].to(llm.device), attention_mask=mask[group, :w].to(llm.device), output_hidden_states=True)
-        if cached:
-            states[group, :w] = out.hidden_states[-2].float().cpu()
-        top = out.hidden_states[-1].float().cpu()
-        for j, i in enumerate(group):
-            n = len(tokens[i])
-            hidden[i] = top[j, off : off + n].to(torch.float16).clone()
-            item[i] = top[j, off + n]
-    item_pos = torch.tensor([off + len(t) for t in tokens], dtype=torch.long)
-    cache = BlockInputs(states, mask.bool(), item_pos) if cached else None
-    return E2EData(tokens, cache, hidden, item, off, None if mask_layers == "top" else llm, mask_layers)
+    with tqdm(total=N, desc="stage 2: embedding items", unit="item", disable=None, leave=False) as bar:
+        for group in length_buckets(lens.tolist(), max_batch, batch_tokens):
+            ids, mask, _ = llm.build_inputs([tokens[i] for i in group])
+            out = llm.model(input_ids=ids.to(llm.device), attention_mask=mask.to(llm.device), output_hidden_states=True)
+            if cached:
+                h = out.hidden_states[-2].cpu().to(states.dtype)
+                states[group, : h.shape[1]] = h
+            top = out.hidden_states[-1].float().cpu()
+            for j, i in enumerate(group):
+                n = len(tokens[i])
+                if on_disk:
+                    hidden[i, :n] = top[j, off : off + n].to(torch.float16)
+                else:
+                    hidden[i] = top[j, off : off + n].to(torch.float16).clone()
+                item[i] = top[j, off + n]
+            bar.update(len(group))
+    mask = torch.arange(W)[None, :] < (off + lens + 1)[:, None]
+    cache = BlockInputs(states, mask, off + lens) if cached else None
+    return E2EData(tokens, cache, hidden, item, off, None if mask_layers == "top" else llm, mask_layers, cache_cfg)
 
 
 def pad_states(data: E2EData, items: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +93,7 @@ def pad_states(data: E2EData, items: list[int]) -> tuple[torch.Tensor, torch.Ten
     n = torch.tensor([len(data.tokens[i]) for i in items], dtype=torch.long)
     out = torch.zeros(len(items), max(int(n.max()) if len(items) else 0, 1), data.item.shape[1])
     for r, i in enumerate(items):
-        out[r, : n[r]] = data.hidden[i].float()
+        out[r, : n[r]] = data.hidden[i][: n[r]].float()
     return out, n
 
 
@@ -132,7 +146,10 @@ def kept_block_inputs(data: E2EData, items: list[int], token_mask: torch.Tensor)
     ids, mask, off = llm.build_inputs(kept)
     out = llm.model(input_ids=ids.to(llm.device), attention_mask=mask.to(llm.device), output_hidden_states=True)
     n = torch.tensor([len(t) for t in kept], dtype=torch.long)
-    return BlockInputs(out.hidden_states[-2].float().cpu(), mask.bool(), off + n)
+    states = out.hidden_states[-2].float().cpu()
+    if data.cache_cfg is not None and data.cache_cfg.store == "disk":
+        states = states.half().float()  # the precision of the cached tables, so every selection is read alike
+    return BlockInputs(states, mask.bool(), off + n)
 
 
 @torch.no_grad()
@@ -140,13 +157,19 @@ def kept_inputs_table(data: E2EData, head: PolicyHead | None, cfg: PolicyConfig,
     """Every item's kept-token block inputs under one fixed selection (head None: first-k). While the
     head is held (warm-up) its selection does not change, so the surrogate reads these cached inputs
     and a warm-up step costs the readout and the user model only."""
-    parts = []
-    for s in range(0, len(data.tokens), batch):
-        items = list(range(s, min(s + batch, len(data.tokens))))
-        parts.append(kept_block_inputs(data, items, keep_mask(head, data, items, cfg)[0]))
-    W = max(p.states.shape[1] for p in parts)
-    pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, W - t.shape[1]) if t.dim() == 3 else (0, W - t.shape[1]))  # noqa: E731
-    return BlockInputs(torch.cat([pad(p.states) for p in parts]), torch.cat([pad(p.mask) for p in parts]), torch.cat([p.item_pos for p in parts]))
+    N = len(data.tokens)
+    width = data.offset + min(cfg.k, max((len(t) for t in data.tokens), default=0)) + 1  # kept texts are at most k tokens
+    states = scratch_states((N, width, data.item.shape[1]), data.cache_cfg or CacheConfig(), "stage 2 caches the kept tokens' lower layers")
+    mask = torch.zeros(N, width, dtype=torch.bool)
+    item_pos = torch.zeros(N, dtype=torch.long)
+    for s in range(0, N, batch):
+        items = list(range(s, min(s + batch, N)))
+        part = kept_block_inputs(data, items, keep_mask(head, data, items, cfg)[0])
+        w = part.states.shape[1]
+        states[s : s + len(items), :w] = part.states.to(states.dtype)
+        mask[s : s + len(items), :w] = part.mask
+        item_pos[s : s + len(items)] = part.item_pos
+    return BlockInputs(states, mask, item_pos)
 
 
 def item_vectors(readout: ItemReadout, data: E2EData, items: list[int], token_mask: torch.Tensor | None, n: torch.Tensor | None = None) -> torch.Tensor:
@@ -165,7 +188,7 @@ def item_vectors(readout: ItemReadout, data: E2EData, items: list[int], token_ma
     idx = torch.as_tensor(items, dtype=torch.long)
     W = int(data.cache.lengths[idx].max())
     c = data.cache
-    top_inputs = (c.states[idx, :W], c.mask[idx, :W], c.item_pos[idx])
+    top_inputs = c.rows(idx, W)
     if token_mask is None:
         return readout(*top_inputs)
     weights = readout_weights(data, items, token_mask, n)

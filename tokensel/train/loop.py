@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from tokensel.config import ItemModelConfig, TrainConfig
 from tokensel.train.metrics import per_user_metrics, rank_users
@@ -232,7 +233,7 @@ class TunedItems(TrainableItems):
 
     def table(self) -> torch.Tensor:
         self.llm.model.eval()
-        return embed_tokens(self.llm, self.tokens)[0].to(self.llm.device)
+        return embed_tokens(self.llm, self.tokens, desc="embedding items")[0].to(self.llm.device)
 
     def encode(self, need: list[int]) -> torch.Tensor:
         self.llm.model.train()
@@ -316,11 +317,15 @@ def fit(user: UserModel, items: ItemTable, hist: Histories, seed: int, cfg: Trai
     for epoch in range(1, epochs + 1):
         user.train()
         losses = []
-        for batch in length_batches(windows(train_seqs, c.history + 1, rng), c.batch_size, rng):
+        wins = windows(train_seqs, c.history + 1, rng)
+        bar = tqdm(total=len(wins), desc=f"seed {seed} epoch {epoch}", unit="user", disable=None, leave=False)
+        for batch in length_batches(wins, c.batch_size, rng):
+            bar.update(len(batch))
             width = max(len(w) for w in batch) - 1
             negs = draw_negatives(hist, n_items, c.negatives, dev)
             emb = items.step(sorted({i for w in batch for i in w} | set(negs.tolist()))) if items.needs_rows else items.step([])
             losses.append(infonce_step(user, opt, emb, batch, negs, width, c.temperature, amp))
+        bar.close()
         items.after_epoch()
         row = {"seed": seed, "epoch": epoch, "loss": round(sum(losses) / max(len(losses), 1), 4), "seconds": round(time.perf_counter() - t0, 1)}
         if c.score == "valid":

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from tokensel.config import AUTO_OBJECTIVE, COLD_SHARE, ItemModelConfig, PolicyConfig, Stage1Config, TextConfig, UserModelConfig, check_protocol
+from tokensel.config import AUTO_OBJECTIVE, COLD_SHARE, CacheConfig, ItemModelConfig, PolicyConfig, Stage1Config, TextConfig, UserModelConfig, check_protocol
 from tokensel.device import pick_device
 from tokensel.errors import TokenselError
 from tokensel.io.cold import cold_split
@@ -90,8 +90,10 @@ def train(
     reward: Reward | None = None,
     protocol: str = "loo",
     cold_share: float = COLD_SHARE,
+    cache: CacheConfig | None = None,
 ) -> Bundle:
-    """Train a bundle. Stage 2 alone starts from the stage-1 bundle already at `out`.
+    """Train a bundle. Stage 2 alone starts from the stage-1 bundle already at `out`. `cache`: where f's
+    lower-layer states are kept while its last block trains (models/scratch.py).
 
     `reward` replaces the paper's stage-2 reward (experiments: research/stage2_rewards.py); its name is
     then logged in the bundle's config (logs.stage2.reward). `protocol` "cold": both stages train
@@ -149,7 +151,7 @@ def train(
     if 1 not in stages:
         config.logs.update(prev_logs)
     if 1 in stages:
-        config.logs["stage1"] = train_stage1(llm, user, tokens, hist, stage1, item_cfg, log)
+        config.logs["stage1"] = train_stage1(llm, user, tokens, hist, stage1, item_cfg, log, cache)
         config.logs["stage1"]["seconds"] = round(time.perf_counter() - t0, 1)
         Bundle(config, llm, user, None).save_pretrained(out)
     head = None
@@ -158,7 +160,7 @@ def train(
         t1 = time.perf_counter()
         head = PolicyHead(llm.hidden_size)
         if policy.objective == E2E:
-            config.logs["stage2"] = train_e2e(llm, user, head, tokens, hist, policy, stage1.temperature, log)
+            config.logs["stage2"] = train_e2e(llm, user, head, tokens, hist, policy, stage1.temperature, log, cache=cache)
         else:
             item, hidden = embed_tokens(llm, tokens, keep_hidden=True, desc="stage 2: embedding full texts")
             cat = Catalogue(tokens, item, hidden)

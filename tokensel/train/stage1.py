@@ -16,8 +16,9 @@ import time
 from collections.abc import Callable
 
 import torch
+from tqdm.auto import tqdm
 
-from tokensel.config import ItemModelConfig, Stage1Config
+from tokensel.config import CacheConfig, ItemModelConfig, Stage1Config
 from tokensel.train.metrics import per_user_metrics, rank_users
 from tokensel.io.interactions import Histories
 from tokensel.models.item_llm import ItemLLM
@@ -51,8 +52,10 @@ def train_stage1(
     cfg: Stage1Config,
     item_cfg: ItemModelConfig,
     log: Callable[[dict], None] = print,
+    cache_cfg: CacheConfig | None = None,
 ) -> dict:
-    """Train g (and f unless frozen) in place; returns the log of the run."""
+    """Train g (and f unless frozen) in place; returns the log of the run. `cache_cfg`: where tuning
+    top keeps f's lower-layer states (models/scratch.py)."""
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     dev = llm.device
@@ -61,7 +64,7 @@ def train_stage1(
     frozen = item_cfg.tuning == "none"
     readout = cache = None
     if item_cfg.tuning == "top":  # f's last block trains as a readout over the cached lower layers
-        cache = cache_block_inputs(llm, tokens)
+        cache = cache_block_inputs(llm, tokens, cache_cfg, desc="stage 1: caching the item LLM's lower layers")
         readout = ItemReadout(llm).to(dev)
     elif not frozen:  # lora | full (ItemModelConfig values are checked by train.pipeline.check_settings)
         apply_item_tuning(llm, item_cfg)
@@ -93,8 +96,10 @@ def train_stage1(
         wins = windows(train_seqs, cfg.history + 1, rng)
         rng.shuffle(wins)
         losses = []
+        bar = tqdm(total=len(wins), desc=f"stage 1 epoch {epoch}", unit="user", disable=None, leave=False)
         for s in range(0, len(wins), cfg.batch_size):
             batch = wins[s : s + cfg.batch_size]
+            bar.update(len(batch))
             negs = draw_negatives(hist, n_items, cfg.negatives, dev)
             if frozen:
                 emb = table
@@ -106,6 +111,7 @@ def train_stage1(
                     enc = llm.encode([tokens[i] for i in need], need_hidden=False).item.float()
                 emb = torch.zeros(n_items, enc.shape[1], device=dev).index_copy(0, torch.tensor(need, device=dev), enc)
             losses.append(infonce_step(user, opt, emb, batch, negs, cfg.history, cfg.temperature))
+        bar.close()
         if not frozen:
             table = item_table()
         row = {"epoch": epoch, "loss": round(sum(losses) / max(len(losses), 1), 4), "seconds": round(time.perf_counter() - t0, 1)}

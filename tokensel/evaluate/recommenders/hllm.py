@@ -41,7 +41,7 @@ class HLLM(Trained):
         return "item-token"
 
     def prepare(self, llm, token_lists):
-        return embed_tokens(llm, token_lists)[0]
+        return embed_tokens(llm, token_lists, desc="embedding items")[0]
 
     @property
     def needs_item_llm(self) -> bool:
@@ -54,7 +54,7 @@ class HLLM(Trained):
             llm = make_llm()
             key = hash((tuple(llm.lead_ids + llm.template_ids), tuple(map(tuple, tokens))))  # the template is input too
             if self._block_cache is None or self._block_cache[0] != key:  # the lower layers run once per file, not per seed
-                self._block_cache = (key, cache_block_inputs(llm, tokens))
+                self._block_cache = (key, cache_block_inputs(llm, tokens, self.cfg.cache))
             torch.manual_seed(seed)
             items: ItemTable = ReadoutItems(llm, self._block_cache[1], self.cfg.center, self.device)
         else:
