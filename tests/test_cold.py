@@ -148,9 +148,9 @@ def test_the_split_holds_out_the_newest_items_and_counts_what_it_dropped(tmp_pat
     # training target; the validation target only where it is the scored one (the strategy check)
     assert_warm(cold, [i for s in out.train_sequences() for i in s], "a training sequence")
     h, t = out.split("train")
-    assert_warm(cold, [i for s in h for i in s] + t, "a training history or target")
+    assert_warm(cold, [i for s in h for i in s] + list(t), "a training history or target")
     h, t = out.split("valid")
-    assert_warm(cold, [i for s in h for i in s] + (t if scored == "test" else []), "a validation history or target")
+    assert_warm(cold, [i for s in h for i in s] + (list(t) if scored == "test" else []), "a validation history or target")
     if scored == "test":
         h, _ = out.split("test")
         assert_warm(cold, [i for s in h for i in s], "a test history")
@@ -169,7 +169,7 @@ def test_no_cold_item_reaches_a_downstream_batch_or_negative(tmp_path_factory, t
         assert_warm(cold, [i for w in batch for i in w], "a training window")
     assert_warm(cold, draw_negatives(out, len(index), 256, generator=torch.Generator().manual_seed(seed)), "a sampled negative")
     pairs, v_h, v_t = stage2_users(out, PolicyConfig(objective="bounded", max_users=5, valid_users=5), rng)
-    assert_warm(cold, [i for h, t in pairs for i in [*h, t]] + [i for h in v_h for i in h] + v_t, "a stage-2 pair")
+    assert_warm(cold, [i for h, t in pairs for i in [*h, t]] + [i for h in v_h for i in h] + list(v_t), "a stage-2 pair")
 
     seen, ranked = [], []
 
@@ -193,7 +193,7 @@ def test_no_cold_item_reaches_a_downstream_batch_or_negative(tmp_path_factory, t
     for targets, hist_items in valid:
         assert_warm(cold, targets + hist_items, "a validation ranking")
     assert_warm(cold, test_hist, "a test history")
-    assert test_targets == out.split("test")[1] and len(run.test_ranks) == len(out.users)  # cold test targets are ranked
+    assert list(test_targets) == list(out.split("test")[1]) and len(run.test_ranks) == len(out.users)  # cold test targets are ranked
 
 
 # ------------------------------------------------------------------------------------ stage 1 and 2
