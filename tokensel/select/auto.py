@@ -143,7 +143,7 @@ def resolve(policy: str | Path | None, items: str | Path | None = None, k: int |
         if check is not None and check.get("catalogue") != fp:
             return "first-k", (
                 f"auto: first-k (no verdict for this catalogue, fingerprint {fp}; the bundle's check was made on another catalogue, "
-                f"{Path(check['data']['items']).name}; run tokensel curve or tokensel check on this one)"
+                f"{Path(check['data']['items']).name}, fingerprint {check.get('catalogue', 'not recorded')}; run tokensel curve or tokensel check on this one)"
             )
     if check is None:
         return "first-k", f"auto: first-k ({bundle_label(path)} has no strategy check for its weights; run tokensel check)"
