@@ -18,7 +18,7 @@ from tokensel.config import CompressConfig
 from tokensel.errors import TokenselError
 from tokensel.io.readers import open_items
 from tokensel.policy.files import verify_bundle
-from tokensel.select.auto import AUTO, auto_choice, catalogue_text, lost_note
+from tokensel.select.auto import AUTO, auto_choices, catalogue_text, lost_note
 from tokensel.select.batching import BatchConfig
 from tokensel.select.build import build_selector
 from tokensel.select.plan import BUNDLE_STRATEGIES, FIRST_K, SelectorSpec, check_budgets
@@ -64,12 +64,13 @@ def compress(
 
     strategy "auto": the strategy the verdict recorded for this catalogue chose (a curve or check run on
     these item texts), else the bundle's downstream check if it was made on this catalogue, else
-    first-k (tokensel.select.auto); the summaries' `notes` say which verdict it followed. Several
-    budgets whose verdicts differ are compressed as one run per strategy.
+    first-k (tokensel.select.auto); the summaries' `notes` say which verdict it followed. Budgets whose
+    verdicts differ are compressed as one run per strategy.
 
     k: one budget, or several (one file each, from one model pass; a list of summaries is returned).
-    chunk, prefix: the selection rule's (default 8, and 16 or k // 2 where that is smaller). First-k keeps the first k tokens whatever
-    they are: given to it, they are recorded and named in the summaries' `warnings`.
+    chunk, prefix: the selection rule's (default 8, and 16 or k // 2 where that is smaller; budgets with
+    different defaults are compressed as one run each). First-k keeps the first k tokens whatever they
+    are: given to it, they are recorded and named in the summaries' `warnings`.
     out: the output file; with several budgets it must contain `{k}`. Default: beside the items file,
     `<items>.k<k>-<strategy>.parquet`.
     cache: the score cache that makes runs resumable, incremental and free for a new budget
@@ -83,45 +84,38 @@ def compress(
     auto_text = None  # auto -> first-k: the bundle's text settings, under the options given here
     if policy is not None and strategy not in (AUTO, *BUNDLE_STRATEGIES):
         verify_bundle(policy)  # named: checked whatever the strategy (auto and the bundle strategies check it as they read it)
+    ks_all = (k,) if isinstance(k, int) else tuple(k)
+    text_options = dict(id_col=id_col, text_cols=text_cols, max_len=max_len, template=template, labels=labels)
+    choices = None
     if strategy == AUTO:
-        ks = [k] if isinstance(k, int) else list(k)
-        text = catalogue_text(policy, id_col=id_col, text_cols=text_cols, max_len=max_len, template=template, labels=labels)
-        choices = {kk: auto_choice(policy, model, items, kk, text) for kk in ks}
-        if len({c[0] for c in choices.values()}) > 1:  # the verdicts differ between budgets: one run per strategy
-            options = dict(
-                chunk=chunk, prefix=prefix, policy=policy, id_col=text.id_col, text_cols=text.text_cols, max_len=text.max_len,
-                template=text.template, labels=text.labels, passthrough=passthrough, seed=seed, batch_rows=batch_rows, batch_tokens=batch_tokens, limit=limit,
-                device=device, dtype=dtype, cache=cache, engine=engine, workers=workers, pipeline=pipeline, on_progress=on_progress,
-            )
-            done: dict[int, CompressSummary] = {}
-            for name in dict.fromkeys(c[0] for c in choices.values()):
-                group = [kk for kk in ks if choices[kk][0] == name]
-                outs = output_paths(Path(items), out, tuple(ks), name)
-                for kk in group:
-                    s = compress(items, outs[kk], k=kk, strategy=name, model=choices[kk][1], **options)
-                    s.notes = [choices[kk][3], *[n for n in s.notes if not n.startswith("note:")]]
-                    done[kk] = s
-            return [done[kk] for kk in ks]
-        strategy, model, auto_text, why = choices[ks[0]]
+        text = catalogue_text(policy, **text_options)
+        choices = auto_choices(policy, model, items, ks_all, text)
+        text_options = dict(id_col=text.id_col, text_cols=text.text_cols, max_len=text.max_len, template=text.template, labels=text.labels)
+    # what each budget runs: its strategy and model (auto decides per budget) and, without --prefix, its default prefix
+    runs = {}
+    for kk in ks_all:
+        name, mdl = choices[kk][:2] if choices else (strategy, model)
+        runs[kk] = (name, mdl, prefix if prefix is not None or name == FIRST_K else default_prefix(kk))
+    groups = {run: [kk for kk in ks_all if runs[kk] == run] for run in dict.fromkeys(runs.values())}
+    if len(groups) > 1:  # budgets that run differently: one run per group, each one model pass
+        output_paths(Path(items), out, ks_all, strategy)  # several budgets need {k} in an explicit name
+        options = dict(
+            out=out, chunk=chunk, policy=policy, **text_options, passthrough=passthrough, seed=seed, batch_rows=batch_rows,
+            batch_tokens=batch_tokens, limit=limit, device=device, dtype=dtype, cache=cache, engine=engine, workers=workers,
+            pipeline=pipeline, on_progress=on_progress,
+        )
+        done: dict[int, CompressSummary] = {}
+        for (name, mdl, pre), group in groups.items():
+            for s in compress(items, k=group, strategy=name, model=mdl, prefix=pre, **options):
+                if choices:  # auto's own line says what it followed; a strategy's "lost" note is moot
+                    s.notes = [choices[s.k][3], *[n for n in s.notes if not n.startswith("note:")]]
+                done[s.k] = s
+        return [done[kk] for kk in ks_all]
+    if choices:
+        strategy, model, auto_text, why = choices[ks_all[0]]
         notes.append(why)
     elif strategy in BUNDLE_STRATEGIES and (note := lost_note(strategy, policy)):
         notes.append(note)
-    ks_all = (k,) if isinstance(k, int) else tuple(k)
-    if prefix is None and strategy != FIRST_K and len({default_prefix(kk) for kk in ks_all}) > 1:
-        # budgets under 2 x PREFIX get a shorter default prefix: one run per prefix, each budget as if compressed alone
-        options = dict(
-            chunk=chunk, policy=policy, model=model, id_col=id_col, text_cols=text_cols, max_len=max_len, template=template, labels=labels,
-            passthrough=passthrough, seed=seed, batch_rows=batch_rows, batch_tokens=batch_tokens, limit=limit, device=device, dtype=dtype,
-            cache=cache, engine=engine, workers=workers, pipeline=pipeline, on_progress=on_progress,
-        )
-        outs = output_paths(Path(items), out, ks_all, strategy)
-        done = {}
-        for pre in dict.fromkeys(default_prefix(kk) for kk in ks_all):
-            for kk in [kk for kk in ks_all if default_prefix(kk) == pre]:
-                s = compress(items, outs[kk], k=kk, strategy=strategy, prefix=pre, **options)
-                s.notes = [*notes, *[n for n in s.notes if n not in notes]]
-                done[kk] = s
-        return [done[kk] for kk in ks_all]
     given = {"--prefix": prefix, "--chunk": chunk, "--device": None if device == "auto" else device, "--dtype": None if dtype == "auto" else dtype}
     cfg = CompressConfig(
         ks=ks_all, chunk=CHUNK if chunk is None else chunk, prefix=default_prefix(min(ks_all)) if prefix is None else prefix, passthrough=tuple(passthrough), limit=limit,

@@ -14,6 +14,7 @@ check can speak.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -109,11 +110,12 @@ def choose_proven(rows: list[dict]) -> str:
     return max(proven, key=lambda r: r["N@10"])["strategy"] if proven else "first-k"
 
 
-def current_check(policy: str | Path | None) -> dict | None:
-    """The bundle's check if it was made for these very weights (a retrained bundle's old check is stale)."""
+def current_check(policy: str | Path | None, digest: str | None = None) -> dict | None:
+    """The bundle's check if it was made for these very weights (a retrained bundle's old check is stale).
+    digest: the bundle's hash where the caller has it already (it reads every weight file)."""
     path = bundle_path(policy)
     check = read_check(path)
-    if check is None or check.get("bundle_hash") != bundle_hash(path):
+    if check is None or check.get("bundle_hash") != (digest or bundle_hash(path)):
         return None
     return check
 
@@ -123,17 +125,21 @@ def catalogue_text(policy: str | Path | None, **changes) -> TextConfig:
     return replace(read_bundle_config(policy).text, **{k: v for k, v in changes.items() if v is not None})
 
 
-def resolve(policy: str | Path | None, items: str | Path | None = None, k: int | None = None, text: TextConfig | None = None) -> tuple[str, str]:
+def resolve(
+    policy: str | Path | None, items: str | Path | None = None, k: int | None = None, text: TextConfig | None = None, digest: str | None = None
+) -> tuple[str, str]:
     """(strategy to run, one line saying which verdict it followed) for --strategy auto.
 
     items/k/text: the catalogue being compressed, at budget k, with these text settings (default: the
-    bundle's); without items only the bundle's check is read (the in-memory Selector)."""
+    bundle's); without items only the bundle's check is read (the in-memory Selector). digest: the
+    bundle's hash where the caller has it already (it reads every weight file)."""
     path = bundle_path(policy)
-    check = current_check(path)
+    digest = digest or bundle_hash(path)
+    check = current_check(path, digest)
     if items is not None:
         text = text or read_bundle_config(path).text
         fp = catalogue_fingerprint(items, text)
-        by_k, store = recorded(items, fp, bundle_hash(path))
+        by_k, store = recorded(items, fp, digest)
         v = verdict_for(by_k, k) if k is not None else None
         if v is not None:
             at = f"k={v.k}" if v.k == k else f"k={v.k}, the largest recorded budget below {k}"
@@ -154,17 +160,26 @@ def resolve(policy: str | Path | None, items: str | Path | None = None, k: int |
     return check["chosen"], f"auto: {check['chosen']} ({row.get('ratio_N@10', float('nan')):.2f}x first-k NDCG@10 in {where})"
 
 
-def auto_choice(
-    policy: str | Path | None, model: str | None = None, items: str | Path | None = None, k: int | None = None, text: TextConfig | None = None
-) -> tuple[str, str | None, TextConfig | None, str]:
-    """--strategy auto in full, for the file job and the Selector alike: (strategy, model, text
-    settings or None, why). A strategy that reads no bundle (first-k) gets the bundle's model and text
-    settings, so it writes the tokens the check measured; a bundle strategy reads them itself."""
-    cfg = verify_bundle(policy)  # whatever it resolves to: a damaged bundle is named, not silently half-used
-    strategy, why = resolve(policy, items, k, text)
-    if strategy in BUNDLE_STRATEGIES:
-        return strategy, model, None, why
-    return strategy, model or cfg.item.base_model, cfg.text, why
+def auto_choices(
+    policy: str | Path | None, model: str | None = None, items: str | Path | None = None, ks: Sequence[int | None] = (None,), text: TextConfig | None = None
+) -> dict[int | None, tuple[str, str | None, TextConfig | None, str]]:
+    """--strategy auto in full, for the file job and the Selector alike: per budget, (strategy, model,
+    text settings or None, why). A strategy that reads no bundle (first-k) gets the bundle's model and
+    text settings, so it writes the tokens the check measured; a bundle strategy reads them itself.
+    The bundle is verified once, whatever the budgets resolve to: a damaged bundle is named, not
+    silently half-used."""
+    cfg = verify_bundle(policy)
+    digest = bundle_hash(bundle_path(policy))
+    out = {}
+    for k in ks:
+        strategy, why = resolve(policy, items, k, text, digest)
+        out[k] = (strategy, model, None, why) if strategy in BUNDLE_STRATEGIES else (strategy, model or cfg.item.base_model, cfg.text, why)
+    return out
+
+
+def auto_choice(policy: str | Path | None, model: str | None = None) -> tuple[str, str | None, TextConfig | None, str]:
+    """auto_choices without a catalogue (the in-memory Selector): only the bundle's check can speak."""
+    return auto_choices(policy, model)[None]
 
 
 def lost_note(strategy: str, policy: str | Path | None) -> str | None:
