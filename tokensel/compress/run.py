@@ -26,10 +26,10 @@ from tokensel.select.plan import BUNDLE_STRATEGIES, FIRST_K, SelectorSpec, check
 CHUNK, PREFIX = 8, 16  # the rule's defaults (compress --chunk / --prefix)
 
 
-def default_prefix(k: int) -> int:
-    """The prefix kept when none is given: PREFIX, or half the budget under 2 x PREFIX, so that a small
-    budget still has chunks to select (the same rule tokensel curve measures small budgets with)."""
-    return min(PREFIX, k // 2)
+def default_prefix(k: int, base: int = PREFIX) -> int:
+    """The prefix kept at budget k when none is given: `base`, or half the budget under 2 x base, so that
+    a small budget still has chunks to select (tokensel curve measures small budgets by this rule too)."""
+    return min(base, k // 2)
 
 
 def compress(

@@ -17,7 +17,7 @@ cost per item of every file is measured as bench/cost measures it (tokensel.eval
 `headroom` (first-k against first factor*k) is the two-budget case of the same grid: compress_grid
 and evaluate_grid are what both run.
 
-Budgets up to twice the bundle's prefix keep half the budget as prefix (min(prefix, k // 2)), so
+Budgets up to twice the bundle's prefix keep half the budget as prefix (tokensel.compress.run.default_prefix, the rule compress applies too), so
 even the smallest budget selects something; the JSON records the prefix of every budget.
 """
 
@@ -28,13 +28,13 @@ import json
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from tokensel.compress.job import CompressSummary
-from tokensel.compress.run import compress
+from tokensel.compress.run import compress, default_prefix
 from tokensel.config import CacheConfig, TextConfig, TrainConfig, check_protocol
 from tokensel.device import pick_device, pick_dtype
 from tokensel.errors import TokenselError
@@ -46,6 +46,7 @@ from tokensel.io.readers import open_items
 from tokensel.models.item_llm import ItemLLM
 from tokensel.models.readout import is_top_tunable
 from tokensel.policy.bundle import bundle_hash, bundle_path, read_bundle_config
+from tokensel.select.auto import catalogue_text
 from tokensel.select.strategies import BUNDLE_STRATEGIES
 from tokensel.select.verdicts import Verdict, catalogue_fingerprint, now, record
 
@@ -83,10 +84,6 @@ def text_limit(llm: ItemLLM) -> int | None:
     return None if n is None else n - len(llm.lead_ids) - len(llm.template_ids) - 2
 
 
-def prefix_at(k: int, prefix: int) -> int:
-    return min(prefix, k // 2)
-
-
 # ------------------------------------------------------------------------------- the grid
 def grid_name(strategy: str, k: int | str) -> str:
     """first-64.parquet, item-align-64.parquet, policy-64.parquet."""
@@ -105,7 +102,7 @@ def compress_grid(
     for strategy, ks in plan.items():
         groups: dict[int, list[int]] = {}
         for k in sorted(set(ks)):
-            groups.setdefault(0 if strategy == FIRST_K else prefix_at(k, prefix), []).append(k)
+            groups.setdefault(0 if strategy == FIRST_K else default_prefix(k, prefix), []).append(k)
         for pre, group in groups.items():
             pattern = folder / grid_name(strategy, "{k}")
             summaries = compress(
@@ -209,7 +206,7 @@ def curve(
     model = model or cfg.item.base_model
     if any(s in BUNDLE_STRATEGIES for s in strategies) and model != cfg.item.base_model:
         raise TokenselError(f"--model {model}: item-align and policy select with the bundle's model {cfg.item.base_model!r}; leave --model out or the bundle strategies")
-    text = replace(cfg.text, **{k: v for k, v in dict(id_col=id_col, text_cols=text_cols, labels=labels, max_len=max_len, template=template).items() if v is not None})
+    text = catalogue_text(bundle, id_col=id_col, text_cols=text_cols, labels=labels, max_len=max_len, template=template)
     if train is None:
         tuning = item_tuning or ("top" if recommender == "hllm" and is_top_tunable(model) else "none")
         train = TrainConfig(item_tuning=tuning, cache=cache or CacheConfig())
@@ -254,7 +251,7 @@ def curve(
 
     deterministic = make_recommender(recommender).deterministic
     cells = [
-        make_cell(s, k, res, res[ref_key], summaries[(s, k)], cost_s[(s, k)], cost_s[ref_key], None if s == FIRST_K else prefix_at(k, prefix))
+        make_cell(s, k, res, res[ref_key], summaries[(s, k)], cost_s[(s, k)], cost_s[ref_key], None if s == FIRST_K else default_prefix(k, prefix))
         for s in strategies for k in ks
     ]
     decide = {

@@ -125,15 +125,14 @@ def headroom(
         text = dict(id_col=id_col, text_cols=text_cols, labels=labels, max_len=max(max_len or 256, factor * ks[-1]))
         summaries = compress_grid(items, {FIRST_K: budgets}, folder, model=model, text=text, device=device, dtype=dtype)
         share = {kk: s.scored / max(s.items - s.empty, 1) for (_, kk), s in summaries.items()}
-        ev, _ = evaluate_grid(
+        ev, res = evaluate_grid(
             items, interactions, {key: Path(s.out) for key, s in summaries.items()}, recommender, seeds, model=model, train=train, epochs=epochs,
             device=device, dtype=dtype, id_col=id_col, user_col=user_col, item_col=item_col, order_col=order_col, test=test, max_users=max_users,
             cache=VectorCache(), log=log, protocol=protocol, cold_share=cold_share,
         )
-    by_file = {Path(f.texts).name: f for f in ev.files}
     rows = []
     for k in ks:
-        a, b = by_file[f"first-{k}.parquet"], by_file[f"first-{factor * k}.parquet"]
+        a, b = res[(FIRST_K, k)], res[(FIRST_K, factor * k)]
         p = paired_pvalues(b.per_user, a.per_user, test)
         ratio = {m: b.metrics[m] / a.metrics[m] if a.metrics[m] else float("nan") for m in ("N@10", "R@10")}
         seed = {m: seed_user_test(b.per_seed_user[m], a.per_seed_user[m]) for m in ("N@10", "R@10")}
