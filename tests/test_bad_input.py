@@ -15,7 +15,7 @@ from tokensel import api
 from tokensel.cli import app
 from tokensel.config import ItemModelConfig, PolicyConfig, Stage1Config, TextConfig
 from tokensel.errors import TokenselError
-from tokensel.evaluate.runner import read_item_ids
+from tokensel.evaluate.inputs import read_item_ids
 from tokensel.io.interactions import read_histories
 from tokensel.io.items import read_items
 from tokensel.train.pipeline import train

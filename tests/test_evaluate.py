@@ -180,7 +180,7 @@ def test_top_cache_follows_the_template(tiny, monkeypatch):
     """The lower-layer cache is reused across seeds of one input, not across a different template."""
     from tokensel.evaluate.recommenders import HLLM, TrainConfig
     from tokensel.evaluate.recommenders import hllm as recs
-    from tokensel.evaluate.runner import read_item_ids
+    from tokensel.evaluate.inputs import read_item_ids
     from tokensel.io.interactions import read_histories
     from tokensel.models.item_llm import ItemLLM
 

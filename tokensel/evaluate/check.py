@@ -37,7 +37,8 @@ from pathlib import Path
 from tokensel.compress.run import compress
 from tokensel.config import CHECK_EPOCHS, CHECK_SEEDS, COLD_SHARE, CacheConfig, TrainConfig, check_protocol
 from tokensel.errors import TokenselError
-from tokensel.evaluate.runner import VectorCache, evaluate_detailed, read_split
+from tokensel.evaluate.inputs import read_split
+from tokensel.evaluate.runner import VectorCache, evaluate_detailed
 from tokensel.io.interactions import COLUMNS
 from tokensel.policy.bundle import BundleConfig, bundle_hash, read_bundle_config, write_check
 from tokensel.models.readout import is_top_tunable

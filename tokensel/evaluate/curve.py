@@ -41,7 +41,8 @@ from tokensel.errors import TokenselError
 from tokensel.evaluate.cost import best_seconds
 from tokensel.evaluate.curve_verdict import FIRST_K, compare, verdict
 from tokensel.evaluate.recommenders import make_recommender
-from tokensel.evaluate.runner import METRICS, Evaluation, FileResult, VectorCache, evaluate_detailed, read_split
+from tokensel.evaluate.inputs import read_split
+from tokensel.evaluate.runner import METRICS, Evaluation, FileResult, VectorCache, evaluate_detailed
 from tokensel.io.readers import open_items
 from tokensel.models.item_llm import ItemLLM
 from tokensel.models.readout import is_top_tunable

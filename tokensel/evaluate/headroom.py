@@ -25,7 +25,8 @@ from tokensel.config import COLD_SHARE, TextConfig, check_protocol
 from tokensel.errors import TokenselError
 from tokensel.evaluate.curve import FIRST_K, compress_grid, evaluate_grid
 from tokensel.evaluate.recommenders import TrainConfig, make_recommender
-from tokensel.evaluate.runner import VectorCache, read_split
+from tokensel.evaluate.inputs import read_split
+from tokensel.evaluate.runner import VectorCache
 from tokensel.stats import TESTS, paired_pvalues, seed_user_test
 from tokensel.io.cold import ColdCounts
 from tokensel.io.interactions import DataCounts

@@ -37,11 +37,10 @@ from tokensel.errors import TokenselError
 from tokensel.train.metrics import KS, per_user_metrics
 from tokensel.evaluate.recommenders import Recommender, TrainConfig, make_recommender
 from tokensel.stats import paired_pvalues, paired_test_name
-from tokensel.io.cold import ColdCounts, ColdSplit, cold_split
-from tokensel.io.interactions import DataCounts, Histories, first_users, read_histories
-from tokensel.io.item_ids import IdCheck
+from tokensel.evaluate.inputs import check_model, check_vocab, load_texts, read_split
+from tokensel.io.cold import ColdCounts
+from tokensel.io.interactions import DataCounts
 from tokensel.io.items import open_parquet
-from tokensel.io.readers import open_items  # [formats hook]
 from tokensel.io.parquet_out import read_metadata
 from tokensel.models.item_llm import DEFAULT_MODEL, ItemLLM, resolve_model_path
 from tokensel.models.readout import check_top_tunable
@@ -127,85 +126,6 @@ class Evaluation:
         return [{**f.as_dict(), "data": asdict(self.data), **cold, **({"warm_users": f.warm} if self.cold else {})} for f in self.files]
 
 
-# ---------------------------------------------------------------------------------------- inputs
-def read_item_ids(path: str | Path, id_col: str) -> list:
-    """The catalogue: every item id of the items file, in file order (nulls and duplicates are errors)."""
-    path = Path(path)
-    src = open_items(path)  # [formats hook] the catalogue may be Parquet, CSV or JSON Lines
-    if id_col not in src.schema.names:
-        raise TokenselError(f"{path}: no column {id_col!r}; the file has {src.schema.names}. Choose it with --id-col.")
-    ids = [v for rb in src.iter_batches(65536, [id_col]) for v in rb.column(0).to_pylist()]
-    IdCheck(path, id_col)(ids, 0)
-    return ids
-
-
-def read_split(
-    items: str | Path,
-    interactions: str | Path,
-    id_col: str,
-    columns: tuple[str, str, str],
-    max_users: int | None = None,
-    protocol: str = "loo",
-    cold_share: float = COLD_SHARE,
-    scored: str = "test",
-) -> tuple[list, Histories, ColdSplit | None]:
-    """The catalogue's ids, the users' histories and, under the cold protocol, the cold split (whose
-    histories are then the ones to train on). Commands that compress before evaluating (headroom, the
-    strategy check) call it first too, so that too few cold users is refused before any model runs.
-    The callers have checked `protocol` and `cold_share` (config.check_protocol)."""
-    item_ids = read_item_ids(items, id_col)
-    index = {str(i): n for n, i in enumerate(item_ids)}
-    hist = first_users(read_histories(interactions, index, *columns), max_users)
-    if protocol != "cold":
-        return item_ids, hist, None
-    split = cold_split(hist, interactions, index, columns, cold_share, scored)
-    return item_ids, split.histories, split
-
-
-def load_texts(path: str | Path, item_ids: list, items_path: str | Path = "the items file", id_col: str | None = None) -> tuple[list[list[int]], dict]:
-    """The kept token ids of every catalogue item, in catalogue order, and the file's tokensel metadata."""
-    path = Path(path)
-    pf = open_parquet(path)
-    meta = read_metadata(path)
-    col = id_col or meta.get("id_col") or "item_id"
-    names = pf.schema_arrow.names
-    for c in (col, "token_ids"):
-        if c not in names:
-            raise TokenselError(f"{path}: no column {c!r} (the file has {names}); is it the output of tokensel compress?")
-    table = pf.read(columns=[col, "token_ids"]).to_pydict()
-    by_id: dict[str, list[int]] = {}
-    for row, (i, toks) in enumerate(zip(table[col], table["token_ids"])):
-        by_id[str(i)] = [] if toks is None else toks
-    out, missing = [], []
-    for i in item_ids:
-        toks = by_id.get(str(i))
-        if toks is None:
-            missing.append(i)
-            continue
-        out.append(toks)
-    if missing:
-        raise TokenselError(
-            f"{path}: item {missing[0]!r} of {items_path} is missing ({len(missing):,} of {len(item_ids):,} items missing); "
-            "compress the same items file the evaluation uses"
-        )
-    return out, meta
-
-
-def _check_model(path: Path, meta: dict, model: str) -> None:
-    name = meta.get("model")
-    if name and resolve_model_path(name) != resolve_model_path(model):
-        raise TokenselError(
-            f"{path}: its token ids come from model {name!r}, but the evaluation uses {model!r}; "
-            f"token ids of one tokenizer mean nothing to another. Pass --model {name} or compress with --model {model}"
-        )
-
-
-def _check_vocab(path: Path, model: str, vocab: int, tokens: list[list[int]]) -> None:
-    top = max((max(t) for t in tokens if t), default=-1)
-    if top >= vocab:
-        raise TokenselError(f"{path}: token id {top} is outside the vocabulary of model {model!r} ({vocab} tokens)")
-
-
 class VectorCache:
     """Item vectors already computed, so identical token lists (shared by several files) run once.
 
@@ -288,7 +208,7 @@ def evaluate_detailed(
     if recommender == "hllm" and cfg.item_tuning == "top":
         check_top_tunable(model)  # before reading interactions or loading the model
     for p, meta in zip(texts, metas):
-        _check_model(p, meta, model)
+        check_model(p, meta, model)
     col = id_col or metas[0].get("id_col") or "item_id"
     # before the model loads: bad interactions and too few cold users are refused at once
     item_ids, hist, split = read_split(items, interactions, col, (user_col, item_col, order_col), max_users, protocol, cold_share, cfg.score)
@@ -302,7 +222,7 @@ def evaluate_detailed(
     seen: dict[str, FileResult] = {}  # content digest -> the first file with those token lists
     for path, meta in zip(texts, metas):
         tokens, _ = load_texts(path, item_ids, items, col)
-        _check_vocab(path, model, vocab, tokens)
+        check_vocab(path, model, vocab, tokens)
         template = meta.get("template") or ""
         content = hashlib.sha256(json.dumps([template, tokens]).encode()).hexdigest()
         if content in seen:
