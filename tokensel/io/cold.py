@@ -92,11 +92,6 @@ class ColdSplit:
 
 
 # ------------------------------------------------------------------- the Histories this module touches
-def _sequences(hist: Histories) -> list[list[int]]:
-    """Each user's item indices in order (the only read of Histories here)."""
-    return hist.sequences
-
-
 def _rebuild(hist: Histories, keep: list[int], sequences: list[list[int]], negatives: np.ndarray) -> Histories:
     """`hist` restricted to users `keep` (indices) with new sequences and the items allowed as negatives."""
     return replace(hist, users=[hist.users[u] for u in keep], sequences=sequences, negatives=negatives)
@@ -152,7 +147,7 @@ def drop_cold(hist: Histories, cold: np.ndarray, keep_last: int = 1) -> tuple[Hi
     fewer than 3 interactions dropped. Returns the histories (negatives: the warm items), the indices of
     the users kept, and how many interactions with cold items were removed from their sequences."""
     seqs, keep, dropped = [], [], 0
-    for u, seq in enumerate(_sequences(hist)):
+    for u, seq in enumerate(hist.sequences):
         head, tail = seq[: len(seq) - keep_last], seq[len(seq) - keep_last :]
         warm = [i for i in head if not cold[i]]
         if len(warm) + len(tail) < MIN_LEN:
@@ -179,9 +174,9 @@ def cold_split(
     if cold.all():
         raise TokenselError(f"--cold-share {share:g} makes every one of the {len(item_index):,} items cold: nothing is left to train on; lower --cold-share")
     out, kept, dropped = drop_cold(hist, cold, keep_last)
-    cold_users = np.array([bool(cold[s[-keep_last]]) for s in _sequences(out)], dtype=bool)
+    cold_users = np.array([bool(cold[s[-keep_last]]) for s in out.sequences], dtype=bool)
     counts = ColdCounts(
-        share, scored, len(order), int(cold.sum()), int(cold_users.sum()), int((~cold_users).sum()), dropped, len(_sequences(hist)) - len(kept)
+        share, scored, len(order), int(cold.sum()), int(cold_users.sum()), int((~cold_users).sum()), dropped, len(hist.sequences) - len(kept)
     )
     if counts.cold_users < MIN_COLD_USERS:
         raise TokenselError(
