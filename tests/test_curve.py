@@ -262,6 +262,21 @@ def test_curve_shares_runs_between_equal_files(fixture_curve):
     assert '"stage": "reused"' in r.output
 
 
+def test_curve_started_again_on_its_work_folder_trains_nothing(fixture_curve):
+    """A curve killed (or extended) and started again with the same --work keeps every finished run."""
+    _, result, _, tmp = fixture_curve
+    out = tmp / "again.json"
+    r = runner.invoke(app, [
+        "curve", str(ITEMS), str(INTERACTIONS), "--ks", "16,32,64", "--recommender", "text-sim", "--seeds", "2", "--device", "cpu",
+        "--cost-items", "8", "--work", str(tmp / "work"), "-o", str(out),
+    ])
+    assert r.exit_code == 0, r.output
+    again = json.loads(out.read_text())
+    assert [c["test"] for c in again["cells"]] == [c["test"] for c in result["cells"]]
+    trained = len({c["texts"] for c in result["cells"]} - set(result["runs_shared"]))
+    assert r.output.count('"stage": "runs reused"') == trained  # every file that trained before, none trained again
+
+
 def test_curve_draws_the_picture_and_records_the_verdict(fixture_curve):
     _, result, png, _ = fixture_curve
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

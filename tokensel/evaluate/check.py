@@ -38,7 +38,8 @@ from tokensel.compress.run import compress
 from tokensel.config import CHECK_EPOCHS, CHECK_SEEDS, COLD_SHARE, CacheConfig, TrainConfig, check_protocol
 from tokensel.errors import TokenselError
 from tokensel.evaluate.inputs import read_split
-from tokensel.evaluate.runner import VectorCache, evaluate_detailed
+from tokensel.evaluate.cache import EvalCache
+from tokensel.evaluate.runner import evaluate_detailed
 from tokensel.io.interactions import COLUMNS
 from tokensel.policy.bundle import BundleConfig, bundle_hash, read_bundle_config, write_check
 from tokensel.models.readout import is_top_tunable
@@ -107,7 +108,7 @@ def strategy_check(
         ev = evaluate_detailed(
             items, interactions, files, "hllm", seeds, model=model, train=train, epochs=epochs, device=device,
             id_col=text.id_col, user_col=columns[0], item_col=columns[1], order_col=columns[2], max_users=max_users,
-            cache=VectorCache(), log=log, protocol=protocol, cold_share=cold_share,
+            cache=EvalCache(), log=log, protocol=protocol, cold_share=cold_share,
         )
     rows = rows_vs_first_k(
         {strategy: (f.metrics, f.per_user) for strategy, f in zip(CHECKED, ev.files)},

@@ -56,7 +56,7 @@ def evaluate_command(
     max_users: Annotated[Optional[int], typer.Option(help="Only the first N users (a quick check).")] = None,
     protocol: Annotated[str, typer.Option(help=PROTOCOL_HELP)] = "loo",
     cold_share: Annotated[float, typer.Option(help=COLD_SHARE_HELP)] = COLD_SHARE,
-    cache: Annotated[Optional[Path], typer.Option(help="Folder to cache item vectors in (re-runs skip the item LLM).")] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="Folder to keep item vectors and finished runs in: a re-run, or one started again after a kill, trains only the runs that had not finished.")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (on a machine that is already busy, 1 can be several times faster than more).")] = None,
     dtype: Annotated[str, typer.Option(help="Item LLM dtype: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16")] = "auto",
@@ -66,7 +66,8 @@ def evaluate_command(
 ) -> None:
     """Train the same downstream recommender on each texts file and compare: Recall/NDCG@5/10/50 on the test split."""
     from tokensel.evaluate.recommenders import TrainConfig, names
-    from tokensel.evaluate.runner import VectorCache, evaluate_detailed, results_table, write_results
+    from tokensel.evaluate.cache import EvalCache
+    from tokensel.evaluate.runner import evaluate_detailed, results_table, write_results
     from tokensel.stats import TESTS
 
     err = Console(stderr=True)
@@ -92,7 +93,7 @@ def evaluate_command(
         ev = evaluate_detailed(
             items, interactions, list(texts), recommender, seeds, model=model, train=cfg, device=device, dtype=dtype,
             id_col=id_col, user_col=user_col, item_col=item_col, order_col=order_col, test=test, max_users=max_users,
-            cache=VectorCache(cache), log=log, protocol=protocol, cold_share=cold_share,
+            cache=EvalCache(cache), log=log, protocol=protocol, cold_share=cold_share,
         )
     except TokenselError as exc:
         fail(err, exc)
@@ -122,7 +123,7 @@ def headroom_command(
     max_users: Annotated[Optional[int], typer.Option(help="Only the first N users (a quick check).")] = None,
     protocol: Annotated[str, typer.Option(help=PROTOCOL_HELP)] = "loo",
     cold_share: Annotated[float, typer.Option(help=COLD_SHARE_HELP)] = COLD_SHARE,
-    work: Annotated[Optional[Path], typer.Option(help="Keep the compressed first-k files in this folder (default: a temporary one).")] = None,
+    work: Annotated[Optional[Path], typer.Option(help="Keep the compressed first-k files and finished runs in this folder: started again with it, headroom trains only what is missing (default: a temporary one).")] = None,
     out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Write the rows as JSON.")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16")] = "auto",
@@ -231,7 +232,7 @@ def curve_command(
     item_col: Annotated[str, typer.Option()] = "item_id",
     order_col: Annotated[str, typer.Option()] = "timestamp",
     cost_items: Annotated[int, typer.Option(help="Items timed per file for the cost column (the first N, catalogue order; each file twice, the best counts).")] = 256,
-    work: Annotated[Optional[Path], typer.Option(help="Keep the compressed files, score cache and item vectors here (default: a temporary folder).")] = None,
+    work: Annotated[Optional[Path], typer.Option(help="Keep the compressed files, score cache, item vectors and finished runs here: started again with the same folder (after a kill, or with more strategies, budgets or seeds) it trains only what is missing (default: a temporary folder).")] = None,
     record: Annotated[bool, typer.Option("--record/--no-record", help="Record the strategy to run at each k for this catalogue, where compress --strategy auto reads it.")] = True,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16")] = "auto",

@@ -42,7 +42,8 @@ from tokensel.evaluate.cost import best_seconds
 from tokensel.evaluate.curve_verdict import FIRST_K, compare, verdict
 from tokensel.evaluate.recommenders import make_recommender
 from tokensel.evaluate.inputs import read_split
-from tokensel.evaluate.runner import METRICS, Evaluation, FileResult, VectorCache, evaluate_detailed
+from tokensel.evaluate.cache import EvalCache
+from tokensel.evaluate.runner import METRICS, Evaluation, FileResult, evaluate_detailed
 from tokensel.io.readers import open_items
 from tokensel.models.item_llm import ItemLLM
 from tokensel.models.readout import is_top_tunable
@@ -187,7 +188,9 @@ def curve(
 
     item_tuning: hllm's item tuning (default: f's last block trains where the model allows it, as in
     the strategy check); `train` overrides the whole training budget. work: keep the compressed files,
-    the score cache and the item vectors there (default: a temporary folder, removed at the end).
+    the score cache, the item vectors and every finished run there, so a killed curve started again
+    with the same folder, or one given more strategies, budgets or seeds, trains only what is missing
+    (tokensel.evaluate.cache; default: a temporary folder, removed at the end).
     cost_items: items timed per file for the cost column (None: all). record_verdict: record the
     strategy to run at each k for this catalogue (tokensel.select.verdicts), for `compress --strategy auto`.
     """
@@ -244,7 +247,7 @@ def curve(
         ev, res = evaluate_grid(
             items, interactions, files, recommender, seeds, model=model, train=train, epochs=epochs, device=device, dtype=dtype,
             id_col=text.id_col, user_col=user_col, item_col=item_col, order_col=order_col, max_users=max_users,
-            cache=VectorCache(folder / "vectors" if work else None), log=log, protocol=protocol, cold_share=cold_share,
+            cache=EvalCache(folder / "cache" if work else None), log=log, protocol=protocol, cold_share=cold_share,
         )
         cost_s = measure_cost(llm, files, cost_items, cost_batch, cost_repeats)
         log({"stage": "cost", "seconds": round(time.perf_counter() - t0, 1)})

@@ -26,7 +26,7 @@ from tokensel.errors import TokenselError
 from tokensel.evaluate.curve import FIRST_K, compress_grid, evaluate_grid
 from tokensel.evaluate.recommenders import TrainConfig, make_recommender
 from tokensel.evaluate.inputs import read_split
-from tokensel.evaluate.runner import VectorCache
+from tokensel.evaluate.cache import EvalCache
 from tokensel.stats import TESTS, paired_pvalues, seed_user_test
 from tokensel.io.cold import ColdCounts
 from tokensel.io.interactions import DataCounts
@@ -106,7 +106,8 @@ def headroom(
 
     `train` is the trained recommenders' budget (e.g. TrainConfig(item_tuning="top") for hllm with
     f's last block trained, the setting of RESULTS.md's downstream tables). `work` keeps the
-    compressed files (default: a temporary folder, removed at the end). Texts are tokenised up to
+    compressed files and every finished run, so a killed or repeated headroom trains only what is
+    missing (default: a temporary folder, removed at the end). Texts are tokenised up to
     max(max_len, factor * the largest k), so the long side is never cut short. `protocol` "cold": the
     cold-start protocol (tokensel.io.cold), both sides paired over the users whose test target is cold.
     """
@@ -129,7 +130,7 @@ def headroom(
         ev, res = evaluate_grid(
             items, interactions, {key: Path(s.out) for key, s in summaries.items()}, recommender, seeds, model=model, train=train, epochs=epochs,
             device=device, dtype=dtype, id_col=id_col, user_col=user_col, item_col=item_col, order_col=order_col, test=test, max_users=max_users,
-            cache=VectorCache(), log=log, protocol=protocol, cold_share=cold_share,
+            cache=EvalCache(folder / "cache" if work else None), log=log, protocol=protocol, cold_share=cold_share,
         )
     rows = []
     for k in ks:

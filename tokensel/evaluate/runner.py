@@ -35,8 +35,9 @@ from tokensel.config import COLD_SHARE, check_protocol
 from tokensel.device import pick_device, pick_dtype
 from tokensel.errors import TokenselError
 from tokensel.train.metrics import KS, per_user_metrics
-from tokensel.evaluate.recommenders import Recommender, TrainConfig, make_recommender
+from tokensel.evaluate.recommenders import TrainConfig, make_recommender
 from tokensel.stats import paired_pvalues, paired_test_name
+from tokensel.evaluate.cache import EvalCache, histories_digest, run_key
 from tokensel.evaluate.inputs import check_model, check_vocab, load_texts, read_split
 from tokensel.io.cold import ColdCounts
 from tokensel.io.interactions import DataCounts
@@ -126,40 +127,6 @@ class Evaluation:
         return [{**f.as_dict(), "data": asdict(self.data), **cold, **({"warm_users": f.warm} if self.cold else {})} for f in self.files]
 
 
-class VectorCache:
-    """Item vectors already computed, so identical token lists (shared by several files) run once.
-
-    In memory per (vector kind, template, token list); with a folder, also whole files on disk, keyed by
-    the file's content, the model, the kind and the dtype (so re-runs skip the item LLM entirely).
-    """
-
-    def __init__(self, folder: str | Path | None = None):
-        self.items: dict[tuple, torch.Tensor] = {}
-        self.folder = Path(folder) if folder else None
-
-    def file_path(self, key: str) -> Path | None:
-        return self.folder / f"vectors-{key}.pt" if self.folder else None
-
-    def vectors(self, rec: Recommender, llm: ItemLLM, tokens: list[list[int]], template: str, file_key: str | None) -> torch.Tensor:
-        disk = self.file_path(file_key) if file_key else None
-        if disk is not None and disk.exists():
-            return torch.load(disk)
-        kind = (rec.vector_kind, template)
-        keys = [(kind, tuple(t)) for t in tokens]
-        todo = sorted({k for k in keys if k not in self.items}, key=lambda k: len(k[1]))
-        if todo:
-            vec = rec.prepare(llm, [list(k[1]) for k in todo])
-            for k, v in zip(todo, vec):
-                self.items[k] = v.clone()
-        out = torch.stack([self.items[k] for k in keys]) if keys else torch.zeros(0, llm.hidden_size)
-        if disk is not None:
-            disk.parent.mkdir(parents=True, exist_ok=True)
-            tmp = disk.with_suffix(".tmp")
-            torch.save(out, tmp)
-            tmp.replace(disk)
-        return out
-
-
 # ---------------------------------------------------------------------------------------- evaluation
 def evaluate_detailed(
     items: str | Path,
@@ -179,7 +146,7 @@ def evaluate_detailed(
     order_col: str = "timestamp",
     test: str = "ttest",
     max_users: int | None = None,
-    cache: VectorCache | None = None,
+    cache: EvalCache | None = None,
     log: Callable[[dict], None] | None = None,
     protocol: str = "loo",
     cold_share: float = COLD_SHARE,
@@ -217,7 +184,8 @@ def evaluate_detailed(
     rec = make_recommender(recommender, cfg, dev, log)
     llm = ItemLLM.from_pretrained(model, device=dev, dtype=pick_dtype(dev, dtype))
     vocab = len(llm.tokenizer)
-    cache = cache or VectorCache()
+    cache = cache or EvalCache()
+    hist_digest = histories_digest(hist)
     results: list[FileResult] = []
     seen: dict[str, FileResult] = {}  # content digest -> the first file with those token lists
     for path, meta in zip(texts, metas):
@@ -237,6 +205,11 @@ def evaluate_detailed(
         key = hashlib.sha256(
             json.dumps([file_digest(path), resolve_model_path(model), rec.vector_kind, template, str(pick_dtype(dev, dtype)), len(item_ids)]).encode()
         ).hexdigest()[:20]
+        keys = {seed: run_key(key, recommender, cfg, seed, dev, hist_digest) for seed in seed_list[: 1 if rec.deterministic else None]}
+        kept = {seed: cache.load_run(k) for seed, k in keys.items()}  # runs finished before (a re-run, or one resumed after a kill)
+        if any(kept.values()):
+            log({"texts": str(path), "stage": "runs reused", "seeds": [s for s, r in kept.items() if r]})
+        vectors = None
         if rec.needs_item_llm:  # the item LLM trains in every run: nothing to embed once
 
             def make_llm(template: str = template) -> ItemLLM:
@@ -244,7 +217,7 @@ def evaluate_detailed(
                 fresh.set_template(template)
                 return fresh
 
-        else:
+        elif not all(kept.values()):
             vectors = cache.vectors(rec, llm, tokens, template, key)
         embed_s = time.perf_counter() - t0
         log({"texts": str(path), "stage": "embed", "seconds": round(embed_s, 1)})
@@ -253,8 +226,11 @@ def evaluate_detailed(
         for seed in seed_list:
             if rec.deterministic and runs:
                 runs.append(replace(runs[0], seed=seed))
-                continue
-            runs.append(rec.run_tuned(make_llm, tokens, hist, seed) if rec.needs_item_llm else rec.run(vectors, hist, seed))
+            elif kept[seed] is not None:
+                runs.append(kept[seed])
+            else:
+                run = rec.run_tuned(make_llm, tokens, hist, seed) if rec.needs_item_llm else rec.run(vectors, hist, seed)
+                runs.append(cache.save_run(keys[seed], run))
         train_s = time.perf_counter() - t1
         per_seed_users = [per_user_metrics(r.test_ranks) for r in runs]
         warm, warm_per_user = None, {}
