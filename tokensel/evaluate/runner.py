@@ -36,10 +36,11 @@ from tokensel.device import pick_device, pick_dtype
 from tokensel.errors import TokenselError
 from tokensel.train.metrics import KS, per_user_metrics
 from tokensel.evaluate.recommenders import TrainConfig, make_recommender
+from tokensel.evaluate.recommenders.base import SeedRun
 from tokensel.stats import paired_pvalues, paired_test_name
 from tokensel.evaluate.cache import EvalCache, histories_digest, run_key
 from tokensel.evaluate.inputs import check_model, check_vocab, load_texts, read_split
-from tokensel.io.cold import ColdCounts
+from tokensel.io.cold import ColdCounts, ColdSplit
 from tokensel.io.interactions import DataCounts
 from tokensel.io.items import open_parquet
 from tokensel.io.parquet_out import read_metadata
@@ -232,40 +233,51 @@ def evaluate_detailed(
                 run = rec.run_tuned(make_llm, tokens, hist, seed) if rec.needs_item_llm else rec.run(vectors, hist, seed)
                 runs.append(cache.save_run(keys[seed], run))
         train_s = time.perf_counter() - t1
-        per_seed_users = [per_user_metrics(r.test_ranks) for r in runs]
-        warm, warm_per_user = None, {}
-        if split is not None:  # the headline is the cold-target users'; the warm-target users' beside
-            warm_users = [{m: u[m][torch.from_numpy(~split.cold_users)] for m in METRICS} for u in per_seed_users]
-            warm_per_user = {m: torch.stack([u[m] for u in warm_users]).double().mean(0).numpy() for m in METRICS}
-            warm = {
-                "users": int((~split.cold_users).sum()),
-                "metrics": {m: float(warm_per_user[m].mean()) for m in METRICS},
-                "p_vs_first": paired_pvalues(warm_per_user, results[0].warm_per_user, test) if results else None,
-            }
-            per_seed_users = [{m: u[m][torch.from_numpy(split.cold_users)] for m in METRICS} for u in per_seed_users]
-        per_seed_user = {m: torch.stack([u[m] for u in per_seed_users]).double().numpy() for m in METRICS}
-        per_user = {m: per_seed_user[m].mean(0) for m in METRICS}
-        per_seed_valid_user = {}
-        if all(r.valid_ranks is not None for r in runs):
-            valid_users = [per_user_metrics(r.valid_ranks) for r in runs]
-            per_seed_valid_user = {m: torch.stack([u[m] for u in valid_users]).double().numpy() for m in METRICS}
-        seed_means = {m: np.array([float(u[m].double().mean()) for u in per_seed_users]) for m in METRICS}
-        metrics = {m: float(seed_means[m].mean()) for m in METRICS}
-        std = {m: float(seed_means[m].std(ddof=1)) if len(set(seed_means[m].tolist())) > 1 else 0.0 for m in METRICS}
-        p = None if not results else paired_pvalues(per_user, results[0].per_user, test)
-        per_seed = [
-            {"seed": r.seed, "best_epoch": r.best_epoch, "seconds": round(r.seconds, 1), "valid": r.valid, "test": {m: float(seed_means[m][j]) for m in METRICS}}
-            for j, r in enumerate(runs)
-        ]
-        results.append(FileResult(
-            str(path), recommender, seed_list, metrics, std, p, per_user, per_seed_user, per_seed, embed_s, train_s, meta,
-            per_seed_valid_user=per_seed_valid_user, warm=warm, warm_per_user=warm_per_user,
-        ))
+        results.append(summarise(str(path), recommender, seed_list, runs, split, results[0] if results else None, test, meta, embed_s, train_s))
+        metrics = results[-1].metrics
         seen[content] = results[-1]
         log({"texts": str(path), "stage": "train+test", "seconds": round(train_s, 1), "N@10": round(metrics["N@10"], 3), "R@10": round(metrics["R@10"], 3)})
     n_users = int(split.cold_users.sum()) if split else len(hist.users)
     config = {"train": asdict(cfg), "device": str(dev), "dtype": dtype}
     return Evaluation(results, recommender, model, n_users, len(item_ids), test, config, hist.counts, split.counts if split else None)
+
+
+def summarise(
+    texts: str, recommender: str, seeds: list[int], runs: list[SeedRun], split: ColdSplit | None, first: FileResult | None,
+    test: str, meta: dict, embed_s: float, train_s: float,
+) -> FileResult:
+    """One file's result from its seed runs: per-user metrics per seed (under the cold protocol the
+    cold-target users', the warm-target users' beside), their means and spread over seeds, and the
+    paired test against the first file."""
+    per_seed_users = [per_user_metrics(r.test_ranks) for r in runs]
+    warm, warm_per_user = None, {}
+    if split is not None:  # the headline is the cold-target users'; the warm-target users' beside
+        warm_users = [{m: u[m][torch.from_numpy(~split.cold_users)] for m in METRICS} for u in per_seed_users]
+        warm_per_user = {m: torch.stack([u[m] for u in warm_users]).double().mean(0).numpy() for m in METRICS}
+        warm = {
+            "users": int((~split.cold_users).sum()),
+            "metrics": {m: float(warm_per_user[m].mean()) for m in METRICS},
+            "p_vs_first": paired_pvalues(warm_per_user, first.warm_per_user, test) if first else None,
+        }
+        per_seed_users = [{m: u[m][torch.from_numpy(split.cold_users)] for m in METRICS} for u in per_seed_users]
+    per_seed_user = {m: torch.stack([u[m] for u in per_seed_users]).double().numpy() for m in METRICS}
+    per_user = {m: per_seed_user[m].mean(0) for m in METRICS}
+    per_seed_valid_user = {}
+    if all(r.valid_ranks is not None for r in runs):
+        valid_users = [per_user_metrics(r.valid_ranks) for r in runs]
+        per_seed_valid_user = {m: torch.stack([u[m] for u in valid_users]).double().numpy() for m in METRICS}
+    seed_means = {m: np.array([float(u[m].double().mean()) for u in per_seed_users]) for m in METRICS}
+    metrics = {m: float(seed_means[m].mean()) for m in METRICS}
+    std = {m: float(seed_means[m].std(ddof=1)) if len(set(seed_means[m].tolist())) > 1 else 0.0 for m in METRICS}
+    p = paired_pvalues(per_user, first.per_user, test) if first else None
+    per_seed = [
+        {"seed": r.seed, "best_epoch": r.best_epoch, "seconds": round(r.seconds, 1), "valid": r.valid, "test": {m: float(seed_means[m][j]) for m in METRICS}}
+        for j, r in enumerate(runs)
+    ]
+    return FileResult(
+        texts, recommender, seeds, metrics, std, p, per_user, per_seed_user, per_seed, embed_s, train_s, meta,
+        per_seed_valid_user=per_seed_valid_user, warm=warm, warm_per_user=warm_per_user,
+    )
 
 
 def evaluate(
