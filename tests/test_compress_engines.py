@@ -409,3 +409,16 @@ def test_a_kill_9_loses_at_most_the_forward_batch_in_flight(tmp_path, items, bun
     assert pq.read_schema(out).metadata == pq.read_schema(reference).metadata
     left = sorted(p.name for p in tmp_path.iterdir() if p.name != "o.parquet" and not p.name.startswith("items.cache.sqlite"))
     assert left == [], left
+
+
+def test_free_heap_pages_go_back_after_every_forward_batch(tmp_path, items, bundle_dir, model_dir, monkeypatch):
+    """A long run's resident memory stays flat: the heap is trimmed once per forward batch (compress/trim.py),
+    and never on a run that loads no model."""
+    from tokensel.compress import local, trim
+
+    calls = []
+    monkeypatch.setattr(local, "release_free_memory", lambda: calls.append(1) or trim.release_free_memory())
+    s = compress(items, tmp_path / "o.parquet", bundle_dir)
+    assert s.forward_batches > 0 and len(calls) == s.forward_batches
+    compress(items, tmp_path / "f.parquet", bundle_dir, strategy="first-k", model=str(model_dir))
+    assert len(calls) == s.forward_batches

@@ -29,6 +29,7 @@ import numpy as np
 from tokensel.compress.cache import ScoreCache, item_key
 from tokensel.compress.job import CompressSummary, compress_meta, field_names, output_table, preflight, scorer_config
 from tokensel.compress.threads import BackgroundWriter, prefetch
+from tokensel.compress.trim import release_free_memory
 from tokensel.config import CompressConfig
 from tokensel.io.items import ItemBatch, iter_item_batches
 from tokensel.io.parquet_out import AtomicParquetWriter
@@ -171,6 +172,7 @@ def window_scores(sel: TokenSelector, w: Window, need: np.ndarray, store, run: R
             store.commit()
         run.computed += len(idx)
         run.forward_batches += 1
+        release_free_memory()  # the batch's activations: memory stays flat however many items are scored (trim.py)
         tick(len(idx))
 
     miss = [i for i in need.tolist() if i not in scores]
