@@ -133,7 +133,8 @@ class ItemTable:
         raise NotImplementedError
 
     def step(self, need: list[int]) -> torch.Tensor:
-        """[N, d] the table for one training step; rows `need` are the ones the step touches."""
+        """The table for one training step: [N, d] all rows, or with `needs_rows` the [len(need), d]
+        rows `need` alone (the step then indexes them by position in `need`)."""
         return self.all_rows()
 
     @property
@@ -211,9 +212,10 @@ class TrainableItems(ItemTable):
         return True
 
     def step(self, need: list[int]) -> torch.Tensor:
-        """[N, d] table whose rows `need` come from f with gradients (the other rows are unused)."""
-        enc = self.encode(need).float() - self.mean
-        return self.full.index_copy(0, torch.tensor(need, device=self.full.device), enc)
+        """[len(need), d] rows `need` from f with gradients. Only these: a step that built the whole
+        [N, d] table would copy it (and its gradient) every step, a cost that grows with the catalogue
+        while the step's work does not."""
+        return self.encode(need).float() - self.mean
 
     def state(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -272,6 +274,18 @@ class ReadoutItems(TrainableItems):
         self.refresh()
 
 
+def step_table(items: ItemTable, batch: list[list[int]], negs: torch.Tensor) -> tuple[torch.Tensor, list[list[int]], torch.Tensor]:
+    """The table one step reads, with the batch and negatives that index it. A table whose rows are
+    computed per step (`needs_rows`) gives the step's rows alone, and the item ids become positions
+    among them: the same step at a cost that does not grow with the catalogue."""
+    if not items.needs_rows:
+        return items.step([]), batch, negs
+    need = sorted({i for w in batch for i in w} | set(negs.tolist()))
+    at = {item: j for j, item in enumerate(need)}
+    local_negs = torch.tensor([at[i] for i in negs.tolist()], dtype=torch.long, device=negs.device)
+    return items.step(need), [[at[i] for i in w] for w in batch], local_negs
+
+
 def infonce_step(
     user: UserModel, opt: torch.optim.Optimizer, emb: torch.Tensor, batch: list[list[int]], negs: torch.Tensor, width: int, temperature: float, amp: bool = False
 ) -> float:
@@ -323,7 +337,7 @@ def fit(user: UserModel, items: ItemTable, hist: Histories, seed: int, cfg: Trai
             bar.update(len(batch))
             width = max(len(w) for w in batch) - 1
             negs = draw_negatives(hist, n_items, c.negatives, dev)
-            emb = items.step(sorted({i for w in batch for i in w} | set(negs.tolist()))) if items.needs_rows else items.step([])
+            emb, batch, negs = step_table(items, batch, negs)
             losses.append(infonce_step(user, opt, emb, batch, negs, width, c.temperature, amp))
         bar.close()
         items.after_epoch()
