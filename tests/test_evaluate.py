@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tokensel.errors import TokenselError  # noqa: E402
-from tokensel.train.metrics import per_user_metrics, rank_users, target_ranks  # noqa: E402
+from tokensel.train.metrics import per_user_metrics, rank_users, target_ranks, target_ranks_reference  # noqa: E402
 from tokensel.evaluate.runner import METRICS, evaluate, evaluate_detailed, results_table, write_results  # noqa: E402
 from tokensel.stats import paired_pvalue  # noqa: E402
 
@@ -268,6 +268,21 @@ def test_perfect_scorer_gets_100():
     m = per_user_metrics(target_ranks(scores, targets))
     for k, v in m.items():
         assert torch.all(v == 100.0), k
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_ranks_by_counting_equal_ranks_by_masking(seed):
+    """target_ranks counts instead of writing -inf over a copy; on random scores with many ties and
+    histories with repeats, the target among them, or empty, it must give the reference's ranks."""
+    g = torch.Generator().manual_seed(seed)
+    users, n = 17, 30
+    scores = torch.randint(0, 6, (users, n), generator=g).float()  # few values: ties everywhere
+    targets = torch.randint(0, n, (users,), generator=g)
+    hist = [torch.randint(0, n, (int(torch.randint(0, 12, (1,), generator=g)),), generator=g).tolist() for _ in range(users)]
+    hist[0] = hist[0] + [int(targets[0])] * 2  # the target repeated in the history is never masked
+    hist[1] = []
+    assert target_ranks(scores, targets, hist).tolist() == target_ranks_reference(scores, targets, hist).tolist()
+    assert target_ranks(scores, targets).tolist() == target_ranks_reference(scores, targets).tolist()
 
 
 def test_history_is_masked_but_a_repeated_target_is_not():
