@@ -1,4 +1,4 @@
-"""Give the heap's free pages back to the operating system once per window.
+"""Give the heap's free pages back to the operating system after every forward batch.
 
 Forward batches allocate and free tensors whose sizes change with every batch's width. After a large
 block is freed, glibc's malloc raises its mmap threshold, so later blocks of that size come from the
