@@ -4,14 +4,17 @@ on the rows it touches. The compact form keeps a step's cost independent of the 
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
 import torch
 
-from tokensel.config import UserModelConfig
+from tokensel.config import TrainConfig, UserModelConfig
+from tokensel.io.interactions import Histories
 from tokensel.models.user_model import UserModel
-from tokensel.train.loop import FrozenItems, ItemTable, infonce_step, step_table
+from tokensel.train import loop
+from tokensel.train.loop import FrozenItems, IdItems, ItemTable, infonce_step, step_table
 
 
 class RowsItems(ItemTable):
@@ -60,3 +63,43 @@ def test_a_step_over_its_rows_equals_the_step_over_the_whole_table(seed):
     untouched = torch.ones(n, dtype=torch.bool)
     untouched[need] = False
     assert full.grad[untouched].abs().max() == 0
+
+
+class CountingItems(IdItems):
+    """An ID table that counts how often a saved state is loaded back (for a readout, each load is
+    one more pass of the trained block over every item)."""
+
+    def __init__(self, emb: torch.nn.Embedding):
+        super().__init__(emb)
+        self.loads = 0
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        self.loads += 1
+        super().load(state)
+
+
+@pytest.mark.parametrize("valid_n10, best", [([0.3, 0.5], 2), ([0.5, 0.3], 1)])
+def test_the_best_epoch_is_loaded_back_only_when_it_is_not_the_last(monkeypatch, valid_n10, best):
+    rng = random.Random(0)
+    n, d = 40, 8
+    hist = Histories(users=[f"u{u}" for u in range(12)], sequences=[[rng.randrange(n) for _ in range(6)] for _ in range(12)], skipped_unknown=0, skipped_short=0)
+    scripted = iter(valid_n10)
+    states: dict[int, dict[str, torch.Tensor]] = {}
+    real_mean_metrics = loop.mean_metrics
+
+    def scripted_metrics(ranks):  # the validation NDCG@10 of each epoch, in turn; the test metrics as they are
+        m = real_mean_metrics(ranks)
+        return m if len(states) == len(valid_n10) else {**m, "N@10": next(scripted)}
+
+    def remember(row):
+        states[row["epoch"]] = copy.deepcopy(user.state_dict())
+
+    monkeypatch.setattr(loop, "mean_metrics", scripted_metrics)
+    torch.manual_seed(0)
+    user = UserModel(d, UserModelConfig(layers=1, heads=2, dropout=0.0, max_history=5))
+    items = CountingItems(torch.nn.Embedding(n, d))
+    run = loop.fit(user, items, hist, 0, TrainConfig(epochs=2, batch_size=4, negatives=8, history=5, patience=None), 1e-2, 2, torch.device("cpu"), remember)
+    assert run.best_epoch == best
+    assert items.loads == (0 if best == 2 else 1)
+    for name, value in user.state_dict().items():  # the user model ranks the test targets in the best epoch's state
+        torch.testing.assert_close(value, states[best][name])

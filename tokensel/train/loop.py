@@ -362,10 +362,11 @@ def fit(user: UserModel, items: ItemTable, hist: Histories, seed: int, cfg: Trai
     if c.score == "valid":
         ranks = user_ranks(user, items.all_rows().detach(), v_hist, v_tgt, c.history)
         return TrainedRun(ranks.cpu(), len(rows), mean_metrics(ranks), time.perf_counter() - t0, rows, ranks.cpu())
-    if best[1] is not None:
-        user.load_state_dict(best[1])
-    if best[2] is not None:
-        items.load(best[2])
+    if rows and best[3] != rows[-1]["epoch"]:  # the best epoch is not the one just trained: go back to it
+        if best[1] is not None:
+            user.load_state_dict(best[1])
+        if best[2] is not None:
+            items.load(best[2])  # for a readout, one more pass of the block over every item
     t_hist, t_tgt = hist.split("test")
     ranks = user_ranks(user, items.all_rows().detach(), t_hist, t_tgt, c.history)
     return TrainedRun(ranks.cpu(), best[3], best[4], time.perf_counter() - t0, rows, best_ranks)
