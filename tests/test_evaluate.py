@@ -111,20 +111,21 @@ def test_hllm_with_the_item_llm_trained(files, tiny, tuning, monkeypatch):
     from tokensel.train import loop as recs
 
     moved = []
-    load = recs.TunedItems.load
+    state = recs.TunedItems.state
 
-    def spy(self, state):  # the best epoch's f: its trained weights must differ from the pretrained ones
-        moved.append(any((state[n] - p0).abs().max() > 0 for n, p0 in self.initial.items()))
-        load(self, state)
+    def spy(self):  # each new best epoch's f: its trained weights must differ from the pretrained ones
+        kept = state(self)
+        moved.append(any((kept[n] - p0).abs().max() > 0 for n, p0 in self.initial.items()))
+        return kept
 
     init = recs.TunedItems.__init__
 
     def remember(self, *a, **kw):
         init(self, *a, **kw)
-        self.initial = {n: t.clone() for n, t in self.state().items()}
+        self.initial = {n: t.clone() for n, t in state(self).items()}
 
     monkeypatch.setattr(recs.TunedItems, "__init__", remember)
-    monkeypatch.setattr(recs.TunedItems, "load", spy)
+    monkeypatch.setattr(recs.TunedItems, "state", spy)
     paths = [files["first"], files["random"], files["first_again"]]
     cfg = TrainConfig(epochs=2, item_tuning=tuning, patience=None)
     ev = evaluate_detailed(ITEMS, INTERACTIONS, paths, "hllm", seeds=[1], model=tiny, device="cpu", train=cfg)
@@ -133,7 +134,7 @@ def test_hllm_with_the_item_llm_trained(files, tiny, tuning, monkeypatch):
     assert ev.files[2].same_as == str(files["first"])  # the same token lists: first's runs, not retrained
     later = evaluate_detailed(ITEMS, INTERACTIONS, [files["random"], files["first_again"]], "hllm", seeds=[1], model=tiny, device="cpu", train=cfg)
     assert later.files[1].metrics == pytest.approx(rows[0]["metrics"])  # fresh f per run: trained after another file, same numbers
-    assert len(moved) == 4 and all(moved), "the item LLM's trained weights never moved"
+    assert len(moved) >= 4 and all(moved), "the item LLM's trained weights never moved"  # four runs, each keeps epoch 1 at least
     frozen = evaluate_detailed(ITEMS, INTERACTIONS, paths[:1], "hllm", seeds=[1], model=tiny, device="cpu", train=TrainConfig(epochs=2, patience=None))
     assert frozen.to_list()[0]["metrics"] != rows[0]["metrics"]
 
@@ -145,22 +146,23 @@ def test_hllm_with_the_last_block_trained(files, tiny, monkeypatch):
     from tokensel.train import loop as recs
 
     moved, caches = [], []
-    init, load, cache = recs.ReadoutItems.__init__, recs.ReadoutItems.load, hllm_file.cache_block_inputs
+    init, state, cache = recs.ReadoutItems.__init__, recs.ReadoutItems.state, hllm_file.cache_block_inputs
 
     def remember(self, *a, **kw):
         init(self, *a, **kw)
-        self.initial = {n: t.clone() for n, t in self.state().items()}
+        self.initial = {n: t.clone() for n, t in state(self).items()}
 
-    def spy(self, state):
-        moved.append(any((state[n] - p0).abs().max() > 0 for n, p0 in self.initial.items()))
-        load(self, state)
+    def spy(self):  # each new best epoch's block: its trained weights must differ from the pretrained ones
+        kept = state(self)
+        moved.append(any((kept[n] - p0).abs().max() > 0 for n, p0 in self.initial.items()))
+        return kept
 
     def counted(*a, **kw):
         caches.append(1)
         return cache(*a, **kw)
 
     monkeypatch.setattr(recs.ReadoutItems, "__init__", remember)
-    monkeypatch.setattr(recs.ReadoutItems, "load", spy)
+    monkeypatch.setattr(recs.ReadoutItems, "state", spy)
     monkeypatch.setattr(hllm_file, "cache_block_inputs", counted)
     paths = [files["first"], files["random"], files["first_again"]]
     cfg = TrainConfig(epochs=2, item_tuning="top", patience=None)
@@ -171,7 +173,7 @@ def test_hllm_with_the_last_block_trained(files, tiny, monkeypatch):
     assert len(caches) == 2  # the lower layers run once per file, not once per seed
     later = evaluate_detailed(ITEMS, INTERACTIONS, [files["random"], files["first_again"]], "hllm", seeds=[1, 2], model=tiny, device="cpu", train=cfg)
     assert later.files[1].metrics == pytest.approx(rows[0]["metrics"])  # fresh block per run: trained after another file, same numbers
-    assert len(moved) == 8 and all(moved), "the last block's trained weights never moved"
+    assert len(moved) >= 8 and all(moved), "the last block's trained weights never moved"  # eight runs, each keeps epoch 1 at least
     frozen = evaluate_detailed(ITEMS, INTERACTIONS, paths[:1], "hllm", seeds=[1, 2], model=tiny, device="cpu", train=TrainConfig(epochs=2, patience=None))
     assert frozen.to_list()[0]["metrics"] != rows[0]["metrics"]
 

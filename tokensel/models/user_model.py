@@ -53,14 +53,20 @@ class UserModel(nn.Module):
         return out[torch.arange(out.shape[0], device=out.device), last]
 
 
-def pad_histories(histories: list[list[int]], table: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather the last `max_len` items of each history from an embedding table, left-aligned."""
-    B = len(histories)
-    idx = torch.zeros(B, max_len, dtype=torch.long)
-    mask = torch.zeros(B, max_len, dtype=torch.bool)
-    for r, h in enumerate(histories):
-        h = h[-max_len:]
+def padded_index(lists: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[len(lists), width] the last `width` entries of each list, left-aligned and zero-padded, and the
+    mask of the real entries: how variable-length histories become one batch."""
+    idx = torch.zeros(len(lists), width, dtype=torch.long)
+    mask = torch.zeros(len(lists), width, dtype=torch.bool)
+    for r, h in enumerate(lists):
+        h = h[-width:] if width else []
         idx[r, : len(h)] = torch.tensor(h, dtype=torch.long)
         mask[r, : len(h)] = True
+    return idx, mask
+
+
+def pad_histories(histories: list[list[int]], table: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather the last `max_len` items of each history from an embedding table, left-aligned."""
+    idx, mask = padded_index(histories, max_len)
     idx, mask = idx.to(table.device), mask.to(table.device)
     return table[idx], mask

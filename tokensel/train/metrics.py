@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from tokensel.models.user_model import padded_index
+
 KS = (5, 10, 50)
 
 
@@ -22,11 +24,7 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, exclude: list[list
     width = max(map(len, hist), default=0)
     if width == 0:
         return at_or_above
-    idx = torch.zeros(len(hist), width, dtype=torch.long)
-    valid = torch.zeros(len(hist), width, dtype=torch.bool)
-    for r, h in enumerate(hist):
-        idx[r, : len(h)] = torch.tensor(h, dtype=torch.long)
-        valid[r, : len(h)] = True
+    idx, valid = padded_index(hist, width)
     idx, valid = idx.to(scores.device), valid.to(scores.device)
     masked = ((scores.gather(1, idx) >= tgt) & valid).sum(1)
     return at_or_above - masked
