@@ -150,11 +150,44 @@ def test_store_records_per_budget_and_picks_exact_then_nearest_below(tmp_path, m
     assert verdicts.recorded(items, "e" * 16, "b" * 16)[1] == path
 
 
+def test_store_keeps_warm_and_cold_verdicts_apart_and_reads_stores_written_before_protocols(tmp_path, monkeypatch):
+    monkeypatch.delenv(verdicts.ENV)
+    items = tmp_path / "items.parquet"
+    shutil.copy(ITEMS, items)
+    v = lambda k, s, p: verdicts.Verdict(k, s, "curve", "hllm", 3, True, verdicts.now(), protocol=p)  # noqa: E731
+    verdicts.record(items, "f" * 16, "b" * 16, TextConfig(), [v(32, "first-k", "loo")])
+    verdicts.record(items, "f" * 16, "b" * 16, TextConfig(), [v(32, "item-align", "cold")])  # the same budget, the other protocol
+    assert verdicts.recorded(items, "f" * 16, "b" * 16)[0][32].strategy == "first-k"
+    assert verdicts.recorded(items, "f" * 16, "b" * 16, "cold")[0][32].strategy == "item-align"
+    # a store written before verdicts named their protocol: its verdicts are leave-one-out ones
+    store = verdicts.store_path(items)
+    data = json.loads(store.read_text())
+    entry = data["verdicts"][verdicts.key("f" * 16, "b" * 16)]
+    old = {k: {f: x for f, x in e.items() if f != "protocol"} for k, e in entry["by_k"].items() if ":" not in k}
+    entry["by_k"] = {"64": {**old["32"], "k": 64}}
+    store.write_text(json.dumps(data))
+    assert verdicts.recorded(items, "f" * 16, "b" * 16)[0][64].protocol == "loo"
+    assert verdicts.recorded(items, "f" * 16, "b" * 16, "cold")[0] == {}
+
+
 # ------------------------------------------------------------------------------ auto follows this catalogue's verdict
-def _record(items: Path, k: int, strategy: str, bundle=DEFAULT_BUNDLE) -> None:
+def _record(items: Path, k: int, strategy: str, bundle=DEFAULT_BUNDLE, protocol: str = "loo") -> None:
     text = read_bundle_config(bundle).text
     fp = verdicts.catalogue_fingerprint(items, text)
-    verdicts.record(items, fp, bundle_hash(bundle), text, [verdicts.Verdict(k, strategy, "curve", "hllm, item tuning top", 3, True, verdicts.now())])
+    verdict = verdicts.Verdict(k, strategy, "curve", "hllm, item tuning top", 3, True, verdicts.now(), protocol=protocol)
+    verdicts.record(items, fp, bundle_hash(bundle), text, [verdict])
+
+
+def test_auto_follows_the_warm_verdict_and_a_cold_one_only_where_no_warm_one_was_measured(tmp_path):
+    items = tmp_path / "items.parquet"
+    shutil.copy(ITEMS, items)
+    _record(items, 32, "item-align", protocol="cold")
+    strategy, why = resolve(None, items, 32)
+    assert strategy == "item-align" and why.startswith("auto: item-align (this catalogue's curve verdict under the cold-start protocol at k=32")
+    _record(items, 32, "first-k")  # a leave-one-out verdict at the same budget: the one auto follows, the cold one kept
+    strategy, why = resolve(None, items, 32)
+    assert strategy == "first-k" and why.startswith("auto: first-k (this catalogue's curve verdict at k=32") and "cold" not in why
+    assert resolve(None, items, 64)[0] == "first-k"  # the nearest warm budget below comes before any cold one
 
 
 def test_auto_follows_the_verdict_for_the_catalogue_it_compresses(tmp_path):

@@ -135,7 +135,7 @@ def strategy_check(
         row = next(r for r in rows if r["strategy"] == check["chosen"])
         detail = f"{row['ratio_N@10']:.2f}x first-k validation NDCG@10" if check["chosen"] != "first-k" and row.get("ratio_N@10") else ""
         record(items, check["catalogue"], check["bundle_hash"], text, [Verdict(
-            k, check["chosen"], "check", check["recommender"], seeds, seeds > 1, now(), detail,
+            k, check["chosen"], "check", check["recommender"], seeds, seeds > 1, now(), detail, protocol,
         )])
     return check
 

@@ -323,7 +323,7 @@ def record_curve(items: str | Path, text: TextConfig, result: dict) -> dict:
         chosen = v["run"][str(k)]
         c = next(c for c in result["cells"] if c["strategy"] == chosen and c["k"] == k)
         detail = "" if chosen == FIRST_K else f"{c['valid_vs_first_k']['N@10']['ratio']:.2f}x first-k validation NDCG@10"
-        verdicts.append(Verdict(k, chosen, "curve", result["recommender"], len(result["seeds"]), v["sees_seed_variance"], now(), detail))
+        verdicts.append(Verdict(k, chosen, "curve", result["recommender"], len(result["seeds"]), v["sees_seed_variance"], now(), detail, result["protocol"]))
     try:
         return {"catalogue": fp, "verdict_store": str(record(items, fp, result["bundle_hash"], text, verdicts))}
     except TokenselError as exc:  # the curve itself is done: report it, say the verdict was not recorded

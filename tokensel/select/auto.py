@@ -21,7 +21,7 @@ from pathlib import Path
 from tokensel.config import TextConfig
 from tokensel.policy.files import bundle_hash, bundle_label, bundle_path, read_bundle_config, read_check, verify_bundle
 from tokensel.select.plan import BUNDLE_STRATEGIES
-from tokensel.select.verdicts import catalogue_fingerprint, recorded, verdict_for
+from tokensel.select.verdicts import PROTOCOLS, catalogue_fingerprint, recorded, verdict_for
 
 AUTO = "auto"
 ALPHA = 0.05
@@ -139,13 +139,15 @@ def resolve(
     if items is not None:
         text = text or read_bundle_config(path).text
         fp = catalogue_fingerprint(items, text)
-        by_k, store = recorded(items, fp, digest)
-        v = verdict_for(by_k, k) if k is not None else None
-        if v is not None:
-            at = f"k={v.k}" if v.k == k else f"k={v.k}, the largest recorded budget below {k}"
-            seeds = f"{v.seeds} seed{'s' if v.seeds != 1 else ''}" + ("" if v.sees_seed_variance else ", cannot see seed variance")
-            detail = f"; {v.detail}" if v.detail else ""
-            return v.strategy, f"auto: {v.strategy} (this catalogue's {v.source} verdict at {at}: {v.recommender}, {seeds}{detail}; {store})"
+        for protocol in PROTOCOLS:  # leave-one-out first; a cold-start verdict where none was measured
+            by_k, store = recorded(items, fp, digest, protocol)
+            v = verdict_for(by_k, k) if k is not None else None
+            if v is not None:
+                at = f"k={v.k}" if v.k == k else f"k={v.k}, the largest recorded budget below {k}"
+                seeds = f"{v.seeds} seed{'s' if v.seeds != 1 else ''}" + ("" if v.sees_seed_variance else ", cannot see seed variance")
+                detail = f"; {v.detail}" if v.detail else ""
+                cold = " under the cold-start protocol" if protocol == "cold" else ""
+                return v.strategy, f"auto: {v.strategy} (this catalogue's {v.source} verdict{cold} at {at}: {v.recommender}, {seeds}{detail}; {store})"
         if check is not None and check.get("catalogue") != fp:
             return "first-k", (
                 f"auto: first-k (no verdict for this catalogue, fingerprint {fp}; the bundle's check was made on another catalogue, "
@@ -153,7 +155,8 @@ def resolve(
             )
     if check is None:
         return "first-k", f"auto: first-k ({bundle_label(path)} has no strategy check for its weights; run tokensel check)"
-    where = f"the bundle's downstream check: k={check['k']}, {Path(check['data']['items']).name} validation; tokensel info shows it"
+    cold = ", cold-start protocol" if check.get("protocol") else ""
+    where = f"the bundle's downstream check: k={check['k']}, {Path(check['data']['items']).name} validation{cold}; tokensel info shows it"
     if check["chosen"] == "first-k":
         return "first-k", f"auto: first-k (no selection beat it in {where})"
     row = next((r for r in check["rows"] if r["strategy"] == check["chosen"]), {})

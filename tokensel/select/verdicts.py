@@ -18,6 +18,11 @@ variable TOKENSEL_VERDICTS names a folder to use instead of both (a team's share
 temporary one). Writes are atomic (a temporary file renamed into place), so a reader never sees half
 a file.
 
+Which protocol: a verdict says whether it was measured in leave-one-out (every target also a
+training item) or under the cold-start protocol (targets the recommender never trained on); the two
+are kept side by side, so a cold curve never replaces a warm verdict at the same budget. auto follows
+the leave-one-out verdict and, where only a cold one was measured, that one, and says so.
+
 Which budget a verdict covers: the one it was measured at. `compress --strategy auto` at budget k
 follows the verdict at k, else the one at the largest recorded budget below k, else none. Above the
 largest measured budget the nearest one below is the closest evidence, and first-k only gains text
@@ -134,10 +139,20 @@ class Verdict:
     sees_seed_variance: bool
     made: str  # UTC time, ISO 8601
     detail: str = ""  # one phrase on the evidence, e.g. "1.04x first-k validation NDCG@10"
+    protocol: str = "loo"  # "loo" (leave-one-out) or "cold" (cold-start targets); stores written before it: loo
+
+
+PROTOCOLS = ("loo", "cold")
 
 
 def key(fingerprint: str, bundle: str) -> str:
     return f"{fingerprint}:{bundle}"
+
+
+def budget_key(k: int, protocol: str) -> str:
+    """A verdict's place in its catalogue's `by_k`: the budget for leave-one-out (as stores have always
+    had it), "cold:<k>" for the cold-start protocol."""
+    return str(k) if protocol == "loo" else f"{protocol}:{k}"
 
 
 def record(items: str | Path, fingerprint: str, bundle: str, text: TextConfig, verdicts: list[Verdict]) -> Path:
@@ -153,7 +168,7 @@ def record(items: str | Path, fingerprint: str, bundle: str, text: TextConfig, v
                 entry_key, {"catalogue": fingerprint, "bundle_hash": bundle, "items": str(Path(items).resolve()), "text": text_settings(text), "by_k": {}}
             )
             for v in verdicts:
-                entry["by_k"][str(v.k)] = asdict(v)
+                entry["by_k"][budget_key(v.k, v.protocol)] = asdict(v)
             _write(path, data)
             return path
         except (OSError, TokenselError) as exc:
@@ -161,15 +176,18 @@ def record(items: str | Path, fingerprint: str, bundle: str, text: TextConfig, v
     raise TokenselError(f"cannot record the verdict in {' nor in '.join(str(p) for p in paths)} ({last})")
 
 
-def recorded(items: str | Path, fingerprint: str, bundle: str) -> tuple[dict[int, Verdict], Path | None]:
-    """Every verdict recorded for this catalogue and bundle (budget -> verdict), and the file they are in."""
+def recorded(items: str | Path, fingerprint: str, bundle: str, protocol: str = "loo") -> tuple[dict[int, Verdict], Path | None]:
+    """Every verdict recorded for this catalogue and bundle under `protocol` (budget -> verdict), and
+    the file they are in."""
     for path in store_paths(items, fingerprint):
         try:
             entry = _read(path)["verdicts"].get(key(fingerprint, bundle))
         except TokenselError:
             continue  # an unreadable store is no verdict; writing names the problem
-        if entry and entry.get("by_k"):
-            return {int(k): Verdict(**v) for k, v in entry["by_k"].items()}, path
+        found = [Verdict(**v) for v in (entry or {}).get("by_k", {}).values()]
+        found = {v.k: v for v in found if v.protocol == protocol}
+        if found:
+            return found, path
     return {}, None
 
 
