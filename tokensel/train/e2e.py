@@ -242,9 +242,13 @@ def _train(llm, user, head, tokens, hist, cfg, temperature, log, data, cache) ->
             tgt = torch.tensor([t for _, t in batch])
             hist_items = sorted({i for h, _ in batch for i in h})
             side_items = sorted(set(tgt.tolist()) | set(negs.tolist()))
-            table = torch.zeros(n_items, data.item.shape[1], device=dev)
+            # the step's rows alone, items indexed by position among them (a whole [N, d] table per step
+            # would cost in proportion to the catalogue)
+            need = sorted(set(hist_items) | set(side_items))
+            at = {item: j for j, item in enumerate(need)}
+            table = torch.zeros(len(need), data.item.shape[1], device=dev)
             if cfg.masked_side == "both":  # every item once, masked
-                groups = [(sorted(set(hist_items) | set(side_items)), True)]
+                groups = [(need, True)]
             else:  # an item on both sides is embedded as the later (target/negative) side wants
                 groups = [(hist_items, cfg.masked_side == "history"), (side_items, cfg.masked_side == "target")]
             for group, masked in groups:
@@ -253,10 +257,11 @@ def _train(llm, user, head, tokens, hist, cfg, temperature, log, data, cache) ->
                 else:
                     mask, n = keep_mask(selector, data, group, cfg, gen if moves else None) if masked else (None, None)
                     vec = step_vectors(readout, data, group, mask, n, cfg, gen)
-                table = table.index_copy(0, torch.tensor(group, device=dev), vec)
-            hs, hm = pad_histories([h for h, _ in batch], table, cfg.history)
+                table = table.index_copy(0, torch.tensor([at[i] for i in group], device=dev), vec)
+            hs, hm = pad_histories([[at[i] for i in h] for h, _ in batch], table, cfg.history)
             eu = user.user_embedding(hs, hm)
-            tgt, negs = tgt.to(dev), negs.to(dev)
+            tgt = torch.tensor([at[t] for t in tgt.tolist()], device=dev)
+            negs = torch.tensor([at[i] for i in negs.tolist()], device=dev)
             loss = infonce(infonce_logits(eu, table[tgt], table[negs], temperature, tgt, negs)).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()

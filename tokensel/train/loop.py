@@ -274,16 +274,23 @@ class ReadoutItems(TrainableItems):
         self.refresh()
 
 
-def step_table(items: ItemTable, batch: list[list[int]], negs: torch.Tensor) -> tuple[torch.Tensor, list[list[int]], torch.Tensor]:
-    """The table one step reads, with the batch and negatives that index it. A table whose rows are
-    computed per step (`needs_rows`) gives the step's rows alone, and the item ids become positions
-    among them: the same step at a cost that does not grow with the catalogue."""
-    if not items.needs_rows:
-        return items.step([]), batch, negs
+def step_rows(batch: list[list[int]], negs: torch.Tensor) -> tuple[list[int], list[list[int]], torch.Tensor]:
+    """The items one step touches (sorted), and the batch and negatives as positions among them: a
+    step over those rows alone is the step over the whole table at a cost that does not grow with the
+    catalogue (a table built per step would be copied, with its gradient, every step)."""
     need = sorted({i for w in batch for i in w} | set(negs.tolist()))
     at = {item: j for j, item in enumerate(need)}
     local_negs = torch.tensor([at[i] for i in negs.tolist()], dtype=torch.long, device=negs.device)
-    return items.step(need), [[at[i] for i in w] for w in batch], local_negs
+    return need, [[at[i] for i in w] for w in batch], local_negs
+
+
+def step_table(items: ItemTable, batch: list[list[int]], negs: torch.Tensor) -> tuple[torch.Tensor, list[list[int]], torch.Tensor]:
+    """The table one step reads, with the batch and negatives that index it: for a table whose rows
+    are computed per step (`needs_rows`), the step's rows alone (`step_rows`)."""
+    if not items.needs_rows:
+        return items.step([]), batch, negs
+    need, batch, negs = step_rows(batch, negs)
+    return items.step(need), batch, negs
 
 
 def infonce_step(

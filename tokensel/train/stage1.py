@@ -25,7 +25,7 @@ from tokensel.models.item_llm import ItemLLM
 from tokensel.models.readout import ItemReadout, cache_block_inputs, last_block
 from tokensel.models.user_model import UserModel, pad_histories
 from tokensel.train.common import draw_negatives, embed_tokens
-from tokensel.train.loop import apply_item_tuning, infonce_step, trainable_state, windows
+from tokensel.train.loop import apply_item_tuning, infonce_step, step_rows, trainable_state, windows
 
 
 @torch.no_grad()
@@ -103,13 +103,12 @@ def train_stage1(
             negs = draw_negatives(hist, n_items, cfg.negatives, dev)
             if frozen:
                 emb = table
-            else:  # re-encode only the items this step touches, with gradients
-                need = sorted({i for w in batch for i in w} | set(negs.tolist()))
+            else:  # re-encode only the items this step touches, with gradients; the step indexes them by position
+                need, batch, negs = step_rows(batch, negs)
                 if readout is not None:
-                    enc = readout.encode(cache, need, dev).float()
+                    emb = readout.encode(cache, need, dev).float()
                 else:
-                    enc = llm.encode([tokens[i] for i in need], need_hidden=False).item.float()
-                emb = torch.zeros(n_items, enc.shape[1], device=dev).index_copy(0, torch.tensor(need, device=dev), enc)
+                    emb = llm.encode([tokens[i] for i in need], need_hidden=False).item.float()
             losses.append(infonce_step(user, opt, emb, batch, negs, cfg.history, cfg.temperature))
         bar.close()
         if not frozen:
