@@ -103,3 +103,44 @@ def test_the_best_epoch_is_loaded_back_only_when_it_is_not_the_last(monkeypatch,
     assert items.loads == (0 if best == 2 else 1)
     for name, value in user.state_dict().items():  # the user model ranks the test targets in the best epoch's state
         torch.testing.assert_close(value, states[best][name])
+
+
+def test_stage_1_over_the_steps_rows_trains_as_over_the_whole_table(tiny_bert, items_path, interactions_path, monkeypatch):
+    """Stage 1 with f's last block trained: each step encodes only the items it touches and indexes
+    them by position; the run equals the one whose every step encodes the whole catalogue."""
+    from tokensel.config import CacheConfig, ItemModelConfig, Stage1Config, TextConfig
+    from tokensel.io.interactions import read_histories
+    from tokensel.io.items import read_items
+    from tokensel.models.item_llm import ItemLLM
+    from tokensel.train import stage1
+
+    ids, texts = read_items(items_path, TextConfig())
+    hist = read_histories(interactions_path, {i: n for n, i in enumerate(ids)}, "user_id", "item_id", "timestamp")
+
+    def run() -> list[dict]:
+        llm = ItemLLM.from_pretrained(tiny_bert)
+        for m in llm.model.modules():  # no dropout: its random draws would follow how many rows a step encodes
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+            if hasattr(m, "dropout_prob"):
+                m.dropout_prob = 0.0
+        tokens = llm.tokenize(texts, 32)
+        torch.manual_seed(0)
+        user = UserModel(llm.hidden_size, UserModelConfig(layers=1, heads=2, dropout=0.0))
+        logs: list[dict] = []
+        stage1.train_stage1(llm, user, tokens, hist, Stage1Config(epochs=2, batch_size=4, negatives=4), ItemModelConfig(tuning="top"), logs.append, CacheConfig("ram"))
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in logs]
+
+    asked: list[int] = []
+    rows = loop.step_rows
+
+    def spy(batch, negs):
+        need, *rest = rows(batch, negs)
+        asked.append(len(need))
+        return (need, *rest)
+
+    monkeypatch.setattr(stage1, "step_rows", spy)
+    compact = run()
+    assert asked and max(asked) < len(ids)  # the steps read some of the catalogue, never all of it
+    monkeypatch.setattr(stage1, "step_rows", lambda batch, negs: (list(range(len(ids))), batch, negs))  # every item, ids as positions
+    assert run() == compact
