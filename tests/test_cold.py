@@ -235,8 +235,8 @@ def test_no_cold_item_reaches_a_stage_1_or_stage_2_batch(tmp_path_factory, model
         mp.setattr(stage1_mod, "infonce_step", spy("stage-1 step", stage1_mod.infonce_step, lambda u, o, e, batch, negs, *a, **k: [i for w in batch for i in w] + negs.tolist()))
         mp.setattr(stage1_mod, "rank_users", spy("validation (stage 1, e2e)", stage1_mod.rank_users, lambda ue, ie, t, h, *a, **k: list(t) + [i for x in h for i in x]))
         mp.setattr(stage2_mod, "rank_users", spy("validation (stage 2)", stage2_mod.rank_users, lambda ue, ie, t, h, *a, **k: list(t) + [i for x in h for i in x]))
-        mp.setattr(e2e_mod, "infonce_logits", spy("e2e step targets and negatives", e2e_mod.infonce_logits, lambda u, p, n, temp, tgt, negs: tgt.tolist() + negs.tolist()))
-        mp.setattr(e2e_mod, "pad_histories", spy("e2e step histories", e2e_mod.pad_histories, lambda h, *a: [i for x in h for i in x]))
+        # a step's histories, targets and negatives (item ids; the step itself indexes them by position)
+        mp.setattr(e2e_mod, "step_rows", spy("e2e step items", e2e_mod.step_rows, lambda windows, negs: [i for w in windows for i in w] + negs.tolist()))
         user = UserModel(llm.hidden_size, UserModelConfig(layers=1, heads=2))
         from tokensel.config import ItemModelConfig
 
@@ -251,7 +251,7 @@ def test_no_cold_item_reaches_a_stage_1_or_stage_2_batch(tmp_path_factory, model
                 return stage2_mod.history_rewards(llm_, user_, head_, cat_, batch, tgt, negs, *a)
 
             stage2_mod.train_stage2(llm, user, head, cat, out, cfg, 0.05, lambda r: None, stage2_mod.Reward(losses))
-    assert seen["stage-1 step"] and (seen["stage-2 batch"] or seen["e2e step targets and negatives"])  # the spies saw the steps
+    assert seen["stage-1 step"] and (seen["stage-2 batch"] or seen["e2e step items"])  # the spies saw the steps
     for name, batches in seen.items():
         for items in batches:
             assert_warm(cold, items, name)

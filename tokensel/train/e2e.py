@@ -79,6 +79,7 @@ from tokensel.train.e2e_vectors import (
     step_vectors,
 )
 from tokensel.train.common import draw_negatives, infonce, infonce_logits, stage2_users
+from tokensel.train.loop import step_rows
 from tokensel.select.auto import SURROGATE_ROW_TEST, SURROGATE_RULE, SURROGATE_TEST, choose_proven
 from tokensel.select.rows import rows_vs_first_k
 from tokensel.train.stage1 import validate_per_user
@@ -239,12 +240,10 @@ def _train(llm, user, head, tokens, hist, cfg, temperature, log, data, cache) ->
             first_k_step = cfg.surrogate_mix > 0 and rng.random() < cfg.surrogate_mix
             selector = None if first_k_step else head
             negs = draw_negatives(hist, n_items, cfg.negatives, generator=gen)
-            tgt = torch.tensor([t for _, t in batch])
             hist_items = sorted({i for h, _ in batch for i in h})
-            side_items = sorted(set(tgt.tolist()) | set(negs.tolist()))
-            # the step's rows alone, items indexed by position among them (a whole [N, d] table per step
-            # would cost in proportion to the catalogue)
-            need = sorted(set(hist_items) | set(side_items))
+            side_items = sorted({t for _, t in batch} | set(negs.tolist()))
+            # the step's rows alone, items indexed by position among them (step_rows)
+            need, local, local_negs = step_rows([[*h, t] for h, t in batch], negs)
             at = {item: j for j, item in enumerate(need)}
             table = torch.zeros(len(need), data.item.shape[1], device=dev)
             if cfg.masked_side == "both":  # every item once, masked
@@ -258,10 +257,9 @@ def _train(llm, user, head, tokens, hist, cfg, temperature, log, data, cache) ->
                     mask, n = keep_mask(selector, data, group, cfg, gen if moves else None) if masked else (None, None)
                     vec = step_vectors(readout, data, group, mask, n, cfg, gen)
                 table = table.index_copy(0, torch.tensor([at[i] for i in group], device=dev), vec)
-            hs, hm = pad_histories([[at[i] for i in h] for h, _ in batch], table, cfg.history)
+            hs, hm = pad_histories([w[:-1] for w in local], table, cfg.history)
             eu = user.user_embedding(hs, hm)
-            tgt = torch.tensor([at[t] for t in tgt.tolist()], device=dev)
-            negs = torch.tensor([at[i] for i in negs.tolist()], device=dev)
+            tgt, negs = torch.tensor([w[-1] for w in local], device=dev), local_negs.to(dev)
             loss = infonce(infonce_logits(eu, table[tgt], table[negs], temperature, tgt, negs)).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
