@@ -143,4 +143,8 @@ def test_stage_1_over_the_steps_rows_trains_as_over_the_whole_table(tiny_bert, i
     compact = run()
     assert asked and max(asked) < len(ids)  # the steps read some of the catalogue, never all of it
     monkeypatch.setattr(stage1, "step_rows", lambda batch, negs: (list(range(len(ids))), batch, negs))  # every item, ids as positions
-    assert run() == compact
+    whole = run()
+    # the same training: equal losses epoch by epoch (f's block run over other batch compositions may
+    # differ in the last float bits, which can swap near-tied ranks in the validation metrics)
+    assert [r.get("loss") for r in whole] == pytest.approx([r.get("loss") for r in compact], abs=2e-4)
+    assert whole[0] == compact[0]
