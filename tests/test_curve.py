@@ -3,6 +3,7 @@ the per-catalogue verdicts `compress --strategy auto` follows."""
 
 from __future__ import annotations
 
+import collections
 import json
 import shutil
 import sys
@@ -19,6 +20,7 @@ from tokensel.cli import app
 from tokensel.config import TextConfig
 from tokensel.errors import TokenselError
 from tokensel.evaluate import curve_verdict as cv
+from tokensel.evaluate.curve import merged_items
 from tokensel.evaluate.runner import evaluate_detailed
 from tokensel.policy.bundle import DEFAULT_BUNDLE, bundle_hash, read_bundle_config, read_check
 from tokensel.select import verdicts
@@ -385,3 +387,21 @@ def test_api_refuses_the_same_settings():
         curve(ITEMS, INTERACTIONS, [64, 32], recommender="text-sim")
     with pytest.raises(TokenselError, match="unknown recommender"):
         curve(ITEMS, INTERACTIONS, [16, 32], recommender="nope")
+
+
+def test_merged_items_counts_every_item_whose_kept_tokens_another_item_has(tmp_path):
+    path = tmp_path / "t.parquet"
+    rows = [[1, 2], [1, 2], [2, 1], None, [], [3], [1, 2], [3, 4]]  # three of [1, 2]; None and [] are one empty text
+    pq.write_table(pa.table({"token_ids": pa.array(rows, pa.list_(pa.int32()))}), path)
+    assert merged_items(path) == 5
+    assert merged_items(path, batch_rows=3) == 5  # across batches
+    pq.write_table(pa.table({"token_ids": pa.array([[1], [2], [1, 2]], pa.list_(pa.int32()))}), path)
+    assert merged_items(path) == 0
+
+
+def test_curve_counts_merged_items_per_file(fixture_curve):
+    _, result, _, tmp = fixture_curve
+    for c in result["cells"] + [result["reference"]]:
+        lists = pq.read_table(tmp / "work" / c["texts"], columns=["token_ids"]).column(0).to_pylist()
+        counts = collections.Counter(tuple(t or ()) for t in lists)
+        assert c["merged_items"] == sum(n for n in counts.values() if n > 1)

@@ -172,8 +172,9 @@ def headroom_command(
 
 
 def curve_table(result: dict):
-    """One row per (strategy, k): test metrics over seeds, ratios to first-k and to the reference with
-    the seed-aware p (paired p beside it), the item-LLM cost relative to the reference, validation N@10."""
+    """One row per (strategy, k): tokens and merged items, test metrics over seeds, ratios to first-k and
+    to the reference with the seed-aware p (paired p beside it), the item-LLM cost relative to the
+    reference, validation N@10."""
     from rich.table import Table
 
     from tokensel.evaluate.runner import fmt_p
@@ -186,12 +187,13 @@ def curve_table(result: dict):
         caption=(
             f"ratios on test NDCG@10; p = seed-aware test (seeds and users) / paired t-test over users; reference = {ref['name']} "
             f"(test N@10 {ref['test']['N@10']:.2f}); cost = item-LLM forward time per item over the first {result['cost']['items_timed']:,} items "
-            f"({ref['cost_ms_per_item']:.2f} ms for the reference); run = the strategy to run at k (validation, {escape(result['verdict']['rule'])})\n"
+            f"({ref['cost_ms_per_item']:.2f} ms for the reference); merged = items whose kept tokens equal another item's (one item to the "
+            f"recommender; a tie counts against the target); run = the strategy to run at k (validation, {escape(result['verdict']['rule'])})\n"
             f"{escape(result['protocol_note'].split('; p = paired')[0])}"
         ),
         caption_justify="left",
     )
-    for c in ("strategy", "k", "tokens", "N@10", "R@10", "vs first-k (p / paired)", "vs reference (p / paired)", "cost", "valid N@10", "run"):
+    for c in ("strategy", "k", "tokens", "merged", "N@10", "R@10", "vs first-k (p / paired)", "vs reference (p / paired)", "cost", "valid N@10", "run"):
         t.add_column(c, justify="left" if c == "strategy" else "right")
     sd = lambda cell, m: f" ±{cell['test_std'][m]:.2f}" if multi else ""  # noqa: E731
     cmp = lambda c: f"{c['N@10']['ratio']:.3f} ({fmt_p(c['N@10']['p'])} / {fmt_p(c['N@10']['p_paired'])})"  # noqa: E731
@@ -200,7 +202,7 @@ def curve_table(result: dict):
         run = "✓" if result["verdict"]["run"][str(cell["k"])] == cell["strategy"] else ""
         cost = "-" if cell["cost_vs_reference"] is None else f"{cell['cost_vs_reference']:.2f}x"
         t.add_row(
-            escape(name), str(cell["k"]), f"{cell['tokens_per_item']:.1f}",
+            escape(name), str(cell["k"]), f"{cell['tokens_per_item']:.1f}", f"{cell['merged_items']:,}",
             f"{cell['test']['N@10']:.2f}{sd(cell, 'N@10')}", f"{cell['test']['R@10']:.2f}{sd(cell, 'R@10')}",
             "-" if cell["strategy"] == "first-k" else cmp(cell["vs_first_k"]), cmp(cell["vs_reference"]), cost, f"{cell['valid']['N@10']:.2f}", run,
         )

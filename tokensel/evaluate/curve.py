@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from tokensel.compress.job import CompressSummary
@@ -132,6 +133,17 @@ def token_lists(path: Path, n: int | None) -> list[list[int]]:
     if n is not None:
         table = table.slice(0, n)
     return [t or [] for t in table.column("token_ids").to_pylist()]
+
+
+def merged_items(path: Path, batch_rows: int = 65536) -> int:
+    """Items whose kept tokens equal another item's. A text-based recommender sees one item where the
+    catalogue has several, and the ranking counts a tie against the target, so a budget (or a
+    selection) that drops what told items apart shows here before any training does. Streams the
+    file and keeps one 64-bit hash per item."""
+    rows = pq.ParquetFile(path).iter_batches(batch_rows, columns=["token_ids"])
+    hashes = np.fromiter((hash(tuple(t or ())) for b in rows for t in b.column(0).to_pylist()), dtype=np.int64)
+    _, counts = np.unique(hashes, return_counts=True)
+    return int(counts[counts > 1].sum())
 
 
 def measure_cost(llm: ItemLLM, files: dict[Key, Path], n_items: int | None, batch: int, repeats: int) -> dict[Key, float]:
@@ -249,6 +261,7 @@ def curve(
             id_col=text.id_col, user_col=user_col, item_col=item_col, order_col=order_col, max_users=max_users,
             cache=EvalCache(folder / "cache" if work else None), log=log, protocol=protocol, cold_share=cold_share,
         )
+        merged = {path: merged_items(path) for path in set(files.values())}
         cost_s = measure_cost(llm, files, cost_items, cost_batch, cost_repeats)
         log({"stage": "cost", "seconds": round(time.perf_counter() - t0, 1)})
     del llm
@@ -256,6 +269,7 @@ def curve(
     deterministic = make_recommender(recommender).deterministic
     cells = [
         make_cell(s, k, res, res[ref_key], summaries[(s, k)], cost_s[(s, k)], cost_s[ref_key], None if s == FIRST_K else default_prefix(k, prefix))
+        | {"merged_items": merged[files[(s, k)]]}
         for s in strategies for k in ks
     ]
     decide = {
@@ -279,7 +293,7 @@ def curve(
         "ks": ks, "strategies": strategies,
         "reference": {
             "name": ref_name, "kind": reference, "k": ref_key[1], "texts": Path(ref.texts).name,
-            "tokens_per_item": summaries[ref_key].tokens_out / max(summaries[ref_key].items, 1),
+            "tokens_per_item": summaries[ref_key].tokens_out / max(summaries[ref_key].items, 1), "merged_items": merged[files[ref_key]],
             "test": dict(ref.metrics), "test_std": dict(ref.std), "valid": {m: float(_valid(ref)[m].mean()) for m in METRICS},
             "cost_ms_per_item": 1e3 * cost_s[ref_key],
         },
