@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from tokensel import api
@@ -111,3 +112,17 @@ def test_an_unreadable_run_file_is_trained_again(first_texts, tiny_bert, tmp_pat
     saved.write_bytes(b"not a run")
     _eval(first_texts, tiny_bert, tmp_path, seeds=(1,))
     assert counted == [1, 1]
+
+
+def test_a_file_compressed_again_with_other_metadata_is_the_same_run(first_texts, tiny_bert, tmp_path, counted):
+    """The key is what the recommender reads (template and kept tokens), not the file's bytes: the same
+    selection written by a bundle at another path (a moved install, another work tree) trains nothing."""
+    table = pq.read_table(first_texts)
+    meta = dict(table.schema.metadata)
+    meta[b"tokensel"] = meta[b"tokensel"].replace(b'"strategy"', b'"moved": "/elsewhere", "strategy"')
+    moved = tmp_path / "moved.parquet"
+    pq.write_table(table.replace_schema_metadata(meta), moved)
+    assert moved.read_bytes() != first_texts.read_bytes()
+    _eval(first_texts, tiny_bert, tmp_path, seeds=(1,))
+    _, rows = _eval(moved, tiny_bert, tmp_path, seeds=(1,))
+    assert counted == [1] and {"texts": str(moved), "stage": "runs reused", "seeds": [1]} in rows

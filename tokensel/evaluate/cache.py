@@ -11,10 +11,12 @@ the recommender once per (file, seed). Both are kept here:
   that adds a file, a budget or a seed trains only what is new.
 
 A run's key holds everything its result depends on: tokensel's version (a new release trains again),
-the file's content, the model, the template, the item-LLM dtype, the recommender and its whole
-training budget, the seed, the device type and a digest of the histories it trains and is scored on
-(so another split, protocol, cold share or interactions file is another run). Where the block
-inputs' file lives (`CacheConfig.dir`) is left out: it changes no number.
+the file's template and kept token lists (what the recommender reads, not the file's bytes: a file
+compressed again, whose metadata names the bundle at another path, is the same run), the model, the
+item-LLM dtype, the recommender and its whole training budget, the seed, the device type and a
+digest of the histories it trains and is scored on (so another split, protocol, cold share or
+interactions file is another run). Where the block inputs' file lives (`CacheConfig.dir`) is left
+out: it changes no number.
 """
 
 from __future__ import annotations

@@ -46,7 +46,6 @@ from tokensel.io.items import open_parquet
 from tokensel.io.parquet_out import read_metadata
 from tokensel.models.item_llm import DEFAULT_MODEL, ItemLLM, resolve_model_path
 from tokensel.models.readout import check_top_tunable
-from tokensel.train.pipeline import file_digest
 
 METRICS = tuple(f"{m}@{k}" for m in ("R", "N") for k in KS)  # R@5 R@10 R@50 N@5 N@10 N@50
 
@@ -203,9 +202,9 @@ def evaluate_detailed(
             continue
         llm.set_template(template)
         t0 = time.perf_counter()
-        key = hashlib.sha256(
-            json.dumps([file_digest(path), resolve_model_path(model), rec.vector_kind, template, str(pick_dtype(dev, dtype)), len(item_ids)]).encode()
-        ).hexdigest()[:20]
+        # what the recommender reads of the file (its template and kept tokens), not the file's bytes: a
+        # file written again with other metadata (the bundle's path, the time) is the same run
+        key = hashlib.sha256(json.dumps([content, resolve_model_path(model), rec.vector_kind, str(pick_dtype(dev, dtype)), len(item_ids)]).encode()).hexdigest()[:20]
         keys = {seed: run_key(key, recommender, cfg, seed, dev, hist_digest) for seed in seed_list[: 1 if rec.deterministic else None]}
         kept = {seed: cache.load_run(k) for seed, k in keys.items()}  # runs finished before (a re-run, or one resumed after a kill)
         if any(kept.values()):
