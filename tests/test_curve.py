@@ -378,6 +378,10 @@ def test_cold_curve_scores_the_cold_target_users(tmp_path, monkeypatch):
     data = json.loads(out.read_text())
     assert data["protocol"] == "cold" and data["cold_share"] == 0.2
     assert 5 <= data["users"] < 60  # the cold-target users only, not every test user
+    # its validation targets are warm (cold items are test targets only): the line and the record say what decided
+    assert "validation targets are warm items" in data["verdict"]["line"] and data["verdict"]["decided_on"] == "warm validation targets"
+    entry = json.loads(Path(data["verdict_store"]).read_text())["verdicts"][f"{data['catalogue']}:{data['bundle_hash']}"]
+    assert all("warm validation targets" in v["detail"] for key, v in entry["by_k"].items() if key.startswith("cold:"))
 
 
 def test_api_refuses_the_same_settings():

@@ -283,6 +283,12 @@ def curve(
     v = verdict(decide, ks, ref_name, deterministic, ref_key[1] if reference == "longest" else None)
     if not all(f.per_seed_valid_user for f in res.values()):
         v["line"] += f" {recommender} reports no per-user validation ranks: these decisions read the test targets."
+    if protocol == "cold":
+        v["decided_on"] = "warm validation targets"
+        v["line"] += (
+            " Under the cold protocol the validation targets are warm items (a cold item is only ever a test target), so these"
+            " decisions are leave-one-out's on the smaller training set: the cold-target test columns are the cold evidence, and they do not decide."
+        )
     item_tuning_used = train.item_tuning
     rec_name = recommender + (f", item tuning {item_tuning_used}" if recommender == "hllm" else "")
     out = {
@@ -337,6 +343,8 @@ def record_curve(items: str | Path, text: TextConfig, result: dict) -> dict:
         chosen = v["run"][str(k)]
         c = next(c for c in result["cells"] if c["strategy"] == chosen and c["k"] == k)
         detail = "" if chosen == FIRST_K else f"{c['valid_vs_first_k']['N@10']['ratio']:.2f}x first-k validation NDCG@10"
+        if result["protocol"] == "cold":
+            detail = "; ".join(filter(None, [detail, "decided on warm validation targets"]))
         verdicts.append(Verdict(k, chosen, "curve", result["recommender"], len(result["seeds"]), v["sees_seed_variance"], now(), detail, result["protocol"]))
     try:
         return {"catalogue": fp, "verdict_store": str(record(items, fp, result["bundle_hash"], text, verdicts))}
