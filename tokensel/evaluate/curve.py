@@ -268,8 +268,7 @@ def curve(
 
     deterministic = make_recommender(recommender).deterministic
     cells = [
-        make_cell(s, k, res, res[ref_key], summaries[(s, k)], cost_s[(s, k)], cost_s[ref_key], None if s == FIRST_K else default_prefix(k, prefix))
-        | {"merged_items": merged[files[(s, k)]]}
+        make_cell(s, k, res, res[ref_key], summaries[(s, k)], merged[files[(s, k)]], cost_s[(s, k)], cost_s[ref_key], None if s == FIRST_K else default_prefix(k, prefix))
         for s in strategies for k in ks
     ]
     decide = {
@@ -314,14 +313,16 @@ def curve(
     return out
 
 
-def make_cell(strategy: str, k: int, res: dict[Key, FileResult], ref: FileResult, summary: CompressSummary, cost: float, ref_cost: float, prefix: int | None) -> dict:
+def make_cell(
+    strategy: str, k: int, res: dict[Key, FileResult], ref: FileResult, summary: CompressSummary, merged: int, cost: float, ref_cost: float, prefix: int | None
+) -> dict:
     """One row of the curve: test metrics (reported), validation metrics (deciding), both compared
-    with first-k at k and with the reference, tokens and cost per item."""
+    with first-k at k and with the reference, tokens, merged items and cost per item."""
     f, first = res[(strategy, k)], res[(FIRST_K, k)]
     return {
         "strategy": strategy, "k": k, "prefix": prefix,
         "texts": Path(f.texts).name, "same_as": Path(f.same_as).name if f.same_as else None,
-        "tokens_per_item": summary.tokens_out / max(summary.items, 1),
+        "tokens_per_item": summary.tokens_out / max(summary.items, 1), "merged_items": merged,
         "test": dict(f.metrics), "test_std": dict(f.std),
         "valid": {m: float(_valid(f)[m].mean()) for m in METRICS},
         "vs_first_k": compare(f.per_seed_user, first.per_seed_user),
@@ -343,8 +344,8 @@ def record_curve(items: str | Path, text: TextConfig, result: dict) -> dict:
         chosen = v["run"][str(k)]
         c = next(c for c in result["cells"] if c["strategy"] == chosen and c["k"] == k)
         detail = "" if chosen == FIRST_K else f"{c['valid_vs_first_k']['N@10']['ratio']:.2f}x first-k validation NDCG@10"
-        if result["protocol"] == "cold":
-            detail = "; ".join(filter(None, [detail, "decided on warm validation targets"]))
+        if v.get("decided_on"):  # the cold protocol: say what decided, with the decision
+            detail = "; ".join(filter(None, [detail, f"decided on {v['decided_on']}"]))
         verdicts.append(Verdict(k, chosen, "curve", result["recommender"], len(result["seeds"]), v["sees_seed_variance"], now(), detail, result["protocol"]))
     try:
         return {"catalogue": fp, "verdict_store": str(record(items, fp, result["bundle_hash"], text, verdicts))}
